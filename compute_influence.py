@@ -1,0 +1,150 @@
+"""Stage 2: unlearn each synthesized query, re-measure the candidates' losses, rank them by loss increase.
+
+For each query of the task file, writes results/influence/<synth path without 'synth/'>/ with
+exemplar_loss.npy and laion_loss.npy (after unlearning), visualization.jpg (query + top 10) and,
+last, influence.pkl (influence, rank, n_exemplar, settings). Needs stage 1's cache for the query's model.
+"""
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from compute_training_loss import PRECISION, check_shapes
+from unlearn import LAION_400M, WEIGHT_SELECTIONS, select_parameter_names, unlearn
+from utils.cli import add_common_args, check_dataroot, run
+from utils.data import ExemplarCandidates, LaionCandidates
+from utils.fisher import load_fisher
+from utils.io import InputError, save_npy, save_pickle
+from utils.losses import LossSettings, check_loss_cache, collect_losses, load_loss_cache, validate_batch_layout
+from utils.metrics import influence_and_rank
+from utils.models import PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model
+from utils.tasks import exemplar_paths, load_tasks
+from utils.transforms import load_image_tensor
+from utils.visualize import laion_image_paths, save_top_k_figure
+
+INFLUENCE_FILE = "influence.pkl"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--fisher_path", default=None, help="diagonal Fisher file (default: <dataroot>/sd_fisher.pt)")
+    parser.add_argument("--fisher_floor", type=float, default=None,
+                        help="clamp Fisher entries to at least this value (default: zero entries are an error)")
+    parser.add_argument("--fisher_dataset_size", type=int, default=LAION_400M,
+                        help="N in the update lr * grad / (F * N): the pretraining-set size (LAION-400M)")
+    parser.add_argument("--weight_selection", default="cross-attn-kv", choices=list(WEIGHT_SELECTIONS),
+                        help="which UNet parameters unlearning updates")
+    parser.add_argument("--unlearn_lr", type=float, default=0.1, help="unlearning step size")
+    parser.add_argument("--unlearn_steps", type=int, default=100, help="number of unlearning steps")
+    parser.add_argument("--unlearn_batch_size", type=int, default=16, help="query copies per micro-batch")
+    parser.add_argument("--unlearn_grad_accum_steps", type=int, default=10, help="micro-batches per step")
+    parser.add_argument("--loss_batch_size", type=int, default=200, help="must equal stage 1's --batch_size")
+    parser.add_argument("--loss_time_samples", type=int, default=10, help="must equal stage 1's --time_samples")
+    parser.add_argument("--unscaled_synth_latent", action="store_true",
+                        help="reproduce the authors' release: unlearn the query's VAE latent WITHOUT the "
+                             "scaling factor (default: scaled, like every training candidate)")
+    return parser.parse_args(argv)
+
+
+def query_inputs(base, dataroot, task, args, generator):
+    """The query's latent repeated unlearn_batch_size times, and its prompt's text embedding likewise."""
+    image = load_image_tensor(dataroot / task.synth_image_path, base.resolution).unsqueeze(0)
+    latent = encode_images(base.vae, image, generator, scale=not args.unscaled_synth_latent).to(args.device)
+    text = encode_prompt(base.tokenizer, base.text_encoder, task.prompt)
+    n = args.unlearn_batch_size
+    return latent.expand(n, -1, -1, -1).contiguous(), text.expand(n, -1, -1).contiguous()
+
+
+def loss_settings(args, task, n_exemplars: int, n_laion_rows: int) -> LossSettings:
+    """The settings stage 1 must have used for this query's model (see utils.losses.check_settings)."""
+    return LossSettings(
+        batch_size=args.loss_batch_size, time_samples=args.loss_time_samples, seed=args.seed,
+        laion_subset_size=args.laion_subset_size, precision=PRECISION, sd_version=args.sd_version,
+        model_path=task.model_path, train_prompt=task.train_prompt,
+        n_exemplar_rows=2 * n_exemplars, n_laion_rows=n_laion_rows)
+
+
+def preflight(args, dataroot, todo, laion):
+    """Check every query's inputs and loss cache before hours of unlearning, not at query 37."""
+    checked = {}
+    for task, _ in todo:
+        if not (dataroot / task.synth_image_path).is_file():
+            raise InputError(f"query image not found: {dataroot / task.synth_image_path} (from {args.task_json})")
+        if task.model_path not in checked:
+            ex_paths = exemplar_paths(dataroot, task)
+            check_loss_cache(cache_dir(args, task), loss_settings(args, task, len(ex_paths), len(laion)))
+            checked[task.model_path] = ex_paths
+    return checked
+
+
+def cache_dir(args, task) -> Path:
+    return Path(args.result_dir) / "orig_loss" / task.model_key
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    validate_batch_layout(args.loss_batch_size, args.loss_time_samples)
+    dataroot = check_dataroot(args.dataroot)
+    tasks = load_tasks(args.task_json)
+    out_dirs = [Path(args.result_dir) / "influence" / t.query_key for t in tasks]
+    todo = [(t, d) for t, d in zip(tasks, out_dirs) if args.overwrite or not (d / INFLUENCE_FILE).is_file()]
+    print(f"{len(tasks)} query(ies) in {args.task_json}; {len(tasks) - len(todo)} done, {len(todo)} to do")
+    if not todo:
+        return
+    laion = LaionCandidates(dataroot, args.laion_subset_size)
+    exemplars_of = preflight(args, dataroot, todo, laion)
+    base = load_base_model(args.sd_version, args.device)
+    check_shapes(base, laion)
+    pristine = PristineWeights(base.unet)
+    names = set(select_parameter_names(base.unet, args.weight_selection))
+    params = {n: p for n, p in base.unet.named_parameters() if n in names}
+    fisher = load_fisher(args.fisher_path or dataroot / "sd_fisher.pt", params, args.fisher_floor, args.device)
+    laion_paths = laion_image_paths(dataroot)
+    collect = dict(batch_size=args.loss_batch_size, time_samples=args.loss_time_samples, seed=args.seed,
+                   device=args.device)
+    for task, out_dir in tqdm(todo, desc="queries", unit="query"):
+        ex_paths = exemplars_of[task.model_path]
+        apply_customization(base, pristine, dataroot / task.model_path)
+        ex_before, laion_before, ex_latents, _ = load_loss_cache(
+            cache_dir(args, task), loss_settings(args, task, len(ex_paths), len(laion)))
+
+        generator = torch.Generator().manual_seed(args.seed)
+        latents, text = query_inputs(base, dataroot, task, args, generator)
+        query = ExemplarCandidates(latents[:1].cpu(), text[:1].cpu())  # the query's own loss, fixed noise
+        query_before = collect_losses(base.unet, base.scheduler, query, desc="query loss", **collect)
+        pristine.protect(params)
+        history = unlearn(base.unet, base.scheduler, latents, text, params, fisher, steps=args.unlearn_steps,
+                          grad_accum_steps=args.unlearn_grad_accum_steps, lr=args.unlearn_lr,
+                          dataset_size=args.fisher_dataset_size, generator=generator)
+
+        query_after = collect_losses(base.unet, base.scheduler, query, desc="query loss", **collect)
+        exemplars = ExemplarCandidates(ex_latents, encode_prompt(base.tokenizer, base.text_encoder,
+                                                                 task.train_prompt).cpu())
+        ex_after = collect_losses(base.unet, base.scheduler, exemplars, desc="exemplar losses", **collect)
+        laion_after = collect_losses(base.unet, base.scheduler, laion, desc="LAION losses", **collect)
+        if not (np.isfinite(ex_after).all() and np.isfinite(laion_after).all()):
+            raise InputError(f"{task.synth_image_path}: losses after unlearning are not finite; the step is too "
+                             f"large (lower --unlearn_lr) or the Fisher has tiny entries (--fisher_floor)")
+        influence, rank = influence_and_rank(ex_before, ex_after, laion_before, laion_after)
+
+        save_npy(out_dir / "exemplar_loss.npy", ex_after)
+        save_npy(out_dir / "laion_loss.npy", laion_after)
+        save_top_k_figure(out_dir / "visualization.jpg", dataroot / task.synth_image_path, influence, rank,
+                          ex_paths, laion_paths)
+        run_settings = {k: v for k, v in vars(args).items() if k not in ("overwrite", "device")}
+        save_pickle(out_dir / INFLUENCE_FILE, {  # written last: its presence marks a finished query
+            "influence": influence, "rank": rank, "n_exemplar": len(ex_paths),
+            "query_loss": (float(query_before[0]), float(query_after[0])),
+            "unlearn_loss_history": np.asarray(history), "settings": run_settings, "task": asdict(task)})
+        ranks = sorted(int(i) + 1 for i in np.flatnonzero(rank < len(ex_paths)))
+        tqdm.write(f"{task.synth_image_path}: query loss {query_before[0]:.4f} -> {query_after[0]:.4f}; "
+                   f"exemplars at ranks {ranks} of {len(rank)} -> {out_dir}")
+        pristine.restore()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,84 @@
+"""Unlearning a synthesized image: Fisher-preconditioned gradient ascent on its diffusion loss.
+
+Each step accumulates the gradient of the query's loss over `grad_accum_steps` micro-batches, then
+moves every selected parameter p UP it: p += lr * grad / (F_p * N) / grad_accum_steps, in float64.
+That is a Newton step of max_theta L(z; theta) - (N / 2) sum F (theta - theta0)^2 (elastic weight
+consolidation): forget z while staying close to the pretrained weights in the Fisher metric.
+"""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+LAION_400M = 400_000_000  # N, the pretraining-set size the authors hard-code
+
+# A parameter is selected when, for every group, one of the group's substrings occurs in its name.
+WEIGHT_SELECTIONS: Dict[str, List[List[str]]] = {
+    "cross-attn-kv": [["attn2"], ["to_k", "to_v"]],
+    "cross-attn": [["attn2"]],
+    "attn": [["attn"]],
+    "all": [],
+}
+
+
+def select_parameter_names(model: torch.nn.Module, weight_selection: str) -> List[str]:
+    if weight_selection not in WEIGHT_SELECTIONS:
+        raise ValueError(f"unknown weight selection {weight_selection!r}; choose from {', '.join(WEIGHT_SELECTIONS)}")
+    groups = WEIGHT_SELECTIONS[weight_selection]
+    names = [n for n, _ in model.named_parameters() if all(any(s in n for s in g) for g in groups)]
+    if not names:
+        raise ValueError(f"weight selection {weight_selection!r} matches no parameter of the model")
+    return names
+
+
+def query_diffusion_loss(unet, scheduler, latents, text, generator: torch.Generator) -> torch.Tensor:
+    """Loss of one micro-batch: fresh noise and distinct timesteps (a random permutation's first B)."""
+    bs = latents.shape[0]
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
+    timesteps = torch.randperm(num_train_timesteps, generator=generator)[:bs].to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, text, return_dict=False)[0]
+    return F.mse_loss(pred.float(), noise)
+
+
+@torch.no_grad()
+def fisher_preconditioned_step(params: Dict[str, torch.nn.Parameter], fisher: Dict[str, torch.Tensor],
+                               lr: float, dataset_size: int, grad_accum_steps: int) -> None:
+    """p += lr * grad / (F_p * N) / grad_accum_steps, computed in float64, for each parameter with a gradient."""
+    for name, p in params.items():
+        if p.grad is None:
+            continue
+        update = lr * p.grad.double() / (fisher[name] * dataset_size) / grad_accum_steps
+        p.add_(update.to(p.dtype))
+
+
+def unlearn(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, params: Dict[str, torch.nn.Parameter],
+            fisher: Dict[str, torch.Tensor], steps: int = 100, grad_accum_steps: int = 10, lr: float = 0.1,
+            dataset_size: int = LAION_400M, generator: torch.Generator = None, progress: bool = True) -> List[float]:
+    """Run the unlearning loop in place on `params` (the only parameters that get gradients).
+
+    Returns the mean query loss of each step, measured before that step's update.
+    """
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    trainable = set(params)
+    for n, p in unet.named_parameters():
+        p.requires_grad_(n in trainable)
+    history = []
+    try:
+        for _ in tqdm(range(steps), desc="unlearning", unit="step", disable=not progress, leave=False):
+            for p in params.values():
+                p.grad = None
+            total = 0.0
+            for _ in range(grad_accum_steps):
+                loss = query_diffusion_loss(unet, scheduler, latents, text, generator)
+                loss.backward()
+                total += loss.item()
+            fisher_preconditioned_step(params, fisher, lr, dataset_size, grad_accum_steps)
+            history.append(total / grad_accum_steps)
+    finally:
+        for p in unet.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+    return history

@@ -1,0 +1,83 @@
+"""Training candidates as (latent, text embedding) rows: a model's exemplars, then the LAION subset.
+
+Both sets list every unflipped row first, then the same images flipped (SPEC stage 1), so a
+candidate i has rows i and n + i.
+"""
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import torch
+
+from .io import InputError
+from .transforms import load_image_tensor
+
+LAION_LATENTS = "laion_latents.npy"
+LAION_TEXT_EMBEDDINGS = "laion_text_embeddings.npy"
+
+
+class ExemplarCandidates:
+    """A model's exemplar latents [2n, C, h, w] (unflipped, then flipped), all with one caption embedding."""
+
+    def __init__(self, latents: torch.Tensor, text_embedding: torch.Tensor):
+        self.latents = latents.float()
+        self.text_embedding = text_embedding.float().reshape(1, *text_embedding.shape[-2:])
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def batch(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        latents = self.latents[start:stop]
+        return latents, self.text_embedding.expand(len(latents), -1, -1)
+
+
+def load_exemplar_images(paths: List[Path], resolution: int) -> torch.Tensor:
+    """[2n, 3, R, R] in [-1, 1]: every exemplar unflipped, then every exemplar flipped."""
+    unflipped = [load_image_tensor(p, resolution) for p in paths]
+    flipped = [load_image_tensor(p, resolution, flip=True) for p in paths]
+    return torch.stack(unflipped + flipped)
+
+
+class LaionCandidates:
+    """The first `subset_size` LAION images and their flips, read from memory-mapped arrays.
+
+    `laion_latents.npy` is [2N, C, h, w] (N unflipped rows, then the N flipped), already scaled;
+    `laion_text_embeddings.npy` is [N, 77, D]. Row r of the 2S subset rows reads latent r (r < S)
+    or N + r - S (flipped block), and text embedding r mod S. Nothing is loaded whole.
+    """
+
+    def __init__(self, dataroot, subset_size: int):
+        dataroot = Path(dataroot)
+        self.latents = _open_array(dataroot / LAION_LATENTS)
+        self.text_embeddings = _open_array(dataroot / LAION_TEXT_EMBEDDINGS)
+        if self.latents.ndim != 4 or self.latents.shape[0] % 2:
+            raise InputError(f"{dataroot / LAION_LATENTS}: expected [2N, C, h, w] (unflipped then flipped), "
+                             f"got shape {self.latents.shape}")
+        self.total = self.latents.shape[0] // 2
+        if self.text_embeddings.ndim != 3 or self.text_embeddings.shape[0] != self.total:
+            raise InputError(f"{dataroot / LAION_TEXT_EMBEDDINGS}: expected [{self.total}, 77, D] to match "
+                             f"{self.latents.shape[0]} latent rows, got shape {self.text_embeddings.shape}")
+        if not 0 < subset_size <= self.total:
+            raise InputError(f"--laion_subset_size {subset_size} must be between 1 and {self.total}, "
+                             f"the number of LAION images in {dataroot}")
+        self.subset_size = subset_size
+
+    def __len__(self) -> int:
+        return 2 * self.subset_size
+
+    def batch(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        rows = np.arange(start, min(stop, len(self)))
+        latent_rows = np.where(rows < self.subset_size, rows, rows - self.subset_size + self.total)
+        latents = torch.from_numpy(np.ascontiguousarray(self.latents[latent_rows], dtype=np.float32))
+        texts = torch.from_numpy(np.ascontiguousarray(self.text_embeddings[rows % self.subset_size],
+                                                      dtype=np.float32))
+        return latents, texts
+
+
+def _open_array(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise InputError(f"{path} not found; run data/download_abc.sh or check --dataroot")
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise InputError(f"cannot read {path} as a .npy array: {e}") from e

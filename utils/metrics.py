@@ -1,0 +1,51 @@
+"""From losses to a ranking, and the AbC benchmark's Recall@K and average precision."""
+from typing import Dict, Iterable, Tuple
+
+import numpy as np
+
+
+def fold_flips(row_influence: np.ndarray) -> np.ndarray:
+    """[2n] rows (unflipped block, then flipped block) -> [n]: each candidate's larger influence."""
+    row_influence = np.asarray(row_influence)
+    if len(row_influence) % 2:
+        raise ValueError(f"expected an even number of rows (unflipped then flipped), got {len(row_influence)}")
+    n = len(row_influence) // 2
+    return np.maximum(row_influence[:n], row_influence[n:])
+
+
+def influence_and_rank(exemplar_before, exemplar_after, laion_before, laion_after) -> Tuple[np.ndarray, np.ndarray]:
+    """Influence = loss increase, flips folded, exemplars first then LAION; rank = descending influence."""
+    influence = np.concatenate([
+        fold_flips(np.asarray(exemplar_after, np.float64) - np.asarray(exemplar_before, np.float64)),
+        fold_flips(np.asarray(laion_after, np.float64) - np.asarray(laion_before, np.float64)),
+    ])
+    # stable sort, so ties keep candidate order and the ranking is reproducible
+    rank = np.argsort(-influence, kind="stable")
+    return influence, rank
+
+
+def recall_at_k(rank: np.ndarray, n_exemplar: int, k: int) -> float:
+    """Fraction of the ground-truth candidates (indices 0..n_exemplar-1) among the top k."""
+    return float(np.sum(np.asarray(rank[:k]) < n_exemplar)) / n_exemplar
+
+
+def average_precision(rank: np.ndarray, n_exemplar: int) -> float:
+    """Mean over ground-truth candidates of (# ground truth ranked at or above it) / (its 1-based rank)."""
+    positions = np.flatnonzero(np.asarray(rank) < n_exemplar) + 1  # 1-based ranks, ascending
+    if len(positions) != n_exemplar:
+        raise ValueError(f"ranking holds {len(positions)} of the {n_exemplar} ground-truth candidates")
+    return float(np.mean(np.arange(1, n_exemplar + 1) / positions))
+
+
+def query_metrics(rank: np.ndarray, n_exemplar: int, ks: Iterable[int] = (5, 10, 100)) -> Dict[str, float]:
+    out = {f"recall@{k}": recall_at_k(rank, n_exemplar, k) for k in ks}
+    out["ap"] = average_precision(rank, n_exemplar)
+    return out
+
+
+def mean_and_stderr(values) -> Tuple[float, float]:
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    stderr = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+    return float(values.mean()), float(stderr)

@@ -1,0 +1,111 @@
+"""Task files (one JSON list of queries) and the AbC ground-truth JSONs they point into."""
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import List
+
+from .io import InputError, load_json
+
+TEST_CASES = ("test_artchive", "test_bamfg", "test_observed_imagenet", "test_unobserved_imagenet")
+FAMILIES = {
+    "test_artchive": "style",
+    "test_bamfg": "style",
+    "test_observed_imagenet": "object",
+    "test_unobserved_imagenet": "object",
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    synth_image_path: str  # relative to the dataroot, e.g. synth/imagenet/gpt/<class>/samples/00000.png
+    prompt: str  # the prompt that synthesized the query, contains <new1>
+    test_case: str  # one of TEST_CASES
+    test_case_ind: int  # index into json/<test_case>.json
+    model_path: str  # relative to the dataroot, e.g. models/imagenet/<class>
+    train_prompt: str  # the customization caption, e.g. "<new1> fish"
+    category: object = None  # "art" for styles, an ImageNet category name for objects; informational
+
+    @property
+    def model_key(self) -> str:
+        """Folder of this model's loss cache under results/orig_loss/."""
+        return _strip_prefix(self.model_path, "models/")
+
+    @property
+    def query_key(self) -> str:
+        """Folder of this query's results under results/influence/."""
+        return _strip_prefix(self.synth_image_path, "synth/")
+
+    @property
+    def family(self) -> str:
+        return FAMILIES[self.test_case]
+
+
+def _strip_prefix(path: str, prefix: str) -> str:
+    path = path.strip("/")
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
+_TYPES = {"synth_image_path": str, "prompt": str, "test_case": str, "test_case_ind": int,
+          "model_path": str, "train_prompt": str}
+
+
+def load_tasks(path) -> List[Task]:
+    """Read and validate a task file; every problem names the file, the entry and the fix."""
+    entries = load_json(path, "task file")
+    if not isinstance(entries, list) or not entries:
+        raise InputError(f"task file {path}: expected a non-empty JSON list of query entries, "
+                         f"got {type(entries).__name__}")
+    known = {f.name for f in fields(Task)}
+    tasks = []
+    for i, entry in enumerate(entries):
+        where = f"task file {path}, entry {i}"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: expected an object, got {type(entry).__name__}")
+        missing = [k for k in _TYPES if k not in entry]
+        if missing:
+            raise InputError(f"{where}: missing key(s) {', '.join(missing)}; "
+                             f"each entry needs {', '.join(_TYPES)}")
+        for key, typ in _TYPES.items():
+            value = entry[key]
+            if not isinstance(value, typ) or isinstance(value, bool):
+                raise InputError(f"{where}: '{key}' must be a {typ.__name__}, got {value!r}")
+        if entry["test_case"] not in TEST_CASES:
+            raise InputError(f"{where}: unknown test_case {entry['test_case']!r}; "
+                             f"expected one of {', '.join(TEST_CASES)}")
+        if entry["test_case_ind"] < 0:
+            raise InputError(f"{where}: test_case_ind must be >= 0, got {entry['test_case_ind']}")
+        tasks.append(Task(**{k: v for k, v in entry.items() if k in known}))
+    return tasks
+
+
+def unique_models(tasks: List[Task]) -> List[Task]:
+    """The first task of each distinct model_path, in task-file order."""
+    seen, out = set(), []
+    for t in tasks:
+        if t.model_path not in seen:
+            seen.add(t.model_path)
+            out.append(t)
+    return out
+
+
+def exemplar_paths(dataroot, task: Task) -> List[Path]:
+    """The model's exemplar images, from json/<test_case>.json[test_case_ind]['exemplar'].
+
+    AbC writes them as 'dataset/...', where 'dataset' stands for the dataroot.
+    """
+    dataroot = Path(dataroot)
+    json_path = dataroot / "json" / f"{task.test_case}.json"
+    entries = load_json(json_path, "AbC test-case file")
+    if not isinstance(entries, list) or task.test_case_ind >= len(entries):
+        n = len(entries) if isinstance(entries, list) else 0
+        raise InputError(f"{json_path} has {n} entries, but a task asks for test_case_ind "
+                         f"{task.test_case_ind} (query {task.synth_image_path})")
+    entry = entries[task.test_case_ind]
+    raw = entry.get("exemplar") if isinstance(entry, dict) else None
+    if not raw:
+        raise InputError(f"{json_path} entry {task.test_case_ind} lists no 'exemplar' images")
+    paths = [dataroot / _strip_prefix(p, "dataset/") for p in raw]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} exemplar image(s) of {task.model_path} are missing, "
+                         f"e.g. {missing[0]}; rerun data/download_abc.sh or check --dataroot")
+    return paths

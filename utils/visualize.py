@@ -1,0 +1,51 @@
+"""The query followed by its top-10 candidates, each labelled with its influence; exemplars outlined in red."""
+from pathlib import Path
+from typing import List
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .io import atomic_write
+from .transforms import load_rgb, resize_center_crop
+
+TILE = 192
+LABEL_HEIGHT = 22
+RED = (220, 20, 20)
+
+
+def laion_image_paths(dataroot) -> List[Path]:
+    """LAION subset images in the sorted order that the latent and caption rows follow."""
+    folder = Path(dataroot) / "laion_subset" / "images"
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def _tile(path, label: str, outline: bool, font) -> Image.Image:
+    tile = Image.new("RGB", (TILE, TILE + LABEL_HEIGHT), "white")
+    try:
+        tile.paste(resize_center_crop(load_rgb(path), TILE), (0, 0))
+    except Exception:  # a missing picture must not cost the results it illustrates
+        ImageDraw.Draw(tile).text((8, TILE // 2), "image missing", fill="black", font=font)
+    draw = ImageDraw.Draw(tile)
+    if outline:
+        draw.rectangle([0, 0, TILE - 1, TILE - 1], outline=RED, width=5)
+    draw.text((4, TILE + 4), label, fill=RED if outline else "black", font=font)
+    return tile
+
+
+def save_top_k_figure(out_path, query_path, influence: np.ndarray, rank: np.ndarray,
+                      exemplar_paths: List[Path], laion_paths: List[Path], k: int = 10) -> Path:
+    font = ImageFont.load_default()
+    n_ex = len(exemplar_paths)
+    tiles = [_tile(query_path, "query", False, font)]
+    for idx in rank[:k]:
+        idx = int(idx)
+        is_exemplar = idx < n_ex
+        path = exemplar_paths[idx] if is_exemplar else (
+            laion_paths[idx - n_ex] if idx - n_ex < len(laion_paths) else None)
+        tiles.append(_tile(path, f"#{idx} infl {influence[idx]:.2e}", is_exemplar, font))
+    gap = 6
+    canvas = Image.new("RGB", (len(tiles) * (TILE + gap) - gap, TILE + LABEL_HEIGHT), "white")
+    for i, t in enumerate(tiles):
+        canvas.paste(t, (i * (TILE + gap), 0))
+    fmt = "JPEG" if str(out_path).lower().endswith((".jpg", ".jpeg")) else "PNG"
+    return atomic_write(out_path, lambda f: canvas.save(f, format=fmt))
