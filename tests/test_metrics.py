@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from utils.metrics import (average_precision, fold_flips, influence_and_rank, mean_and_stderr, query_metrics,
+                           recall_at_k)
+
+
+def test_fold_flips_takes_the_larger_of_each_pair():
+    rows = np.array([0.1, 0.5, -0.2, 0.3, 0.2, -0.1])  # candidates 0..2 unflipped, then flipped
+    np.testing.assert_allclose(fold_flips(rows), [0.3, 0.5, -0.1])
+    with pytest.raises(ValueError):
+        fold_flips(np.zeros(3))
+
+
+def test_influence_is_loss_increase_exemplars_first():
+    ex_before, ex_after = np.array([1.0, 1.0, 1.0, 1.0]), np.array([1.5, 1.1, 1.2, 1.0])
+    la_before, la_after = np.array([2.0, 2.0, 2.0, 2.0]), np.array([2.3, 1.9, 2.0, 2.05])
+    influence, rank = influence_and_rank(ex_before, ex_after, la_before, la_after)
+    np.testing.assert_allclose(influence, [0.5, 0.1, 0.3, 0.05])
+    assert rank.tolist() == [0, 2, 1, 3]
+
+
+def test_recall_and_ap_hand_computed():
+    # 3 exemplars (0, 1, 2) ranked 1st, 4th and 6th among 8 candidates
+    rank = np.array([0, 5, 7, 1, 3, 2, 4, 6])
+    assert recall_at_k(rank, 3, 1) == pytest.approx(1 / 3)
+    assert recall_at_k(rank, 3, 5) == pytest.approx(2 / 3)
+    assert recall_at_k(rank, 3, 100) == 1.0
+    # AP = (1/1 + 2/4 + 3/6) / 3
+    assert average_precision(rank, 3) == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert average_precision(np.array([0, 1, 2, 3]), 3) == 1.0
+    assert average_precision(np.array([3, 4, 0]), 1) == pytest.approx(1 / 3)
+    m = query_metrics(rank, 3, ks=(5, 10))
+    assert m == {"recall@5": pytest.approx(2 / 3), "recall@10": 1.0, "ap": pytest.approx(2 / 3)}
+
+
+def test_ties_rank_in_candidate_order():
+    _, rank = influence_and_rank(np.zeros(2), np.zeros(2), np.zeros(4), np.zeros(4))
+    assert rank.tolist() == [0, 1, 2]
+
+
+def test_mean_and_stderr():
+    mean, se = mean_and_stderr([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5
+    assert se == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
+    assert mean_and_stderr([0.7]) == (0.7, 0.0)
