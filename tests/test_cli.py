@@ -1,0 +1,160 @@
+"""Both stages and the evaluation end to end on the tiny benchmark, and their handling of bad input."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import compute_influence
+import compute_training_loss
+import evaluate
+from utils.io import InputError
+
+REPO = Path(__file__).resolve().parent.parent
+STAGE1 = ["--laion_subset_size", "12", "--batch_size", "20", "--time_samples", "5", "--device", "cpu"]
+STAGE2 = ["--laion_subset_size", "12", "--loss_batch_size", "20", "--loss_time_samples", "5", "--device", "cpu",
+          "--unlearn_steps", "3", "--unlearn_grad_accum_steps", "2", "--unlearn_batch_size", "4",
+          "--fisher_dataset_size", "1000"]
+MODELS = ["imagenet/n01440764_0000", "artchive/tinyartist"]
+QUERIES = ["imagenet/gpt/n01440764_0000/samples/00000.png", "imagenet/gpt/n01440764_0000/samples/00001.png",
+           "artchive/gpt/tinyartist/samples/00000.png", "artchive/gpt/tinyartist/samples/00001.png"]
+
+
+def paths(bench, results):
+    return ["--sd_version", bench["sd_version"], "--dataroot", bench["dataroot"], "--task_json", bench["task_json"],
+            "--result_dir", str(results)]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_abc, tmp_path_factory):
+    """Stage 1 and stage 2 run once on the tiny benchmark."""
+    results = tmp_path_factory.mktemp("results")
+    compute_training_loss.main(paths(tiny_abc, results) + STAGE1)
+    compute_influence.main(paths(tiny_abc, results) + STAGE2)
+    return results
+
+
+def run_cli(script, args):
+    return subprocess.run([sys.executable, str(REPO / script)] + args, capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+
+
+def test_outputs_at_spec_paths(finished):
+    for model in MODELS:
+        cache = finished / "orig_loss" / model
+        settings = json.loads((cache / "settings.json").read_text())
+        assert settings["batch_size"] == 20 and settings["time_samples"] == 5 and settings["seed"] == 0
+        assert np.load(cache / "exemplar_loss.npy").shape == (6,)  # 3 exemplars, unflipped + flipped
+        assert np.load(cache / "laion_loss.npy").shape == (24,)
+    for query in QUERIES:
+        out = finished / "influence" / query
+        assert np.load(out / "laion_loss.npy").shape == (24,)
+        assert (out / "visualization.jpg").stat().st_size > 1000
+        result = pickle.loads((out / "influence.pkl").read_bytes())
+        assert result["influence"].shape == (15,) and sorted(result["rank"]) == list(range(15))
+        assert result["n_exemplar"] == 3
+        before, after = result["query_loss"]
+        assert after > before  # unlearning raised the query's own loss (same noise before and after)
+
+
+def test_influence_is_after_minus_before_with_flips_folded(finished):
+    cache, out = finished / "orig_loss" / MODELS[0], finished / "influence" / QUERIES[0]
+    rise = np.load(out / "laion_loss.npy").astype(np.float64) - np.load(cache / "laion_loss.npy")
+    result = pickle.loads((out / "influence.pkl").read_bytes())
+    np.testing.assert_allclose(result["influence"][3:], np.maximum(rise[:12], rise[12:]))
+
+
+def test_stage2_is_repeatable(finished, tiny_abc, tmp_path):
+    """Same seed, same everything: a second run gives bit-identical after-losses (SPEC pitfall 4)."""
+    results = tmp_path / "r"
+    (results / "orig_loss").mkdir(parents=True)
+    os.symlink(finished / "orig_loss" / "imagenet", results / "orig_loss" / "imagenet")
+    os.symlink(finished / "orig_loss" / "artchive", results / "orig_loss" / "artchive")
+    compute_influence.main(paths(tiny_abc, results) + STAGE2)
+    for q in QUERIES:
+        assert np.array_equal(np.load(results / "influence" / q / "laion_loss.npy"),
+                              np.load(finished / "influence" / q / "laion_loss.npy"))
+
+
+def test_rerun_skips_and_overwrite_recomputes(finished, tiny_abc, capsys):
+    pkl = finished / "influence" / QUERIES[0] / "influence.pkl"
+    cache = finished / "orig_loss" / MODELS[0] / "laion_loss.npy"
+    stamps = (pkl.stat().st_mtime_ns, cache.stat().st_mtime_ns)
+    compute_training_loss.main(paths(tiny_abc, finished) + STAGE1)
+    compute_influence.main(paths(tiny_abc, finished) + STAGE2)
+    out = capsys.readouterr().out
+    assert "2 already cached, 0 to do" in out and "4 done, 0 to do" in out
+    assert (pkl.stat().st_mtime_ns, cache.stat().st_mtime_ns) == stamps
+    before = np.load(cache)
+    compute_training_loss.main(paths(tiny_abc, finished) + STAGE1 + ["--overwrite"])
+    assert cache.stat().st_mtime_ns != stamps[1]
+    assert np.array_equal(np.load(cache), before)  # recomputed, and seeded: the same numbers
+
+
+def test_evaluate_writes_tables(finished, tiny_abc, tmp_path, capsys):
+    evaluate.main(["--task_json", tiny_abc["task_json"], "--result_dir", str(finished), "--out_dir", str(tmp_path)])
+    lines = (tmp_path / "per_query.csv").read_text().splitlines()
+    assert lines[0] == "query,test_case,family,n_exemplar,recall@5,recall@10,recall@100,ap" and len(lines) == 5
+    md = (tmp_path / "summary.md").read_text()
+    assert "| family: style | 2 |" in md and "| all | 4 |" in md
+    assert "recall@100" in capsys.readouterr().out
+    summary = (tmp_path / "summary.csv").read_text().splitlines()
+    all_row = dict(zip(summary[0].split(","), summary[-1].split(",")))
+    assert float(all_row["recall@100"]) == 1.0  # 15 candidates: every exemplar is in the top 100
+
+
+def test_stage2_refuses_a_cache_made_with_other_settings(finished, tiny_abc, tmp_path):
+    for flag, value in (("--loss_batch_size", "10"), ("--loss_time_samples", "10"), ("--seed", "1")):
+        args = [a for a in STAGE2]
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+        with pytest.raises(InputError, match="made with other settings"):
+            compute_influence.main(paths(tiny_abc, finished) + args + ["--overwrite"])
+    # nothing computed before was lost
+    assert all((finished / "influence" / q / "influence.pkl").is_file() for q in QUERIES)
+
+
+@pytest.mark.parametrize("damage, script, message", [
+    ("remove_latents", "compute_training_loss.py", "laion_latents.npy not found"),
+    ("remove_exemplar", "compute_training_loss.py", "exemplar image"),
+    ("bad_json", "compute_training_loss.py", "not valid JSON"),
+    ("unknown_test_case", "compute_influence.py", "unknown test_case 'test_laion'"),
+    ("fisher_missing_param", "compute_influence.py", "no Fisher entry for 1 of the 8"),
+    ("missing_cache", "compute_influence.py", "no finished pre-unlearning loss cache"),
+])
+def test_bad_inputs_exit_nonzero_with_a_message(tiny_copy, tmp_path, damage, script, message):
+    root, tasks_path = Path(tiny_copy["dataroot"]), Path(tiny_copy["task_json"])
+    results = tmp_path / "results"
+    keep = results / "influence" / "old" / "influence.pkl"  # an earlier result that must survive
+    keep.parent.mkdir(parents=True)
+    keep.write_bytes(b"earlier")
+    if script == "compute_influence.py" and damage != "missing_cache":
+        compute_training_loss.main(paths(tiny_copy, results) + STAGE1)
+    if damage == "remove_latents":
+        (root / "laion_latents.npy").unlink()
+    elif damage == "remove_exemplar":
+        next((root / "exemplar" / "artchive").rglob("*.png")).unlink()
+    elif damage == "bad_json":
+        tasks_path.write_text('[{"synth_image_path": ')
+    elif damage == "unknown_test_case":
+        tasks = json.loads(tasks_path.read_text())
+        tasks[1]["test_case"] = "test_laion"
+        tasks_path.write_text(json.dumps(tasks))
+    elif damage == "fisher_missing_param":
+        fisher = torch.load(root / "sd_fisher.pt")
+        del fisher["mid_block.attentions.0.transformer_blocks.0.attn2.to_v.weight"]
+        torch.save(fisher, root / "sd_fisher.pt")
+    flags = STAGE1 if script == "compute_training_loss.py" else STAGE2
+    proc = run_cli(script, paths(tiny_copy, results) + flags)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: " in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert keep.read_bytes() == b"earlier"
+    assert not list(results.rglob("*.tmp-*"))
