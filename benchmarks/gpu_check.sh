@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The prepared GPU run (one device call): (1) both stages on CUDA over the tiny benchmark, compared
+# with the CPU results made here by `bash run_demo.sh`; (2) the loss-tracking benchmark on SD v1.4's UNet.
+# Carry data/tiny_abc, results/tiny and .whl (diffusers wheel); see README "Performance".
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+
+if [[ -z "${SKIP_DEMO:-}" ]]; then
+echo "== 1. tiny benchmark on CUDA vs CPU"
+PYTHON=python3 RESULTS=results/tiny_cuda bash run_demo.sh --device cuda > "$OUT/cuda_demo.log" 2>&1; echo "run_demo.sh --device cuda: exit $?"
+tail -8 "$OUT/cuda_demo.log"
+python3 - <<'PY'
+import glob, pickle, numpy as np
+from pathlib import Path
+worst = 0.0
+for f in sorted(glob.glob("results/tiny/orig_loss/*/*/*_loss.npy")):
+    a, b = np.load(f), np.load(f.replace("results/tiny/", "results/tiny_cuda/"))
+    worst = max(worst, float(np.abs(a - b).max()))
+print(f"stage 1 losses, CPU vs CUDA: max |diff| {worst:.2e}")
+for f in sorted(glob.glob("results/tiny/influence/**/influence.pkl", recursive=True)):
+    a = pickle.loads(Path(f).read_bytes())
+    b = pickle.loads(Path(f.replace("results/tiny/", "results/tiny_cuda/")).read_bytes())
+    top = len(set(a["rank"][:5]) & set(b["rank"][:5])) / 5
+    print(f"{f.split('influence/')[1]}: influence max |diff| {np.abs(a['influence'] - b['influence']).max():.2e}, "
+          f"top-5 overlap {top:.1f}, query loss CPU {a['query_loss']} CUDA {b['query_loss']}")
+PY
+fi
+
+echo "== 2. loss-tracking benchmark, SD v1.4 UNet (random weights)"
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 benchmarks/loss_tracking.py --model sd14 --device cuda ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/benchmark_sd14.txt"
