@@ -34,7 +34,7 @@ def _tile(path, label: str, outline: bool, font) -> Image.Image:
 
 def save_top_k_figure(out_path, query_path, influence: np.ndarray, rank: np.ndarray,
                       exemplar_paths: List[Path], laion_paths: List[Path], k: int = 10) -> Path:
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=14)
     n_ex = len(exemplar_paths)
     tiles = [_tile(query_path, "query", False, font)]
     for idx in rank[:k]:
@@ -42,7 +42,8 @@ def save_top_k_figure(out_path, query_path, influence: np.ndarray, rank: np.ndar
         is_exemplar = idx < n_ex
         path = exemplar_paths[idx] if is_exemplar else (
             laion_paths[idx - n_ex] if idx - n_ex < len(laion_paths) else None)
-        tiles.append(_tile(path, f"#{idx} infl {influence[idx]:.2e}", is_exemplar, font))
+        name = f"exemplar {idx}" if is_exemplar else f"LAION {idx - n_ex}"
+        tiles.append(_tile(path, f"{name}: {influence[idx]:.2e}", is_exemplar, font))
     gap = 6
     canvas = Image.new("RGB", (len(tiles) * (TILE + gap) - gap, TILE + LABEL_HEIGHT), "white")
     for i, t in enumerate(tiles):
