@@ -94,6 +94,10 @@ def test_rerun_skips_and_overwrite_recomputes(finished, tiny_abc, capsys):
     compute_training_loss.main(paths(tiny_abc, finished) + STAGE1 + ["--overwrite"])
     assert cache.stat().st_mtime_ns != stamps[1]
     assert np.array_equal(np.load(cache), before)  # recomputed, and seeded: the same numbers
+    ranks = pickle.loads(pkl.read_bytes())["rank"]
+    compute_influence.main(paths(tiny_abc, finished) + STAGE2 + ["--overwrite"])
+    assert pkl.stat().st_mtime_ns != stamps[0]
+    assert np.array_equal(pickle.loads(pkl.read_bytes())["rank"], ranks)
 
 
 def test_evaluate_writes_tables(finished, tiny_abc, tmp_path, capsys):
