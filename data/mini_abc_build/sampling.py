@@ -1,0 +1,56 @@
+"""Sampling from a (customized) base model, and image grids that show what a model learned."""
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+
+def load_pipeline(sd_dir):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample(pipe, prompts: Sequence[str], seed: int, steps: int = 50, guidance_scale: float = 3.0) -> List[Image.Image]:
+    """One image per prompt; image i uses a generator seeded with seed + i, so a prompt list can grow."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    out = []
+    for i, prompt in enumerate(prompts):
+        g = torch.Generator().manual_seed(seed + i)
+        out += pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    generator=g, output_type="pil").images
+    return out
+
+
+def image_grid(rows: List[List[Image.Image]], row_labels: List[str], tile: int = 64) -> Image.Image:
+    """Rows of images scaled to `tile` px (nearest neighbour, so 32 px pixels stay visible), labelled left."""
+    font = ImageFont.load_default(size=12)
+    label_w = 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(l, font=font)) for l in row_labels)
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_w + cols * (tile + 2), len(rows) * (tile + 2)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (images, label) in enumerate(zip(rows, row_labels)):
+        y = r * (tile + 2)
+        draw.text((4, y + tile // 2 - 6), label, fill="black", font=font)
+        for c, img in enumerate(images):
+            grid.paste(img.convert("RGB").resize((tile, tile), Image.NEAREST), (label_w + c * (tile + 2), y))
+    return grid
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [-1, 1] -> PIL."""
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def save_grid(path, rows, labels, tile: int = 64) -> Path:
+    from utils.io import atomic_write
+
+    return atomic_write(path, lambda f: image_grid(rows, labels, tile).save(f, format="PNG"))
