@@ -1,0 +1,112 @@
+"""Custom Diffusion fine-tuning on CPU, saved in the AbC model format.
+
+As in Custom Diffusion (Kumari et al., CVPR 2023): only the cross-attention K and V projections of the
+UNet and the embedding of a new token `<new1>` are trained, on the exemplars captioned with the
+customization prompt, while a prior-preservation loss on images of the same class (captioned with the
+class prompt) keeps the model from forgetting the class. The output folder holds `<new1>.bin`
+({"<new1>": tensor[D]}) and `pytorch_custom_diffusion_weights.pt` (UNet parameter names), exactly what
+the repo's scripts load for a real AbC model.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils.io import save_torch
+from utils.models import CONCEPT_FILE, CONCEPT_TOKEN, CUSTOM_WEIGHTS_FILE
+
+
+@dataclass
+class CustomizationConfig:
+    steps: int = 250
+    batch_size: int = 8  # exemplar images per step (with repeats); as many prior images
+    lr: float = 1e-3  # K/V weights
+    token_lr: float = 1e-2  # the <new1> embedding
+    prior_weight: float = 1.0
+    init_token: Optional[str] = None  # word whose embedding <new1> starts from (default: the mean embedding)
+    seed: int = 0
+
+
+def kv_parameter_names(unet) -> List[str]:
+    return [n for n, _ in unet.named_parameters() if "attn2" in n and (".to_k." in n or ".to_v." in n)]
+
+
+def _encode(vae, images: torch.Tensor, generator) -> torch.Tensor:
+    with torch.no_grad():
+        dist = vae.encode(images).latent_dist
+        return (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator)) * vae.config.scaling_factor
+
+
+def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: torch.Tensor, prior_captions: List[str],
+              out_dir, config: CustomizationConfig = CustomizationConfig()) -> dict:
+    """Fine-tune `base` (utils.models.BaseModel, changed in place: restore it afterwards) and save the model.
+
+    exemplars / prior_images: [n, 3, R, R] in [-1, 1]. Returns {"losses": per-step exemplar losses,
+    "prior_losses": per-step prior losses}.
+    """
+    unet, text_encoder, tokenizer, scheduler = base.unet, base.text_encoder, base.tokenizer, base.scheduler
+    if CONCEPT_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens(CONCEPT_TOKEN)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    token_id = tokenizer.convert_tokens_to_ids(CONCEPT_TOKEN)
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        if config.init_token:
+            init_ids = tokenizer(config.init_token, add_special_tokens=False).input_ids
+            table[token_id] = table[init_ids].mean(0)
+        else:
+            table[token_id] = table[:token_id].mean(0)
+
+    g = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    ex_latents = _encode(base.vae, exemplars, g)
+    prior_latents = _encode(base.vae, prior_images, g)
+    ids = lambda prompts: tokenizer(prompts, max_length=tokenizer.model_max_length, padding="max_length",  # noqa: E731
+                                    truncation=True, return_tensors="pt").input_ids
+    ex_ids = ids([train_prompt])
+    prior_ids = ids(prior_captions)
+
+    names = kv_parameter_names(unet)
+    params = dict(unet.named_parameters())
+    for n, p in unet.named_parameters():
+        p.requires_grad_(n in names)
+    text_encoder.requires_grad_(False)
+    table.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": [params[n] for n in names], "lr": config.lr},
+                             {"params": [table], "lr": config.token_lr}], weight_decay=0.0)
+    frozen_rows = table.detach().clone()
+    alphas = scheduler.alphas_cumprod
+
+    def loss_of(latents, token_ids):
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, len(alphas), (len(latents),), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x = latents.flip(-1) if rng.random() < 0.5 else latents
+        pred = unet(a.sqrt() * x + (1 - a).sqrt() * noise, t, text_encoder(token_ids)[0]).sample
+        return F.mse_loss(pred, noise)
+
+    losses, prior_losses = [], []
+    for _ in range(config.steps):
+        ex_idx = rng.integers(0, len(ex_latents), config.batch_size)
+        pr_idx = rng.integers(0, len(prior_latents), config.batch_size)
+        ex_loss = loss_of(ex_latents[ex_idx], ex_ids.expand(config.batch_size, -1))
+        pr_loss = loss_of(prior_latents[pr_idx], prior_ids[pr_idx])
+        opt.zero_grad(set_to_none=True)
+        (ex_loss + config.prior_weight * pr_loss).backward()
+        opt.step()
+        with torch.no_grad():  # only the <new1> row of the embedding table may move
+            keep = torch.ones(len(table), dtype=torch.bool)
+            keep[token_id] = False
+            table[keep] = frozen_rows[keep]
+        losses.append(ex_loss.item())
+        prior_losses.append(pr_loss.item())
+    unet.requires_grad_(False)
+    table.requires_grad_(False)
+
+    out_dir = Path(out_dir)
+    save_torch(out_dir / CUSTOM_WEIGHTS_FILE, {n: params[n].detach().clone() for n in names})
+    save_torch(out_dir / CONCEPT_FILE, {CONCEPT_TOKEN: table[token_id].detach().clone()})
+    return {"losses": losses, "prior_losses": prior_losses}

@@ -1,0 +1,55 @@
+"""Custom Diffusion fine-tuning of the mini-AbC builder, on the tiny test model."""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.mini_abc_build.customize import CustomizationConfig, customize, kv_parameter_names
+from utils.data import ExemplarCandidates, load_exemplar_images
+from utils.losses import collect_losses
+from utils.models import PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model
+
+
+def test_customization_trains_only_kv_and_the_token_and_saves_the_abc_format(tiny_abc, tmp_path):
+    root = Path(tiny_abc["dataroot"])
+    base = load_base_model(tiny_abc["sd_version"], "cpu")
+    exemplar_paths = sorted((root / "exemplar" / "imagenet").rglob("*.png"))
+    exemplars = load_exemplar_images(exemplar_paths, base.resolution)[:len(exemplar_paths)]
+    prior_paths = sorted((root / "laion_subset" / "images").glob("*.png"))[:6]
+    prior = load_exemplar_images(prior_paths, base.resolution)[:6]
+    captions = (root / "laion_subset" / "captions.txt").read_text().splitlines()[:6]
+    before = {n: p.detach().clone() for n, p in base.unet.named_parameters()}
+    text_before = {n: p.detach().clone() for n, p in base.text_encoder.named_parameters()}
+
+    def exemplar_loss(model):
+        latents = encode_images(model.vae, exemplars, torch.Generator().manual_seed(0))
+        cands = ExemplarCandidates(latents, encode_prompt(model.tokenizer, model.text_encoder, "<new1> fish"))
+        return collect_losses(model.unet, model.scheduler, cands, batch_size=40, time_samples=10).mean()
+
+    result = customize(base, exemplars, "<new1> fish", prior, captions, tmp_path / "model",
+                       CustomizationConfig(steps=60, batch_size=4, lr=3e-3, token_lr=3e-2, init_token="fish"))
+    assert len(result["losses"]) == 60
+    changed = {n for n, p in base.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(kv_parameter_names(base.unet))
+    table = base.text_encoder.get_input_embeddings().weight
+    table_name = next(n for n, p in base.text_encoder.named_parameters() if p is table)
+    text_changed = {n for n, p in base.text_encoder.named_parameters()
+                    if p.shape != text_before[n].shape or not torch.equal(p, text_before[n])}
+    assert text_changed == {table_name}  # the table grew by the <new1> row, and only that row is new
+    assert torch.equal(table[:-1], text_before[table_name])
+
+    # the saved folder loads through the same code as a real AbC model, and the model fits its exemplars better
+    fresh = load_base_model(tiny_abc["sd_version"], "cpu")
+    assert "<new1>" not in fresh.tokenizer.get_vocab()
+    loaded = apply_customization(fresh, PristineWeights(fresh.unet), tmp_path / "model")
+    assert len(loaded) == len(kv_parameter_names(fresh.unet))
+    tuned = exemplar_loss(fresh)
+    fresh_base = load_base_model(tiny_abc["sd_version"], "cpu")  # untuned, <new1> = its initial embedding
+    fresh_base.tokenizer.add_tokens("<new1>")
+    fresh_base.text_encoder.resize_token_embeddings(len(fresh_base.tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        ids = fresh_base.tokenizer("fish", add_special_tokens=False).input_ids
+        emb = fresh_base.text_encoder.get_input_embeddings().weight
+        emb[-1] = emb[ids].mean(0)
+    assert tuned < exemplar_loss(fresh_base)
+    assert np.isfinite(result["prior_losses"]).all()
