@@ -20,7 +20,8 @@ from utils.fisher import load_fisher
 from utils.io import InputError, save_npy, save_pickle
 from utils.losses import LossSettings, check_loss_cache, collect_losses, load_loss_cache, validate_batch_layout
 from utils.metrics import influence_and_rank
-from utils.models import PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model
+from utils.models import (CONCEPT_TOKEN, PristineWeights, apply_customization, encode_images, encode_prompt,
+                          load_base_model)
 from utils.tasks import exemplar_paths, load_tasks
 from utils.transforms import load_image_tensor
 from utils.visualize import laion_image_paths, save_top_k_figure
@@ -44,6 +45,13 @@ def parse_args(argv=None):
     parser.add_argument("--unlearn_grad_accum_steps", type=int, default=10, help="micro-batches per step")
     parser.add_argument("--loss_batch_size", type=int, default=200, help="must equal stage 1's --batch_size")
     parser.add_argument("--loss_time_samples", type=int, default=10, help="must equal stage 1's --time_samples")
+    parser.add_argument("--loss_cache_dir", default=None,
+                        help="stage-1 caches to subtract from (default: <result_dir>/orig_loss); lets several "
+                             "variants, each with its own --result_dir, share one stage 1")
+    parser.add_argument("--preconditioner", default="fisher", choices=["fisher", "none"],
+                        help="'none' is the paper's plain-gradient-ascent ablation: p += lr * grad / accum")
+    parser.add_argument("--drop_concept_token", action="store_true",
+                        help="ablation: unlearn the query under its prompt with '<new1>' removed")
     parser.add_argument("--unscaled_synth_latent", action="store_true",
                         help="reproduce the authors' release: unlearn the query's VAE latent WITHOUT the "
                              "scaling factor (default: scaled, like every training candidate)")
@@ -54,7 +62,10 @@ def query_inputs(base, dataroot, task, args, generator):
     """The query's latent repeated unlearn_batch_size times, and its prompt's text embedding likewise."""
     image = load_image_tensor(dataroot / task.synth_image_path, base.resolution).unsqueeze(0)
     latent = encode_images(base.vae, image, generator, scale=not args.unscaled_synth_latent).to(args.device)
-    text = encode_prompt(base.tokenizer, base.text_encoder, task.prompt)
+    prompt = task.prompt
+    if args.drop_concept_token:
+        prompt = " ".join(prompt.replace(CONCEPT_TOKEN, " ").split())
+    text = encode_prompt(base.tokenizer, base.text_encoder, prompt)
     n = args.unlearn_batch_size
     return latent.expand(n, -1, -1, -1).contiguous(), text.expand(n, -1, -1).contiguous()
 
@@ -82,7 +93,7 @@ def preflight(args, dataroot, todo, laion):
 
 
 def cache_dir(args, task) -> Path:
-    return Path(args.result_dir) / "orig_loss" / task.model_key
+    return Path(args.loss_cache_dir or Path(args.result_dir) / "orig_loss") / task.model_key
 
 
 def main(argv=None):
@@ -102,7 +113,12 @@ def main(argv=None):
     pristine = PristineWeights(base.unet)
     names = set(select_parameter_names(base.unet, args.weight_selection))
     params = {n: p for n, p in base.unet.named_parameters() if n in names}
-    fisher = load_fisher(args.fisher_path or dataroot / "sd_fisher.pt", params, args.fisher_floor, args.device)
+    if args.preconditioner == "fisher":
+        fisher = load_fisher(args.fisher_path or dataroot / "sd_fisher.pt", params, args.fisher_floor, args.device)
+        dataset_size = args.fisher_dataset_size
+    else:  # F = 1, N = 1: the step is lr * grad / accum
+        fisher = {n: torch.ones_like(p, dtype=torch.float64) for n, p in params.items()}
+        dataset_size = 1
     laion_paths = laion_image_paths(dataroot)
     collect = dict(batch_size=args.loss_batch_size, time_samples=args.loss_time_samples, seed=args.seed,
                    device=args.device)
@@ -119,7 +135,7 @@ def main(argv=None):
         pristine.protect(params)
         history = unlearn(base.unet, base.scheduler, latents, text, params, fisher, steps=args.unlearn_steps,
                           grad_accum_steps=args.unlearn_grad_accum_steps, lr=args.unlearn_lr,
-                          dataset_size=args.fisher_dataset_size, generator=generator)
+                          dataset_size=dataset_size, generator=generator)
 
         query_after = collect_losses(base.unet, base.scheduler, query, desc="query loss", **collect)
         exemplars = ExemplarCandidates(ex_latents, encode_prompt(base.tokenizer, base.text_encoder,

@@ -162,3 +162,36 @@ def test_bad_inputs_exit_nonzero_with_a_message(tiny_copy, tmp_path, damage, scr
     assert "Traceback" not in proc.stderr
     assert keep.read_bytes() == b"earlier"
     assert not list(results.rglob("*.tmp-*"))
+
+
+def test_ablation_flags_and_shared_cache(finished, tiny_abc, tmp_path):
+    """--loss_cache_dir shares one stage 1; --preconditioner none and --drop_concept_token change the result."""
+    base = paths(tiny_abc, tmp_path / "plain") + STAGE2 + ["--loss_cache_dir", str(finished / "orig_loss")]
+    compute_influence.main(base)
+    plain = pickle.loads((tmp_path / "plain" / "influence" / QUERIES[0] / "influence.pkl").read_bytes())
+    assert np.array_equal(plain["influence"],
+                          pickle.loads((finished / "influence" / QUERIES[0] / "influence.pkl").read_bytes())["influence"])
+    for flags in (["--preconditioner", "none", "--unlearn_lr", "0.01"], ["--drop_concept_token"]):
+        out = tmp_path / flags[0]
+        args = [a if a != str(tmp_path / "plain") else str(out) for a in base] + flags
+        compute_influence.main(args)
+        other = pickle.loads((out / "influence" / QUERIES[0] / "influence.pkl").read_bytes())
+        assert other["settings"][flags[0].lstrip("-")] == (flags[1] if len(flags) > 1 else True)
+        assert not np.allclose(other["influence"], plain["influence"])
+
+
+def test_baselines_write_rankings_evaluate_reads(finished, tiny_abc, tmp_path):
+    import compute_baselines
+
+    for method in ("random", "pixel", "vae"):
+        out = tmp_path / method
+        compute_baselines.main(["--method", method, "--task_json", tiny_abc["task_json"], "--result_dir", str(out),
+                                "--loss_cache_dir", str(finished / "orig_loss"), "--sd_version", tiny_abc["sd_version"],
+                                "--dataroot", tiny_abc["dataroot"], "--laion_subset_size", "12"])
+        r = pickle.loads((out / "influence" / QUERIES[0] / "influence.pkl").read_bytes())
+        assert r["influence"].shape == (15,) and sorted(r["rank"]) == list(range(15))
+        evaluate.main(["--task_json", tiny_abc["task_json"], "--result_dir", str(out), "--out_dir", str(out / "eval")])
+    # the pixel baseline ranks an exact copy of the query first
+    from compute_baselines import cosine_to_rows
+    q = torch.rand(3, 4, 4)
+    assert cosine_to_rows(q, torch.stack([torch.rand(3, 4, 4), q])).argmax() == 1

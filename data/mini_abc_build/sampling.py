@@ -12,7 +12,8 @@ def load_pipeline(sd_dir):
 
     pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # SD v1 ships clip_sample=False; DDIM would otherwise clip the predicted latent to [-1, 1]
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -267,9 +267,7 @@ source endorses this use.
    Images: img/google/64/*.png of emoji-datasource (https://github.com/iamcal/emoji-data, by Cal
    Henderson), taken from Noto Emoji v2.048 (https://github.com/googlefonts/noto-emoji), by
    Google. The package's README states: "Android/Google/Noto images, are available under the
-   Apache License 2.0" (https://www.apache.org/licenses/LICENSE-2.0). Upstream noto-emoji states
-   that its flag images (third_party/region-flags) are in the public domain or otherwise exempt
-   from copyright. The package's LICENSE file (MIT, Copyright (c) 2013 Cal Henderson) covers
+   Apache License 2.0" (https://www.apache.org/licenses/LICENSE-2.0). The package's LICENSE file (MIT, Copyright (c) 2013 Cal Henderson) covers
    the emoji-datasource data and code (emoji.json: names, categories), not the images.
 
 2. Twemoji -- npm package {t}

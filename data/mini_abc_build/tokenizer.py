@@ -56,7 +56,7 @@ def bytes_to_unicode() -> dict:
 def write_clip_vocab(bpe_gz, out_dir) -> Path:
     """vocab.json and merges.txt in the layout of openai/clip-vit-large-patch14 (49,408 entries)."""
     lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:N_MERGES + 1]]
+    merges = [tuple(line.split()) for line in lines[1:N_MERGES + 1] if line.strip()]
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

@@ -1,0 +1,219 @@
+"""The paper's comparison on mini-AbC: AbU, its ablations and controls, and baselines, on one split.
+
+    python benchmarks/mini_abc_comparison.py --split test                     # the table in the README
+    python benchmarks/mini_abc_comparison.py --split val --methods AbU ...    # tuning (validation only)
+
+Runs stage 1 once (shared cache), each method into results/mini_abc/<split>/<method>/, scores each with
+evaluate.py's metrics, and writes comparison.md / comparison.csv (Recall@{5,10,100}, mAP with standard
+errors per family, wall time, collateral forgetting, image specificity) and comparison.png
+(Recall@10 against mAP, like the paper's Figure 6). Reruns reuse finished queries.
+"""
+import argparse
+import csv
+import io
+import json
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from utils.io import atomic_write, save_json  # noqa: E402
+from utils.metrics import mean_and_stderr, query_metrics  # noqa: E402
+from utils.tasks import load_tasks  # noqa: E402
+
+BENCH = REPO / "data" / "mini_abc"
+# Hyperparameters that do not transfer from SD scale, chosen on the validation split (README, mini-AbC).
+TUNED = {"fisher_dataset_size": 4e8, "unlearn_lr": 0.1, "sgd_lr": 1e-3}
+METHODS = {  # name: (kind, extra flags)
+    "AbU": ("abu", []),
+    "AbU, plain gradient ascent (no Fisher)": ("abu", ["--preconditioner", "none", "--unlearn_lr", "{sgd_lr}"]),
+    "AbU, all weights": ("abu", ["--weight_selection", "all"]),
+    "AbU, one step (x100 lr)": ("abu", ["--unlearn_steps", "1", "--unlearn_lr", "{one_step_lr}"]),
+    "AbU, prompt without <new1>": ("abu", ["--drop_concept_token"]),
+    "AbU, unscaled synth latent (authors)": ("abu", ["--unscaled_synth_latent"]),
+    "AbU, wrong-image control": ("abu-wrong-image", []),
+    "random": ("baseline", ["--method", "random"]),
+    "pixel cosine": ("baseline", ["--method", "pixel"]),
+    "VAE-latent cosine": ("baseline", ["--method", "vae"]),
+}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+
+
+def common_flags(bench: Path, n_laion: int):
+    return ["--sd_version", str(bench / "sd-mini"), "--dataroot", str(bench / "abc"),
+            "--laion_subset_size", str(n_laion), "--device", "cpu"]
+
+
+def wrong_image_tasks(tasks_path: Path, out_path: Path) -> Path:
+    """Each query's image replaced by a query image of another model of the same family (a derangement)."""
+    tasks = json.loads(tasks_path.read_text())
+    rng = np.random.default_rng(0)
+    for family in sorted({t["test_case"] for t in tasks}):
+        idx = [i for i, t in enumerate(tasks) if t["test_case"] == family]
+        images = [tasks[i]["synth_image_path"] for i in idx]
+        models = [tasks[i]["model_path"] for i in idx]
+        for _ in range(1000):
+            perm = rng.permutation(len(idx))
+            if all(models[p] != models[k] for k, p in enumerate(perm)):
+                break
+        else:
+            raise RuntimeError(f"cannot swap images between models of {family}: needs two models")
+        for k, p in enumerate(perm):
+            tasks[idx[k]]["synth_image_path"] = images[p]
+    save_json(out_path, tasks)
+    return out_path
+
+
+def run(cmd):
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([sys.executable] + [str(c) for c in cmd], check=True, cwd=REPO)
+
+
+def score(result_dir: Path, tasks):
+    rows = []
+    for t in tasks:
+        r = pickle.loads((result_dir / "influence" / t.query_key / "influence.pkl").read_bytes())
+        m = query_metrics(r["rank"], r["n_exemplar"])
+        m.update(test_case=t.test_case, family=t.family, model=t.model_path, rank=r["rank"],
+                 query_loss=r.get("query_loss"), query=t.query_key)
+        rows.append(m)
+    return rows
+
+
+def collateral(result_dir: Path, cache_root: Path, rows):
+    """Mean LAION loss rise / the query's own loss rise (paper Table 3's collateral forgetting)."""
+    ratios = []
+    for r in rows:
+        if not r["query_loss"]:
+            return float("nan")
+        after = np.load(result_dir / "influence" / r["query"] / "laion_loss.npy")
+        before = np.load(cache_root / r["model"].replace("models/", "", 1) / "laion_loss.npy")
+        ratios.append(float((after - before).mean()) / max(r["query_loss"][1] - r["query_loss"][0], 1e-12))
+    return float(np.mean(ratios))
+
+
+def specificity(rows, k: int = 10):
+    """1 - mean top-k overlap between rankings of two queries of the same model (0: the image never matters)."""
+    by_model = {}
+    for r in rows:
+        by_model.setdefault(r["model"], []).append(r["rank"][:k])
+    overlaps = [len(set(a) & set(b)) / k for ranks in by_model.values() for i, a in enumerate(ranks)
+                for b in ranks[i + 1:]]
+    return 1 - float(np.mean(overlaps)) if overlaps else float("nan")
+
+
+def summarize(name, rows, seconds, extra):
+    out = {"method": name, "n": len(rows), "seconds": round(seconds, 1), **extra}
+    for group, members in (("style", [r for r in rows if r["family"] == "style"]),
+                           ("object", [r for r in rows if r["family"] == "object"]), ("all", rows)):
+        for metric in ("recall@5", "recall@10", "recall@100", "ap"):
+            out[f"{group} {metric}"], out[f"{group} {metric} se"] = mean_and_stderr([r[metric] for r in members])
+    return out
+
+
+def markdown(table):
+    head = "| method | style R@10 | style mAP | object R@10 | object mAP | all R@5 | all R@100 | collateral | specificity | time (s) |"
+    lines = [head, "|" + "---|" * 10]
+    f = lambda r, k: f"{r[k]:.3f} ± {r[k + ' se']:.3f}"  # noqa: E731
+    for r in table:
+        lines.append(f"| {r['method']} | {f(r, 'style recall@10')} | {f(r, 'style ap')} | {f(r, 'object recall@10')} | "
+                     f"{f(r, 'object ap')} | {f(r, 'all recall@5')} | {f(r, 'all recall@100')} | "
+                     f"{r['collateral']:.3f} | {r['specificity']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table, path):
+    """Recall@10 (x) against mAP (y), one marker per method and family."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h, pad = 900, 620, 70
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=13)
+    d.rectangle([pad, 20, w - 240, h - pad], outline="black")
+    X = lambda v: pad + v * (w - 240 - pad)  # noqa: E731
+    Y = lambda v: h - pad - v * (h - pad - 20)  # noqa: E731
+    for v in (0, 0.25, 0.5, 0.75, 1.0):
+        d.text((X(v) - 10, h - pad + 6), f"{v:.2f}", fill="black", font=font)
+        d.text((pad - 40, Y(v) - 7), f"{v:.2f}", fill="black", font=font)
+    d.text(((pad + w - 240) / 2 - 30, h - 30), "Recall@10", fill="black", font=font)
+    d.text((8, 4), "mAP", fill="black", font=font)
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    for i, r in enumerate(table):
+        c = colours[i % len(colours)]
+        for fam, shape in (("object", "o"), ("style", "s")):
+            x, y = X(r[f"{fam} recall@10"]), Y(r[f"{fam} ap"])
+            (d.ellipse if shape == "o" else d.rectangle)([x - 6, y - 6, x + 6, y + 6], fill=c)
+        d.rectangle([w - 225, 30 + 22 * i, w - 213, 42 + 22 * i], fill=c)
+        d.text((w - 205, 29 + 22 * i), r["method"][:32], fill="black", font=font)
+    d.text((w - 225, 40 + 22 * len(table)), "circle: object, square: style", fill="black", font=font)
+    atomic_write(path, lambda fh: img.save(fh, format="PNG"))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help="subset of: " + "; ".join(METHODS))
+    p.add_argument("--bench", default=str(BENCH))
+    p.add_argument("--out", default=None, help="default results/mini_abc/<split>")
+    p.add_argument("--fisher_dataset_size", type=float, default=TUNED["fisher_dataset_size"])
+    p.add_argument("--unlearn_lr", type=float, default=TUNED["unlearn_lr"])
+    p.add_argument("--sgd_lr", type=float, default=TUNED["sgd_lr"])
+    p.add_argument("--unlearn_steps", type=int, default=100)
+    p.add_argument("--tag", default="", help="suffix for the method folders (tuning runs)")
+    args = p.parse_args()
+    bench = Path(args.bench)
+    out = Path(args.out or REPO / "results" / "mini_abc" / args.split)
+    task_json = bench / "tasks" / f"{args.split}.json"
+    tasks = load_tasks(task_json)
+    n_laion = len((bench / "abc" / "laion_subset" / "captions.txt").read_text().splitlines())
+    flags = common_flags(bench, n_laion)
+    cache = out / "orig_loss"
+    t0 = time.time()
+    run(["compute_training_loss.py", "--task_json", task_json, "--result_dir", out] + flags)
+    stage1 = time.time() - t0
+    values = {"sgd_lr": args.sgd_lr, "one_step_lr": 100 * args.unlearn_lr}
+    table = []
+    for name in args.methods:
+        kind, extra = METHODS[name]
+        extra = [e.format(**values) for e in extra]
+        result_dir = out / (slug(name) + args.tag)
+        t0 = time.time()
+        if kind.startswith("abu"):
+            tj = wrong_image_tasks(task_json, out / "wrong_image_tasks.json") if kind == "abu-wrong-image" else task_json
+            run(["compute_influence.py", "--task_json", tj, "--result_dir", result_dir, "--loss_cache_dir", cache,
+                 "--fisher_dataset_size", str(int(args.fisher_dataset_size)), "--unlearn_lr", str(args.unlearn_lr),
+                 "--unlearn_steps", str(args.unlearn_steps)] + flags + extra)
+            rows = score(result_dir, load_tasks(tj))
+        else:
+            run(["compute_baselines.py", "--task_json", task_json, "--result_dir", result_dir,
+                 "--loss_cache_dir", cache] + flags[:-2] + extra)
+            rows = score(result_dir, tasks)
+        seconds = time.time() - t0
+        extra_cols = {"collateral": collateral(result_dir, cache, rows) if kind.startswith("abu") else float("nan"),
+                      "specificity": specificity(rows)}
+        table.append(summarize(name + args.tag, rows, seconds, extra_cols))
+        print(markdown(table[-1:]), flush=True)
+    md = markdown(table) + f"\nStage 1 (shared by every AbU row): {stage1:.0f} s.\n"
+    atomic_write(out / "comparison.md", lambda fh: fh.write(md), binary=False)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(table[0]))
+    writer.writeheader()
+    writer.writerows(table)
+    atomic_write(out / "comparison.csv", lambda fh: fh.write(buf.getvalue()), binary=False)
+    plot(table, out / "comparison.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
