@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from utils.io import atomic_write, save_json  # noqa: E402
 from utils.metrics import mean_and_stderr, query_metrics  # noqa: E402
-from utils.tasks import load_tasks  # noqa: E402
+from utils.tasks import FAMILIES, load_tasks  # noqa: E402
 
 BENCH = REPO / "data" / "mini_abc"
 # Hyperparameters that do not transfer from SD scale, chosen on the validation split (README, mini-AbC).
@@ -33,7 +33,7 @@ TUNED = {"fisher_dataset_size": 4e8, "unlearn_lr": 0.1, "sgd_lr": 1e-3}
 METHODS = {  # name: (kind, extra flags)
     "AbU": ("abu", []),
     "AbU, plain gradient ascent (no Fisher)": ("abu", ["--preconditioner", "none", "--unlearn_lr", "{sgd_lr}"]),
-    "AbU, all weights": ("abu", ["--weight_selection", "all"]),
+    "AbU, all weights": ("abu", ["--weight_selection", "all", "--fisher_path", "{fisher_all}"]),
     "AbU, one step (x100 lr)": ("abu", ["--unlearn_steps", "1", "--unlearn_lr", "{one_step_lr}"]),
     "AbU, prompt without <new1>": ("abu", ["--drop_concept_token"]),
     "AbU, unscaled synth latent (authors)": ("abu", ["--unscaled_synth_latent"]),
@@ -54,11 +54,12 @@ def common_flags(bench: Path, n_laion: int):
 
 
 def wrong_image_tasks(tasks_path: Path, out_path: Path) -> Path:
-    """Each query's image replaced by a query image of another model of the same family (a derangement)."""
+    """Each query's image replaced by a query image of another model of the same family (object or style),
+    a derangement, the prompt unchanged."""
     tasks = json.loads(tasks_path.read_text())
     rng = np.random.default_rng(0)
-    for family in sorted({t["test_case"] for t in tasks}):
-        idx = [i for i, t in enumerate(tasks) if t["test_case"] == family]
+    for family in ("object", "style"):
+        idx = [i for i, t in enumerate(tasks) if FAMILIES[t["test_case"]] == family]
         images = [tasks[i]["synth_image_path"] for i in idx]
         models = [tasks[i]["model_path"] for i in idx]
         for _ in range(1000):
@@ -73,9 +74,9 @@ def wrong_image_tasks(tasks_path: Path, out_path: Path) -> Path:
     return out_path
 
 
-def run(cmd):
+def run(cmd) -> bool:
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
-    subprocess.run([sys.executable] + [str(c) for c in cmd], check=True, cwd=REPO)
+    return subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO).returncode == 0
 
 
 def score(result_dir: Path, tasks):
@@ -135,17 +136,17 @@ def plot(table, path):
     """Recall@10 (x) against mAP (y), one marker per method and family."""
     from PIL import Image, ImageDraw, ImageFont
 
-    w, h, pad = 900, 620, 70
+    w, h, pad = 1000, 620, 70
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=13)
-    d.rectangle([pad, 20, w - 240, h - pad], outline="black")
-    X = lambda v: pad + v * (w - 240 - pad)  # noqa: E731
+    d.rectangle([pad, 20, w - 340, h - pad], outline="black")
+    X = lambda v: pad + v * (w - 340 - pad)  # noqa: E731
     Y = lambda v: h - pad - v * (h - pad - 20)  # noqa: E731
     for v in (0, 0.25, 0.5, 0.75, 1.0):
         d.text((X(v) - 10, h - pad + 6), f"{v:.2f}", fill="black", font=font)
         d.text((pad - 40, Y(v) - 7), f"{v:.2f}", fill="black", font=font)
-    d.text(((pad + w - 240) / 2 - 30, h - 30), "Recall@10", fill="black", font=font)
+    d.text(((pad + w - 340) / 2 - 30, h - 30), "Recall@10", fill="black", font=font)
     d.text((8, 4), "mAP", fill="black", font=font)
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
                (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -154,9 +155,9 @@ def plot(table, path):
         for fam, shape in (("object", "o"), ("style", "s")):
             x, y = X(r[f"{fam} recall@10"]), Y(r[f"{fam} ap"])
             (d.ellipse if shape == "o" else d.rectangle)([x - 6, y - 6, x + 6, y + 6], fill=c)
-        d.rectangle([w - 225, 30 + 22 * i, w - 213, 42 + 22 * i], fill=c)
-        d.text((w - 205, 29 + 22 * i), r["method"][:32], fill="black", font=font)
-    d.text((w - 225, 40 + 22 * len(table)), "circle: object, square: style", fill="black", font=font)
+        d.rectangle([w - 325, 30 + 22 * i, w - 313, 42 + 22 * i], fill=c)
+        d.text((w - 305, 29 + 22 * i), r["method"][:46], fill="black", font=font)
+    d.text((w - 325, 40 + 22 * len(table)), "circle: object, square: style", fill="black", font=font)
     atomic_write(path, lambda fh: img.save(fh, format="PNG"))
 
 
@@ -180,9 +181,11 @@ def main():
     flags = common_flags(bench, n_laion)
     cache = out / "orig_loss"
     t0 = time.time()
-    run(["compute_training_loss.py", "--task_json", task_json, "--result_dir", out] + flags)
+    if not run(["compute_training_loss.py", "--task_json", task_json, "--result_dir", out] + flags):
+        sys.exit("stage 1 failed; see the error above")
     stage1 = time.time() - t0
-    values = {"sgd_lr": args.sgd_lr, "one_step_lr": 100 * args.unlearn_lr}
+    values = {"sgd_lr": args.sgd_lr, "one_step_lr": 100 * args.unlearn_lr,
+              "fisher_all": bench / "abc" / "sd_fisher_all.pt"}
     table = []
     for name in args.methods:
         kind, extra = METHODS[name]
@@ -191,19 +194,28 @@ def main():
         t0 = time.time()
         if kind.startswith("abu"):
             tj = wrong_image_tasks(task_json, out / "wrong_image_tasks.json") if kind == "abu-wrong-image" else task_json
-            run(["compute_influence.py", "--task_json", tj, "--result_dir", result_dir, "--loss_cache_dir", cache,
-                 "--fisher_dataset_size", str(int(args.fisher_dataset_size)), "--unlearn_lr", str(args.unlearn_lr),
-                 "--unlearn_steps", str(args.unlearn_steps)] + flags + extra)
-            rows = score(result_dir, load_tasks(tj))
+            ok = run(["compute_influence.py", "--task_json", tj, "--result_dir", result_dir, "--loss_cache_dir", cache,
+                      "--fisher_dataset_size", str(int(args.fisher_dataset_size)), "--unlearn_lr", str(args.unlearn_lr),
+                      "--unlearn_steps", str(args.unlearn_steps)] + flags + extra)
         else:
-            run(["compute_baselines.py", "--task_json", task_json, "--result_dir", result_dir,
-                 "--loss_cache_dir", cache] + flags[:-2] + extra)
-            rows = score(result_dir, tasks)
+            tj = task_json
+            ok = run(["compute_baselines.py", "--task_json", task_json, "--result_dir", result_dir,
+                      "--loss_cache_dir", cache] + flags[:-2] + extra)
         seconds = time.time() - t0
+        if not ok:  # a method that fails (e.g. diverges) is a row of the table, not the end of it
+            table.append({**summarize(f"{name}{args.tag} (failed: see log)", [], seconds, {}),
+                          "collateral": float("nan"), "specificity": float("nan")})
+            write_outputs(out, table, stage1)
+            continue
+        rows = score(result_dir, load_tasks(tj))
         extra_cols = {"collateral": collateral(result_dir, cache, rows) if kind.startswith("abu") else float("nan"),
                       "specificity": specificity(rows)}
         table.append(summarize(name + args.tag, rows, seconds, extra_cols))
-        print(markdown(table[-1:]), flush=True)
+        write_outputs(out, table, stage1)  # after every method, so a failure later loses nothing
+    print(markdown(table))
+
+
+def write_outputs(out: Path, table, stage1: float) -> None:
     md = markdown(table) + f"\nStage 1 (shared by every AbU row): {stage1:.0f} s.\n"
     atomic_write(out / "comparison.md", lambda fh: fh.write(md), binary=False)
     buf = io.StringIO()
@@ -212,7 +224,6 @@ def main():
     writer.writerows(table)
     atomic_write(out / "comparison.csv", lambda fh: fh.write(buf.getvalue()), binary=False)
     plot(table, out / "comparison.png")
-    print(md)
 
 
 if __name__ == "__main__":

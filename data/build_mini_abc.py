@@ -73,6 +73,7 @@ class BuildConfig:
     customization: CustomizationConfig = field(default_factory=lambda: CustomizationConfig(
         steps=250, batch_size=8, lr=1e-3, token_lr=1e-2))
     fisher_samples: int = 20000
+    fisher_samples_all: int = 2000
     max_concepts: int = 0  # 0 = all; a small number gives the tiny configuration of the tests
 
 
@@ -335,9 +336,12 @@ def derive(out: Path, config: BuildConfig) -> None:
 
     save_npy(root / "laion_latents.npy", latents.numpy().astype(np.float32))
     save_npy(root / "laion_text_embeddings.npy", text.numpy().astype(np.float32))
-    compute_fisher.main(["--dataroot", str(root), "--sd_version", str(out / "sd-mini"), "--laion_subset_size",
-                         str(len(captions)), "--num_samples", str(config.fisher_samples), "--batch_size", "64",
-                         "--seed", str(config.seed), "--device", "cpu", "--overwrite"])
+    common = ["--dataroot", str(root), "--sd_version", str(out / "sd-mini"), "--laion_subset_size", str(len(captions)),
+              "--seed", str(config.seed), "--device", "cpu", "--overwrite"]
+    compute_fisher.main(common + ["--num_samples", str(config.fisher_samples), "--batch_size", "64"])
+    # every weight, for the "all weights" ablation (one sample per backward pass: fewer samples)
+    compute_fisher.main(common + ["--num_samples", str(config.fisher_samples_all), "--weight_selection", "all",
+                                  "--output", str(root / "sd_fisher_all.pt")])
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ def built(tmp_path_factory):
     config = BuildConfig(n_heldout=8, models_per_case={"test": 1, "val": 1}, style_exemplars=3,
                          base=BaseModelConfig(vae_steps=10, diffusion_steps=10, log_every=5, vae_channels=(16, 16, 16),
                                               unet_channels=(32, 32), text_hidden=32, text_heads=2, text_layers=1),
-                         customization=CustomizationConfig(steps=3, batch_size=2), fisher_samples=16)
+                         customization=CustomizationConfig(steps=3, batch_size=2), fisher_samples=16, fisher_samples_all=4)
     out = tmp_path_factory.mktemp("mini") / "mini_abc"
     build(out, config, cache=cache)
     return out, cache
@@ -98,7 +98,7 @@ def test_built_benchmark_has_the_abc_layout(built):
     assert len(captions) == len(images) == 2 * (32 - 8)  # pretraining concepts x (google, twitter)
     assert np.load(root / "laion_latents.npy").shape == (2 * len(images), 4, 8, 8)
     assert np.load(root / "laion_text_embeddings.npy").shape == (len(images), 77, 32)
-    assert (root / "sd_fisher.pt").is_file() and (out / "NOTICE").is_file()
+    assert (root / "sd_fisher.pt").is_file() and (root / "sd_fisher_all.pt").is_file() and (out / "NOTICE").is_file()
     for split, n in (("test", 4), ("val", 4)):  # one model per test case and split, as configured
         tasks = load_tasks(out / "tasks" / f"{split}.json")
         assert len({t.model_path for t in tasks}) == n and len(tasks) == 2 * n
@@ -119,3 +119,29 @@ def test_repo_scripts_run_unchanged_on_it(built, tmp_path):
                                 "--task_json", str(out / "tasks" / "demo.json"), "--result_dir", str(tmp_path),
                                 "--laion_subset_size", "48", "--device", "cpu"])
     assert len(list((tmp_path / "orig_loss").rglob("settings.json"))) == 1
+
+
+def test_comparison_runner_end_to_end(built, tmp_path):
+    """benchmarks/mini_abc_comparison.py on the built miniature: AbU, its wrong-image control, two baselines."""
+    import csv
+    import subprocess
+    import sys
+
+    out, _ = built
+    repo = Path(__file__).resolve().parent.parent
+    methods = ["AbU", "AbU, wrong-image control", "random", "pixel cosine"]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "mini_abc_comparison.py"), "--bench", str(out),
+                           "--split", "val", "--out", str(tmp_path), "--unlearn_steps", "2", "--fisher_dataset_size",
+                           "1000", "--methods"] + methods, capture_output=True, text=True, cwd=repo, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
+    assert [r["method"] for r in rows] == methods
+    for r in rows:
+        assert 0 <= float(r["all ap"]) <= 1 and int(r["n"]) == 8
+    assert float(rows[0]["collateral"]) == float(rows[0]["collateral"])  # a number for AbU rows
+    swapped = json.loads((tmp_path / "wrong_image_tasks.json").read_text())
+    original = json.loads((out / "tasks" / "val.json").read_text())
+    assert all(a["synth_image_path"] != b["synth_image_path"] and a["prompt"] == b["prompt"]
+               for a, b in zip(swapped, original))
+    assert Image.open(tmp_path / "comparison.png").size == (1000, 620)
+    assert "| AbU |" in (tmp_path / "comparison.md").read_text()
