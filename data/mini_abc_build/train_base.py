@@ -48,11 +48,21 @@ class BaseModelConfig:
 
 @dataclass
 class TrainingLog:
-    stage: str
-    entries: List[dict] = field(default_factory=list)
+    """Mean loss over each window of `every` steps (and the last, shorter one)."""
 
-    def add(self, step: int, loss: float) -> None:
-        self.entries.append({"step": step, "loss": loss})
+    stage: str
+    every: int
+    total: int
+    entries: List[dict] = field(default_factory=list)
+    _window: List[float] = field(default_factory=list)
+
+    def record(self, step: int, loss: float, progress: Callable = None) -> None:
+        self._window.append(loss)
+        if (step + 1) % self.every == 0 or step + 1 == self.total:
+            self.entries.append({"step": step + 1, "loss": float(np.mean(self._window))})
+            self._window = []
+            if progress:
+                progress(self)
 
 
 def build_models(config: BaseModelConfig, tokenizer):
@@ -107,11 +117,10 @@ def _cosine_lr(optimizer, base_lr: float, step: int, total: int, warmup: int = 1
 
 def train_vae(vae, images: torch.Tensor, config: BaseModelConfig, progress: Callable = None) -> TrainingLog:
     """images: [N, 3, H, W] in [-1, 1]."""
-    log = TrainingLog("vae")
+    log = TrainingLog("vae", config.log_every, config.vae_steps)
     rng = np.random.default_rng(config.seed)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    running = []
     for step, idx in enumerate(_batches(len(images), min(config.vae_batch_size, len(images)), config.vae_steps, rng)):
         _cosine_lr(opt, config.vae_lr, step, config.vae_steps)
         x = images[idx]
@@ -122,12 +131,7 @@ def train_vae(vae, images: torch.Tensor, config: BaseModelConfig, progress: Call
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        running.append(loss.item())
-        if (step + 1) % config.log_every == 0 or step + 1 == config.vae_steps:
-            log.add(step + 1, float(np.mean(running)))
-            running = []
-            if progress:
-                progress(log)
+        log.record(step, loss.item(), progress)
     vae.eval().requires_grad_(False)
     return log
 
@@ -146,7 +150,7 @@ def latent_scaling_factor(vae, images: torch.Tensor, batch_size: int = 256) -> f
 def train_diffusion(unet, text_encoder, scheduler, latents: torch.Tensor, token_ids: torch.Tensor,
                     empty_ids: torch.Tensor, config: BaseModelConfig, progress: Callable = None) -> TrainingLog:
     """latents: [N, C, h, w] scaled (unflipped; flips drawn per sample); token_ids: [N, 77]."""
-    log = TrainingLog("diffusion")
+    log = TrainingLog("diffusion", config.log_every, config.diffusion_steps)
     rng = np.random.default_rng(config.seed + 1)
     g = torch.Generator().manual_seed(config.seed + 1)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -154,7 +158,6 @@ def train_diffusion(unet, text_encoder, scheduler, latents: torch.Tensor, token_
     text_encoder.train().requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=config.diffusion_lr, weight_decay=1e-2)
     alphas = scheduler.alphas_cumprod
-    running = []
     batch = min(config.diffusion_batch_size, len(latents))
     for step, idx in enumerate(_batches(len(latents), batch, config.diffusion_steps, rng)):
         _cosine_lr(opt, config.diffusion_lr, step, config.diffusion_steps)
@@ -174,12 +177,7 @@ def train_diffusion(unet, text_encoder, scheduler, latents: torch.Tensor, token_
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        running.append(loss.item())
-        if (step + 1) % config.log_every == 0 or step + 1 == config.diffusion_steps:
-            log.add(step + 1, float(np.mean(running)))
-            running = []
-            if progress:
-                progress(log)
+        log.record(step, loss.item(), progress)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
     return log
