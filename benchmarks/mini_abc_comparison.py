@@ -49,8 +49,9 @@ def slug(name: str) -> str:
 
 
 def common_flags(bench: Path, n_laion: int):
+    """Flags every script of the comparison takes (compute_baselines.py has no --device: it runs on the CPU)."""
     return ["--sd_version", str(bench / "sd-mini"), "--dataroot", str(bench / "abc"),
-            "--laion_subset_size", str(n_laion), "--device", "cpu"]
+            "--laion_subset_size", str(n_laion)]
 
 
 def wrong_image_tasks(tasks_path: Path, out_path: Path) -> Path:
@@ -179,9 +180,10 @@ def main():
     tasks = load_tasks(task_json)
     n_laion = len((bench / "abc" / "laion_subset" / "captions.txt").read_text().splitlines())
     flags = common_flags(bench, n_laion)
+    device = ["--device", "cpu"]
     cache = out / "orig_loss"
     t0 = time.time()
-    if not run(["compute_training_loss.py", "--task_json", task_json, "--result_dir", out] + flags):
+    if not run(["compute_training_loss.py", "--task_json", task_json, "--result_dir", out] + flags + device):
         sys.exit("stage 1 failed; see the error above")
     stage1 = time.time() - t0
     values = {"sgd_lr": args.sgd_lr, "one_step_lr": 100 * args.unlearn_lr,
@@ -196,11 +198,11 @@ def main():
             tj = wrong_image_tasks(task_json, out / "wrong_image_tasks.json") if kind == "abu-wrong-image" else task_json
             ok = run(["compute_influence.py", "--task_json", tj, "--result_dir", result_dir, "--loss_cache_dir", cache,
                       "--fisher_dataset_size", str(int(args.fisher_dataset_size)), "--unlearn_lr", str(args.unlearn_lr),
-                      "--unlearn_steps", str(args.unlearn_steps)] + flags + extra)
+                      "--unlearn_steps", str(args.unlearn_steps)] + flags + device + extra)
         else:
             tj = task_json
             ok = run(["compute_baselines.py", "--task_json", task_json, "--result_dir", result_dir,
-                      "--loss_cache_dir", cache] + flags[:-2] + extra)
+                      "--loss_cache_dir", cache] + flags + extra)
         seconds = time.time() - t0
         if not ok:  # a method that fails (e.g. diverges) is a row of the table, not the end of it
             table.append({**summarize(f"{name}{args.tag} (failed: see log)", [], seconds, {}),
