@@ -324,7 +324,7 @@ def derive(out: Path, config: BuildConfig) -> None:
     import compute_fisher
     from utils.data import load_exemplar_images
     from utils.io import save_npy
-    from utils.models import encode_images, load_base_model
+    from utils.models import encode_images, encode_prompt, load_base_model
 
     root = out / "abc"
     base = load_base_model(str(out / "sd-mini"), "cpu")
@@ -332,7 +332,8 @@ def derive(out: Path, config: BuildConfig) -> None:
     captions = (root / "laion_subset" / "captions.txt").read_text().splitlines()
     images = load_exemplar_images(paths, base.resolution)  # unflipped block, then flipped, as SPEC orders them
     latents = encode_images(base.vae, images, torch.Generator().manual_seed(config.seed), batch_size=256)
-    text = torch.cat([_encode_many(base, captions[i:i + 256]) for i in range(0, len(captions), 256)])
+    text = torch.cat([encode_prompt(base.tokenizer, base.text_encoder, captions[i:i + 256])
+                      for i in range(0, len(captions), 256)])
 
     save_npy(root / "laion_latents.npy", latents.numpy().astype(np.float32))
     save_npy(root / "laion_text_embeddings.npy", text.numpy().astype(np.float32))
@@ -342,13 +343,6 @@ def derive(out: Path, config: BuildConfig) -> None:
     # every weight, for the "all weights" ablation (one sample per backward pass: fewer samples)
     compute_fisher.main(common + ["--num_samples", str(config.fisher_samples_all), "--weight_selection", "all",
                                   "--output", str(root / "sd_fisher_all.pt")])
-
-
-@torch.no_grad()
-def _encode_many(base, prompts):
-    ids = base.tokenizer(prompts, max_length=base.tokenizer.model_max_length, padding="max_length", truncation=True,
-                         return_tensors="pt").input_ids
-    return base.text_encoder(ids)[0]
 
 
 STAGES = ("data", "base", "models", "derive")

@@ -147,9 +147,10 @@ def load_concept_embedding(tokenizer, text_encoder, model_dir, token: str = CONC
 
 
 @torch.no_grad()
-def encode_prompt(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
-    """CLIP hidden states [1, 77, D] of a prompt padded/truncated to the tokenizer's max length."""
-    ids = tokenizer([prompt], max_length=tokenizer.model_max_length, padding="max_length",
+def encode_prompt(tokenizer, text_encoder, prompt) -> torch.Tensor:
+    """CLIP hidden states [n, 77, D] of a prompt (n = 1) or a list of n prompts, padded/truncated to 77 tokens."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    ids = tokenizer(prompts, max_length=tokenizer.model_max_length, padding="max_length",
                     truncation=True, return_tensors="pt").input_ids
     device = next(text_encoder.parameters()).device
     return text_encoder(ids.to(device))[0]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.io import save_torch
-from utils.models import CONCEPT_FILE, CONCEPT_TOKEN, CUSTOM_WEIGHTS_FILE
+from utils.models import CONCEPT_FILE, CONCEPT_TOKEN, CUSTOM_WEIGHTS_FILE, encode_images
 
 
 @dataclass
@@ -32,12 +32,6 @@ class CustomizationConfig:
 
 def kv_parameter_names(unet) -> List[str]:
     return [n for n, _ in unet.named_parameters() if "attn2" in n and (".to_k." in n or ".to_v." in n)]
-
-
-def _encode(vae, images: torch.Tensor, generator) -> torch.Tensor:
-    with torch.no_grad():
-        dist = vae.encode(images).latent_dist
-        return (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator)) * vae.config.scaling_factor
 
 
 def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: torch.Tensor, prior_captions: List[str],
@@ -62,8 +56,8 @@ def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: to
 
     g = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    ex_latents = _encode(base.vae, exemplars, g)
-    prior_latents = _encode(base.vae, prior_images, g)
+    ex_latents = encode_images(base.vae, exemplars, g, batch_size=len(exemplars))  # one batch each: one draw
+    prior_latents = encode_images(base.vae, prior_images, g, batch_size=len(prior_images))
     ids = lambda prompts: tokenizer(prompts, max_length=tokenizer.model_max_length, padding="max_length",  # noqa: E731
                                     truncation=True, return_tensors="pt").input_ids
     ex_ids = ids([train_prompt])

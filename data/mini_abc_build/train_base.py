@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.models import encode_images
+
 
 @dataclass
 class BaseModelConfig:
@@ -139,12 +141,8 @@ def train_vae(vae, images: torch.Tensor, config: BaseModelConfig, progress: Call
 @torch.no_grad()
 def latent_scaling_factor(vae, images: torch.Tensor, batch_size: int = 256) -> float:
     """1 / std of the VAE's latent samples over the images, rounded to 5 digits (SD v1: 0.18215)."""
-    g = torch.Generator().manual_seed(0)
-    samples = []
-    for start in range(0, len(images), batch_size):
-        dist = vae.encode(images[start:start + batch_size]).latent_dist
-        samples.append(dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g))
-    return round(1.0 / torch.cat(samples).std().item(), 5)
+    samples = encode_images(vae, images, torch.Generator().manual_seed(0), batch_size=batch_size, scale=False)
+    return round(1.0 / samples.std().item(), 5)
 
 
 def train_diffusion(unet, text_encoder, scheduler, latents: torch.Tensor, token_ids: torch.Tensor,
@@ -203,13 +201,7 @@ def train_base_model(images: torch.Tensor, captions: List[str], tokenizer, out_d
     vae_log = train_vae(vae, images, config, progress)
     scaling = latent_scaling_factor(vae, images)
     vae.register_to_config(scaling_factor=scaling)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(config.seed + 2)
-        latents = []
-        for start in range(0, len(images), 256):
-            dist = vae.encode(images[start:start + 256]).latent_dist
-            latents.append((dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)) * scaling)
-        latents = torch.cat(latents)
+    latents = encode_images(vae, images, torch.Generator().manual_seed(config.seed + 2), batch_size=256)
     diffusion_log = train_diffusion(unet, text_encoder, scheduler, latents, tokenize(tokenizer, captions),
                                     tokenize(tokenizer, [""])[0], config, progress)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
