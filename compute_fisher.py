@@ -13,14 +13,15 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from unlearn import WEIGHT_SELECTIONS, select_parameter_names
 from utils.cli import check_dataroot, run
 from utils.data import LaionCandidates
 from utils.io import InputError, save_json, save_torch
+from utils.losses import per_row_loss
 from utils.models import load_base_model
+from utils.per_sample_grads import PerSampleLinearGrads
 
 
 def parse_args(argv=None):
@@ -38,50 +39,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--overwrite", action="store_true", help="recompute even if the output exists")
     return p.parse_args(argv)
-
-
-class PerSampleLinearGrads:
-    """Hooks that turn one backward pass of a summed batch loss into per-sample squared gradients.
-
-    For y = x W^T + b with x [B, ..., in], the gradient of sample i's loss w.r.t. W is
-    g_i^T x_i summed over the middle (token) dims, where g = dL/dy; for b it is g_i summed likewise.
-    """
-
-    def __init__(self, model: torch.nn.Module, names: List[str]):
-        self.modules: Dict[str, torch.nn.Linear] = {}
-        for module_name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                for attr in ("weight", "bias"):
-                    if f"{module_name}.{attr}" in names:
-                        self.modules[module_name] = module
-        self.names = names
-        self.inputs, self.sq_sums = {}, {n: 0.0 for n in names}
-        self.handles = [m.register_forward_hook(self._forward_hook(n)) for n, m in self.modules.items()]
-
-    @staticmethod
-    def covers(model: torch.nn.Module, names: List[str]) -> bool:
-        linear = {f"{mn}.{a}" for mn, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                  for a in ("weight", "bias")}
-        return all(n in linear for n in names)
-
-    def _forward_hook(self, module_name):
-        def hook(module, inputs, output):
-            x = inputs[0].detach()
-            output.register_hook(lambda g: self._accumulate(module_name, x, g.detach()))
-        return hook
-
-    def _accumulate(self, module_name, x, g):
-        b = x.shape[0]
-        x, g = x.reshape(b, -1, x.shape[-1]).double(), g.reshape(b, -1, g.shape[-1]).double()
-        weight_name, bias_name = f"{module_name}.weight", f"{module_name}.bias"
-        if weight_name in self.sq_sums:
-            self.sq_sums[weight_name] = self.sq_sums[weight_name] + torch.einsum("bto,bti->boi", g, x).pow(2).sum(0)
-        if bias_name in self.sq_sums:
-            self.sq_sums[bias_name] = self.sq_sums[bias_name] + g.sum(1).pow(2).sum(0)
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
 
 def sample_batch(laion: LaionCandidates, order: np.ndarray, start: int, stop: int, seed: int,
@@ -102,9 +59,7 @@ def sample_batch(laion: LaionCandidates, order: np.ndarray, start: int, stop: in
 
 def per_sample_losses(base, latents, text, timesteps, noise, device):
     latents, text, timesteps, noise = (t.to(device) for t in (latents, text, timesteps, noise))
-    noisy = base.scheduler.add_noise(latents, noise, timesteps)
-    pred = base.unet(noisy, timesteps, text, return_dict=False)[0]
-    return F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+    return per_row_loss(base.unet, base.scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
 
 
 def estimate_fisher(base, laion: LaionCandidates, names: List[str], num_samples: int, batch_size: int, seed: int,
@@ -133,7 +88,7 @@ def estimate_fisher(base, laion: LaionCandidates, names: List[str], num_samples:
             per_sample_losses(base, *inputs, device).sum().backward()
             tracker.remove()
             for n in names:
-                sums[n] += tracker.sq_sums[n]
+                sums[n] += tracker.grads[n].pow(2).sum(0)
         else:
             per_sample_losses(base, *inputs, device).sum().backward()
             for n in names:

@@ -44,20 +44,19 @@ def validate_batch_layout(batch_size: int, time_samples: int, num_train_timestep
         raise InputError(f"time samples ({time_samples}) exceed the scheduler's {num_train_timesteps} steps")
 
 
-@torch.no_grad()
-def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samples: int = 10,
-                   seed: int = 0, device="cpu", desc: str = "losses") -> np.ndarray:
-    """Mean diffusion loss of every candidate row over T evenly spaced timesteps 0, s, 2s, ... (s = 1000 // T).
+def noised_batches(scheduler, candidates, batch_size: int = 200, time_samples: int = 10, seed: int = 0,
+                   device="cpu", desc: str = "losses"):
+    """Yield (n, noisy, timesteps, text, noise) per batch: SPEC stage 1's layout and seeded noise.
 
-    Batch b holds B / T candidates, each repeated T times (candidate-major); its noise for the whole
-    expanded batch comes from one generator seeded with seed + b.
+    Batch b holds n = B / T candidates, each repeated T times (candidate-major) at the evenly spaced
+    timesteps 0, s, 2s, ... (s = 1000 // T); its noise for the whole expanded batch comes from one
+    generator seeded with seed + b.
     """
     num_train_timesteps = scheduler.config.num_train_timesteps
     validate_batch_layout(batch_size, time_samples, num_train_timesteps)
     per_batch = batch_size // time_samples
     stride = num_train_timesteps // time_samples
     step_grid = torch.arange(0, num_train_timesteps, stride)[:time_samples]
-    losses = []
     starts = range(0, len(candidates), per_batch)
     for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False)):
         latents, text = candidates.batch(start, start + per_batch)
@@ -68,9 +67,23 @@ def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samp
         generator = torch.Generator(device=NOISE_GENERATOR_DEVICE).manual_seed(seed + b)
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
         latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        pred = unet(noisy, timesteps, text, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        yield n, scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise
+
+
+def per_row_loss(unet, noisy, timesteps, text, noise) -> torch.Tensor:
+    """Each expanded row's MSE between the predicted and the true noise."""
+    pred = unet(noisy, timesteps, text, return_dict=False)[0]
+    return F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+
+
+@torch.no_grad()
+def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samples: int = 10,
+                   seed: int = 0, device="cpu", desc: str = "losses") -> np.ndarray:
+    """Mean diffusion loss of every candidate row over the T timesteps of `noised_batches`."""
+    losses = []
+    for n, noisy, timesteps, text, noise in noised_batches(scheduler, candidates, batch_size, time_samples, seed,
+                                                           device, desc):
+        loss = per_row_loss(unet, noisy, timesteps, text, noise)
         losses.append(loss.view(n, time_samples).mean(dim=1).cpu())
     return torch.cat(losses).numpy().astype(np.float32)
 
