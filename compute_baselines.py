@@ -6,6 +6,11 @@ random: a seeded random score per candidate (the chance level of every metric).
 pixel: cosine similarity of the query's pixels and each candidate's, at the model's resolution.
 vae: cosine similarity of VAE latents; the query's latent is its VAE posterior mean, the candidates'
      are the cached stage-1 exemplar latents and the LAION latents (so run compute_training_loss.py first).
+gradient: gradient similarity in the spirit of TRAK / D-TRAK, on the weights AbU unlearns. For the
+     customized model, each candidate's gradient of its stage-1 loss (the same T timesteps and seeded noise
+     as the cache, read from its settings.json) w.r.t. the cross-attention K/V weights, and the query's
+     likewise under its prompt; score = cosine of the two after whitening by the diagonal Fisher
+     (g / sqrt(F)), i.e. g_q^T F^-1 g_i normalized. No unlearning, one backward pass per candidate batch.
 Candidates, flip folding (max of a candidate's two rows) and ranking are as in compute_influence.py.
 """
 import argparse
@@ -20,15 +25,19 @@ from tqdm.auto import tqdm
 
 from compute_influence import INFLUENCE_FILE
 from utils.cli import check_dataroot, run
-from utils.data import LaionCandidates, load_exemplar_images
-from utils.io import InputError, save_pickle
+from utils.data import ExemplarCandidates, LaionCandidates, load_exemplar_images
+from utils.io import InputError, load_json, save_pickle
+from utils.losses import SETTINGS, noised_batches, per_row_loss
+from utils.fisher import load_fisher
 from utils.metrics import fold_flips
-from utils.models import load_base_model
+from utils.models import PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model
+from utils.per_sample_grads import PerSampleLinearGrads
 from utils.tasks import exemplar_paths, load_tasks
 from utils.transforms import load_image_tensor
 from utils.visualize import laion_image_paths
+from unlearn import select_parameter_names
 
-METHODS = ("random", "pixel", "vae")
+METHODS = ("random", "pixel", "vae", "gradient")
 
 
 def parse_args(argv=None):
@@ -42,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--dataroot", default="data/abc")
     p.add_argument("--laion_subset_size", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fisher_path", default=None, help="gradient: diagonal Fisher (default: <dataroot>/sd_fisher.pt)")
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)
 
@@ -60,21 +70,107 @@ def laion_rows(laion: LaionCandidates, kind: str, dataroot, resolution: int) -> 
     return load_exemplar_images(paths, resolution)
 
 
+def whitened_unit_gradients(base, names, inv_sqrt_fisher, candidates, settings, desc,
+                            first_batch: int = 0) -> torch.Tensor:
+    """[rows, P]: each candidate row's gradient of its mean loss over the cache's T timesteps w.r.t. the
+    `names` weights, divided by sqrt(F) and scaled to unit length. `candidates` starting at batch
+    `first_batch` of the cache's layout get the cache's noise (batch b is seeded with seed + b)."""
+    out = []
+    params = dict(base.unet.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    try:
+        for n, noisy, timesteps, text, noise in noised_batches(
+                base.scheduler, candidates, settings["batch_size"], settings["time_samples"], settings["seed"] + first_batch,
+                desc=desc):
+            tracker = PerSampleLinearGrads(base.unet, names, dtype=torch.float32)
+            with torch.enable_grad():
+                # sum over rows: each row's gradient is then its own; mean over a candidate's T rows below
+                per_row_loss(base.unet, noisy, timesteps, text, noise).sum().backward()
+            tracker.remove()
+            g = tracker.flat().view(n, settings["time_samples"], -1).mean(1) * inv_sqrt_fisher
+            out.append(torch.nn.functional.normalize(g.double(), dim=1).float())
+            for n_ in names:
+                params[n_].grad = None
+    finally:
+        for n in names:
+            params[n].requires_grad_(False)
+    return torch.cat(out)
+
+
+def gradient_influences(args, tasks, dataroot, laion, cache_root) -> dict:
+    """{query key: influence over exemplars + LAION}, one pass over the candidates per model."""
+    base = load_base_model(args.sd_version, "cpu")
+    pristine = PristineWeights(base.unet)
+    names = select_parameter_names(base.unet, "cross-attn-kv")  # the weights AbU unlearns
+    params = {n: p for n, p in base.unet.named_parameters() if n in names}
+    fisher = load_fisher(args.fisher_path or dataroot / "sd_fisher.pt", params)
+    inv_sqrt_fisher = torch.cat([fisher[n].rsqrt().flatten() for n in names]).float()
+    by_model = {}
+    for task in tasks:
+        by_model.setdefault(task.model_path, []).append(task)
+    influences = {}
+    for model_path, model_tasks in by_model.items():
+        cache = cache_root / model_tasks[0].model_key
+        if not (cache / SETTINGS).is_file():
+            raise InputError(f"{cache / SETTINGS} not found: run compute_training_loss.py first (--loss_cache_dir)")
+        settings = load_json(cache / SETTINGS, "loss-cache settings")
+        apply_customization(base, pristine, dataroot / model_path)
+        queries = []
+        for task in model_tasks:  # the query's latent is drawn as compute_influence.py draws it
+            image = load_image_tensor(dataroot / task.synth_image_path, base.resolution).unsqueeze(0)
+            latent = encode_images(base.vae, image, torch.Generator().manual_seed(settings["seed"]))
+            queries.append(ExemplarCandidates(latent, encode_prompt(base.tokenizer, base.text_encoder, task.prompt)))
+        q = torch.cat([whitened_unit_gradients(base, names, inv_sqrt_fisher, c, settings, "query gradient")
+                       for c in queries])
+        exemplars = ExemplarCandidates(torch.from_numpy(np.load(cache / "exemplar_latents.npy")),
+                                       encode_prompt(base.tokenizer, base.text_encoder, model_tasks[0].train_prompt))
+        ex_scores = whitened_unit_gradients(base, names, inv_sqrt_fisher, exemplars, settings, "exemplar gradients") @ q.T
+        per_batch = settings["batch_size"] // settings["time_samples"]
+        chunk = 50 * per_batch  # streamed: the [rows, P] gradients of all LAION rows are never held at once
+        laion_scores = torch.cat([
+            whitened_unit_gradients(base, names, inv_sqrt_fisher, _Slice(laion, s, s + chunk), settings,
+                                    "LAION gradients", first_batch=s // per_batch) @ q.T
+            for s in tqdm(range(0, len(laion), chunk), desc="LAION chunks", leave=False)])
+        for j, task in enumerate(model_tasks):
+            influences[task.query_key] = np.concatenate([fold_flips(ex_scores[:, j].double().numpy()),
+                                                         fold_flips(laion_scores[:, j].double().numpy())])
+        pristine.restore()
+    return influences
+
+
+class _Slice:
+    """Rows start..stop-1 of a candidate set (same `batch` interface)."""
+
+    def __init__(self, candidates, start: int, stop: int):
+        self.candidates, self.start, self.stop = candidates, start, min(stop, len(candidates))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def batch(self, start: int, stop: int):
+        return self.candidates.batch(self.start + start, self.start + min(stop, len(self)))
+
+
 def main(argv=None):
     args = parse_args(argv)
     dataroot = check_dataroot(args.dataroot)
     tasks = load_tasks(args.task_json)
     laion = LaionCandidates(dataroot, args.laion_subset_size)
     cache_root = Path(args.loss_cache_dir or Path(args.result_dir) / "orig_loss")
-    base = load_base_model(args.sd_version, "cpu") if args.method != "random" else None
-    rows = laion_rows(laion, args.method, dataroot, base.resolution) if base is not None else None
+    out_of = {t.query_key: Path(args.result_dir) / "influence" / t.query_key / INFLUENCE_FILE for t in tasks}
+    todo = [t for t in tasks if args.overwrite or not out_of[t.query_key].is_file()]
     start = time.time()
-    for task in tqdm(tasks, desc=args.method, unit="query"):
-        out = Path(args.result_dir) / "influence" / task.query_key / INFLUENCE_FILE
-        if out.is_file() and not args.overwrite:
-            continue
+    if args.method == "gradient":
+        influences = gradient_influences(args, todo, dataroot, laion, cache_root)
+    else:
+        base = load_base_model(args.sd_version, "cpu") if args.method != "random" else None
+        rows = laion_rows(laion, args.method, dataroot, base.resolution) if base is not None else None
+    for task in tqdm(todo, desc=args.method, unit="query"):
         n_ex = len(exemplar_paths(dataroot, task))
-        if args.method == "random":
+        if args.method == "gradient":
+            influence = influences[task.query_key]
+        elif args.method == "random":
             rng = np.random.default_rng([args.seed, zlib.crc32(task.synth_image_path.encode())])
             influence = rng.random(n_ex + laion.subset_size)
         else:
@@ -92,9 +188,10 @@ def main(argv=None):
             influence = np.concatenate([fold_flips(cosine_to_rows(query, ex_rows)),
                                         fold_flips(cosine_to_rows(query, rows))])
         rank = np.argsort(-influence, kind="stable")
-        save_pickle(out, {"influence": influence, "rank": rank, "n_exemplar": n_ex, "method": args.method,
-                          "task": asdict(task)})
-    print(f"{args.method}: {len(tasks)} queries in {time.time() - start:.1f} s -> {args.result_dir}/influence")
+        save_pickle(out_of[task.query_key], {"influence": influence, "rank": rank, "n_exemplar": n_ex,
+                                             "method": args.method, "task": asdict(task)})
+    print(f"{args.method}: {len(todo)} of {len(tasks)} queries in {time.time() - start:.1f} s "
+          f"-> {args.result_dir}/influence")
 
 
 if __name__ == "__main__":

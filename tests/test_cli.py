@@ -164,6 +164,14 @@ def test_bad_inputs_exit_nonzero_with_a_message(tiny_copy, tmp_path, damage, scr
     assert not list(results.rglob("*.tmp-*"))
 
 
+def test_stage1_refuses_to_skip_a_cache_made_with_other_settings(finished, tiny_abc):
+    """A finished cache is skipped only when its settings match; otherwise the rerun names the difference."""
+    compute_training_loss.main(paths(tiny_abc, finished) + STAGE1)  # same flags: skipped, no error
+    other = STAGE1[:STAGE1.index("--time_samples") + 1] + ["4"] + STAGE1[STAGE1.index("--time_samples") + 2:]
+    with pytest.raises(InputError, match="time_samples: cache has 5, this run uses 4"):
+        compute_training_loss.main(paths(tiny_abc, finished) + other)
+
+
 def test_ablation_flags_and_shared_cache(finished, tiny_abc, tmp_path):
     """--loss_cache_dir shares one stage 1; --preconditioner none and --drop_concept_token change the result."""
     base = paths(tiny_abc, tmp_path / "plain") + STAGE2 + ["--loss_cache_dir", str(finished / "orig_loss")]
@@ -183,7 +191,7 @@ def test_ablation_flags_and_shared_cache(finished, tiny_abc, tmp_path):
 def test_baselines_write_rankings_evaluate_reads(finished, tiny_abc, tmp_path):
     import compute_baselines
 
-    for method in ("random", "pixel", "vae"):
+    for method in ("random", "pixel", "vae", "gradient"):
         out = tmp_path / method
         compute_baselines.main(["--method", method, "--task_json", tiny_abc["task_json"], "--result_dir", str(out),
                                 "--loss_cache_dir", str(finished / "orig_loss"), "--sd_version", tiny_abc["sd_version"],
