@@ -29,18 +29,23 @@ from utils.tasks import FAMILIES, load_tasks  # noqa: E402
 
 BENCH = REPO / "data" / "mini_abc"
 # Hyperparameters that do not transfer from SD scale, chosen on the validation split (README, mini-AbC).
-TUNED = {"fisher_dataset_size": 4e8, "unlearn_lr": 0.1, "sgd_lr": 1e-3}
+TUNED = {"fisher_dataset_size": 1e6, "unlearn_lr": 0.1, "sgd_lr": 1.0}
+# Sizing for 2 CPU cores (README, mini-AbC): the first 1,000 pretraining images (2,000 rows with flips) as
+# candidates, T = 5 timesteps, 25 unlearning steps of 4 micro-batches; about 20 s a query.
+SIZING = {"laion_subset_size": 1000, "time_samples": 5, "batch_size": 200, "unlearn_steps": 25,
+          "unlearn_grad_accum_steps": 4}
 METHODS = {  # name: (kind, extra flags)
     "AbU": ("abu", []),
     "AbU, plain gradient ascent (no Fisher)": ("abu", ["--preconditioner", "none", "--unlearn_lr", "{sgd_lr}"]),
     "AbU, all weights": ("abu", ["--weight_selection", "all", "--fisher_path", "{fisher_all}"]),
-    "AbU, one step (x100 lr)": ("abu", ["--unlearn_steps", "1", "--unlearn_lr", "{one_step_lr}"]),
+    "AbU, one step (lr x steps)": ("abu", ["--unlearn_steps", "1", "--unlearn_lr", "{one_step_lr}"]),
     "AbU, prompt without <new1>": ("abu", ["--drop_concept_token"]),
     "AbU, unscaled synth latent (authors)": ("abu", ["--unscaled_synth_latent"]),
     "AbU, wrong-image control": ("abu-wrong-image", []),
     "random": ("baseline", ["--method", "random"]),
     "pixel cosine": ("baseline", ["--method", "pixel"]),
     "VAE-latent cosine": ("baseline", ["--method", "vae"]),
+    "gradient similarity (Fisher-whitened, K/V)": ("baseline", ["--method", "gradient"]),
 }
 
 
@@ -52,6 +57,13 @@ def common_flags(bench: Path, n_laion: int):
     """Flags every script of the comparison takes (compute_baselines.py has no --device: it runs on the CPU)."""
     return ["--sd_version", str(bench / "sd-mini"), "--dataroot", str(bench / "abc"),
             "--laion_subset_size", str(n_laion)]
+
+
+def abu_flags(args):
+    """compute_influence.py's sizing and tuned flags shared by every AbU row."""
+    return ["--loss_batch_size", str(args.batch_size), "--loss_time_samples", str(args.time_samples),
+            "--fisher_dataset_size", str(int(args.fisher_dataset_size)), "--unlearn_lr", str(args.unlearn_lr),
+            "--unlearn_steps", str(args.unlearn_steps), "--unlearn_grad_accum_steps", str(args.unlearn_grad_accum_steps)]
 
 
 def wrong_image_tasks(tasks_path: Path, out_path: Path) -> Path:
@@ -113,10 +125,15 @@ def specificity(rows, k: int = 10):
     return 1 - float(np.mean(overlaps)) if overlaps else float("nan")
 
 
+TEST_CASES = ("test_artchive", "test_bamfg", "test_unobserved_imagenet", "test_observed_imagenet")
+
+
 def summarize(name, rows, seconds, extra):
     out = {"method": name, "n": len(rows), "seconds": round(seconds, 1), **extra}
-    for group, members in (("style", [r for r in rows if r["family"] == "style"]),
-                           ("object", [r for r in rows if r["family"] == "object"]), ("all", rows)):
+    groups = [("style", [r for r in rows if r["family"] == "style"]),
+              ("object", [r for r in rows if r["family"] == "object"]), ("all", rows)]
+    groups += [(tc[5:], [r for r in rows if r["test_case"] == tc]) for tc in TEST_CASES]
+    for group, members in groups:
         for metric in ("recall@5", "recall@10", "recall@100", "ap"):
             out[f"{group} {metric}"], out[f"{group} {metric} se"] = mean_and_stderr([r[metric] for r in members])
     return out
@@ -130,6 +147,12 @@ def markdown(table):
         lines.append(f"| {r['method']} | {f(r, 'style recall@10')} | {f(r, 'style ap')} | {f(r, 'object recall@10')} | "
                      f"{f(r, 'object ap')} | {f(r, 'all recall@5')} | {f(r, 'all recall@100')} | "
                      f"{r['collateral']:.3f} | {r['specificity']:.2f} | {r['seconds']:.0f} |")
+    lines += ["", "Per test case, mAP (Recall@10):", "",
+              "| method | " + " | ".join(tc[5:] for tc in TEST_CASES) + " |", "|" + "---|" * (len(TEST_CASES) + 1)]
+    for r in table:
+        lines.append(f"| {r['method']} | " + " | ".join(
+            f"{r[tc[5:] + ' ap']:.3f} ± {r[tc[5:] + ' ap se']:.3f} ({r[tc[5:] + ' recall@10']:.2f})"
+            for tc in TEST_CASES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -171,22 +194,28 @@ def main():
     p.add_argument("--fisher_dataset_size", type=float, default=TUNED["fisher_dataset_size"])
     p.add_argument("--unlearn_lr", type=float, default=TUNED["unlearn_lr"])
     p.add_argument("--sgd_lr", type=float, default=TUNED["sgd_lr"])
-    p.add_argument("--unlearn_steps", type=int, default=100)
+    p.add_argument("--laion_subset_size", type=int, default=SIZING["laion_subset_size"],
+                   help="candidates: the first S pretraining images (0: all)")
+    p.add_argument("--time_samples", type=int, default=SIZING["time_samples"])
+    p.add_argument("--batch_size", type=int, default=SIZING["batch_size"])
+    p.add_argument("--unlearn_steps", type=int, default=SIZING["unlearn_steps"])
+    p.add_argument("--unlearn_grad_accum_steps", type=int, default=SIZING["unlearn_grad_accum_steps"])
     p.add_argument("--tag", default="", help="suffix for the method folders (tuning runs)")
     args = p.parse_args()
     bench = Path(args.bench)
     out = Path(args.out or REPO / "results" / "mini_abc" / args.split)
     task_json = bench / "tasks" / f"{args.split}.json"
-    tasks = load_tasks(task_json)
-    n_laion = len((bench / "abc" / "laion_subset" / "captions.txt").read_text().splitlines())
+    load_tasks(task_json)  # checks the task file before any work
+    n_laion = args.laion_subset_size or len((bench / "abc" / "laion_subset" / "captions.txt").read_text().splitlines())
     flags = common_flags(bench, n_laion)
     device = ["--device", "cpu"]
     cache = out / "orig_loss"
     t0 = time.time()
-    if not run(["compute_training_loss.py", "--task_json", task_json, "--result_dir", out] + flags + device):
+    if not run(["compute_training_loss.py", "--task_json", task_json, "--result_dir", out, "--batch_size",
+                str(args.batch_size), "--time_samples", str(args.time_samples)] + flags + device):
         sys.exit("stage 1 failed; see the error above")
     stage1 = time.time() - t0
-    values = {"sgd_lr": args.sgd_lr, "one_step_lr": 100 * args.unlearn_lr,
+    values = {"sgd_lr": args.sgd_lr, "one_step_lr": args.unlearn_steps * args.unlearn_lr,
               "fisher_all": bench / "abc" / "sd_fisher_all.pt"}
     table = []
     for name in args.methods:
@@ -196,9 +225,8 @@ def main():
         t0 = time.time()
         if kind.startswith("abu"):
             tj = wrong_image_tasks(task_json, out / "wrong_image_tasks.json") if kind == "abu-wrong-image" else task_json
-            ok = run(["compute_influence.py", "--task_json", tj, "--result_dir", result_dir, "--loss_cache_dir", cache,
-                      "--fisher_dataset_size", str(int(args.fisher_dataset_size)), "--unlearn_lr", str(args.unlearn_lr),
-                      "--unlearn_steps", str(args.unlearn_steps)] + flags + device + extra)
+            ok = run(["compute_influence.py", "--task_json", tj, "--result_dir", result_dir, "--loss_cache_dir", cache]
+                     + abu_flags(args) + flags + device + extra)
         else:
             tj = task_json
             ok = run(["compute_baselines.py", "--task_json", task_json, "--result_dir", result_dir,

@@ -23,7 +23,6 @@ Design (see README "mini-AbC"):
 """
 import argparse
 import hashlib
-import json
 import re
 import sys
 import time
@@ -294,7 +293,9 @@ class Builder:
             save_json(self.root / "json" / f"{name}.json", entries)
         for split, entries in tasks.items():
             save_json(self.out / "tasks" / f"{split}.json", entries)
-        save_json(self.out / "tasks" / "demo.json", tasks["test"][:1])
+        # the demo: the first unobserved-object test query (README: where AbU works on mini-AbC, and where not)
+        save_json(self.out / "tasks" / "demo.json",
+                  [t for t in tasks["test"] if t["test_case"] == "test_unobserved_imagenet"][:1])
         save_grid(self.out / "grids" / "customized_models.png", grids, labels)
 
     def plan_grid_names(self) -> List[str]:
@@ -319,36 +320,38 @@ class _PipeAsBase:
         self.unet, self.tokenizer, self.text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
 
 
-def derive(out: Path, config: BuildConfig) -> None:
-    """laion_latents.npy, laion_text_embeddings.npy and sd_fisher.pt: made here, not committed."""
+def derive(out: Path, config: BuildConfig, all_weights_fisher: bool = True, overwrite: bool = False) -> None:
+    """laion_latents.npy, laion_text_embeddings.npy, sd_fisher.pt (and, for the all-weights ablation,
+    sd_fisher_all.pt): made here, not committed. Files already there are kept unless `overwrite`."""
     import compute_fisher
     from utils.data import load_exemplar_images
     from utils.io import save_npy
     from utils.models import encode_images, encode_prompt, load_base_model
 
     root = out / "abc"
-    base = load_base_model(str(out / "sd-mini"), "cpu")
-    paths = sorted((root / "laion_subset" / "images").glob("*.png"))
     captions = (root / "laion_subset" / "captions.txt").read_text().splitlines()
-    images = load_exemplar_images(paths, base.resolution)  # unflipped block, then flipped, as SPEC orders them
-    latents = encode_images(base.vae, images, torch.Generator().manual_seed(config.seed), batch_size=256)
-    text = torch.cat([encode_prompt(base.tokenizer, base.text_encoder, captions[i:i + 256])
-                      for i in range(0, len(captions), 256)])
-
-    save_npy(root / "laion_latents.npy", latents.numpy().astype(np.float32))
-    save_npy(root / "laion_text_embeddings.npy", text.numpy().astype(np.float32))
+    if overwrite or not all((root / f).is_file() for f in ("laion_latents.npy", "laion_text_embeddings.npy")):
+        base = load_base_model(str(out / "sd-mini"), "cpu")
+        paths = sorted((root / "laion_subset" / "images").glob("*.png"))
+        images = load_exemplar_images(paths, base.resolution)  # unflipped block, then flipped, as SPEC orders them
+        latents = encode_images(base.vae, images, torch.Generator().manual_seed(config.seed), batch_size=256)
+        text = torch.cat([encode_prompt(base.tokenizer, base.text_encoder, captions[i:i + 256])
+                          for i in range(0, len(captions), 256)])
+        save_npy(root / "laion_latents.npy", latents.numpy().astype(np.float32))
+        save_npy(root / "laion_text_embeddings.npy", text.numpy().astype(np.float32))
     common = ["--dataroot", str(root), "--sd_version", str(out / "sd-mini"), "--laion_subset_size", str(len(captions)),
-              "--seed", str(config.seed), "--device", "cpu", "--overwrite"]
+              "--seed", str(config.seed), "--device", "cpu"] + (["--overwrite"] if overwrite else [])
     compute_fisher.main(common + ["--num_samples", str(config.fisher_samples), "--batch_size", "64"])
-    # every weight, for the "all weights" ablation (one sample per backward pass: fewer samples)
-    compute_fisher.main(common + ["--num_samples", str(config.fisher_samples_all), "--weight_selection", "all",
-                                  "--output", str(root / "sd_fisher_all.pt")])
+    if all_weights_fisher:  # every weight, for the "all weights" ablation (one sample per backward: fewer samples)
+        compute_fisher.main(common + ["--num_samples", str(config.fisher_samples_all), "--weight_selection", "all",
+                                      "--output", str(root / "sd_fisher_all.pt")])
 
 
 STAGES = ("data", "base", "models", "derive")
 
 
-def build(out, config: BuildConfig, stages=STAGES, cache=None):
+def build(out, config: BuildConfig, stages=STAGES, cache=None, overwrite: bool = False,
+          all_weights_fisher: bool = True):
     out = Path(out)
     builder = Builder(out, config, Path(cache or REPO / "data" / ".cache"))
     if {"data", "base", "models"} & set(stages):
@@ -366,7 +369,7 @@ def build(out, config: BuildConfig, stages=STAGES, cache=None):
     if {"data", "base", "models"} & set(stages):
         save_json(out / f"build_log_{'_'.join(s for s in stages if s != 'derive')}.json", builder.log)
     if "derive" in stages:
-        derive(out, config)
+        derive(out, config, all_weights_fisher=all_weights_fisher, overwrite=overwrite)
     return out
 
 
@@ -376,13 +379,17 @@ def main(argv=None):
     p.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the base model's training steps")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--overwrite", action="store_true", help="derive: remake the arrays even if they exist")
+    p.add_argument("--no_all_weights_fisher", action="store_true",
+                   help="derive: skip sd_fisher_all.pt (only the comparison's all-weights ablation needs it)")
     args = p.parse_args(argv)
     config = BuildConfig()
     if args.diffusion_steps:
         config.base.diffusion_steps = args.diffusion_steps
     if args.threads:
         torch.set_num_threads(args.threads)
-    build(args.out, config, args.stage or STAGES)
+    build(args.out, config, args.stage or STAGES, overwrite=args.overwrite,
+          all_weights_fisher=not args.no_all_weights_fisher)
 
 
 if __name__ == "__main__":

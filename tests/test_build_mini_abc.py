@@ -122,17 +122,18 @@ def test_repo_scripts_run_unchanged_on_it(built, tmp_path):
 
 
 def test_comparison_runner_end_to_end(built, tmp_path):
-    """benchmarks/mini_abc_comparison.py on the built miniature: AbU, its wrong-image control, two baselines."""
+    """benchmarks/mini_abc_comparison.py on the built miniature: AbU, its wrong-image control, three baselines."""
     import csv
     import subprocess
     import sys
 
     out, _ = built
     repo = Path(__file__).resolve().parent.parent
-    methods = ["AbU", "AbU, wrong-image control", "random", "pixel cosine"]
-    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "mini_abc_comparison.py"), "--bench", str(out),
-                           "--split", "val", "--out", str(tmp_path), "--unlearn_steps", "2", "--fisher_dataset_size",
-                           "1000", "--methods"] + methods, capture_output=True, text=True, cwd=repo, timeout=600)
+    methods = ["AbU", "AbU, wrong-image control", "random", "pixel cosine", "gradient similarity (Fisher-whitened, K/V)"]
+    flags = ["--bench", str(out), "--split", "val", "--out", str(tmp_path), "--unlearn_steps", "2",
+             "--fisher_dataset_size", "1000", "--laion_subset_size", "0", "--methods"] + methods
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "mini_abc_comparison.py")] + flags,
+                          capture_output=True, text=True, cwd=repo, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
     assert [r["method"] for r in rows] == methods
@@ -144,4 +145,5 @@ def test_comparison_runner_end_to_end(built, tmp_path):
     assert all(a["synth_image_path"] != b["synth_image_path"] and a["prompt"] == b["prompt"]
                for a, b in zip(swapped, original))
     assert Image.open(tmp_path / "comparison.png").size == (1000, 620)
-    assert "| AbU |" in (tmp_path / "comparison.md").read_text()
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| AbU |" in md and "| method | artchive | bamfg | unobserved_imagenet | observed_imagenet |" in md
