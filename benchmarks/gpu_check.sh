@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared GPU run (one device call): (1) both stages on CUDA over the tiny benchmark, compared
-# with the CPU results made here by `bash run_demo.sh`; (2) the loss-tracking benchmark on SD v1.4's UNet.
+# with the CPU results made here by `BENCH=tiny bash run_demo.sh`; (2) the loss-tracking benchmark on SD v1.4's UNet.
 # Carry data/tiny_abc, results/tiny and .whl (diffusers wheel); see README "Performance".
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -15,7 +15,7 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 
 if [[ -z "${SKIP_DEMO:-}" ]]; then
 echo "== 1. tiny benchmark on CUDA vs CPU"
-PYTHON=python3 RESULTS=results/tiny_cuda bash run_demo.sh --device cuda > "$OUT/cuda_demo.log" 2>&1; echo "run_demo.sh --device cuda: exit $?"
+BENCH=tiny PYTHON=python3 RESULTS=results/tiny_cuda bash run_demo.sh --device cuda > "$OUT/cuda_demo.log" 2>&1; echo "run_demo.sh --device cuda: exit $?"
 tail -8 "$OUT/cuda_demo.log"
 python3 - <<'PY'
 import glob, pickle, numpy as np
