@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from compute_training_loss import PRECISION, check_shapes
+from compute_training_loss import cache_settings, check_shapes
 from unlearn import LAION_400M, WEIGHT_SELECTIONS, select_parameter_names, unlearn
 from utils.cli import add_common_args, check_dataroot, run
 from utils.data import ExemplarCandidates, LaionCandidates
@@ -72,11 +72,7 @@ def query_inputs(base, dataroot, task, args, generator):
 
 def loss_settings(args, task, n_exemplars: int, n_laion_rows: int) -> LossSettings:
     """The settings stage 1 must have used for this query's model (see utils.losses.check_settings)."""
-    return LossSettings(
-        batch_size=args.loss_batch_size, time_samples=args.loss_time_samples, seed=args.seed,
-        laion_subset_size=args.laion_subset_size, precision=PRECISION, sd_version=args.sd_version,
-        model_path=task.model_path, train_prompt=task.train_prompt,
-        n_exemplar_rows=2 * n_exemplars, n_laion_rows=n_laion_rows)
+    return cache_settings(args, task, 2 * n_exemplars, n_laion_rows, args.loss_batch_size, args.loss_time_samples)
 
 
 def preflight(args, dataroot, todo, laion):

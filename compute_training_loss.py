@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 from utils.cli import add_common_args, check_dataroot, run
 from utils.data import ExemplarCandidates, LaionCandidates, load_exemplar_images
 from utils.io import InputError
-from utils.losses import LossSettings, cache_is_complete, collect_losses, save_loss_cache, validate_batch_layout
+from utils.losses import (LossSettings, cache_is_complete, check_loss_cache, collect_losses, save_loss_cache,
+                          validate_batch_layout)
 from utils.models import PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model
 from utils.tasks import exemplar_paths, load_tasks, unique_models
 
@@ -48,6 +49,16 @@ def exemplar_candidates(base, dataroot, task, args, generator) -> ExemplarCandid
     return ExemplarCandidates(latents, text.cpu())
 
 
+def cache_settings(args, task, n_exemplar_rows: int, n_laion_rows: int, batch_size: int,
+                   time_samples: int) -> LossSettings:
+    """What a model's loss cache is made with (stage 1) and must have been made with (stage 2)."""
+    return LossSettings(
+        batch_size=batch_size, time_samples=time_samples, seed=args.seed,
+        laion_subset_size=args.laion_subset_size, precision=PRECISION, sd_version=args.sd_version,
+        model_path=task.model_path, train_prompt=task.train_prompt,
+        n_exemplar_rows=n_exemplar_rows, n_laion_rows=n_laion_rows)
+
+
 def main(argv=None):
     args = parse_args(argv)
     validate_batch_layout(args.batch_size, args.time_samples)
@@ -55,6 +66,11 @@ def main(argv=None):
     models = unique_models(load_tasks(args.task_json))
     laion = LaionCandidates(dataroot, args.laion_subset_size)
     todo = [t for t in models if args.overwrite or not cache_is_complete(f"{args.result_dir}/orig_loss/{t.model_key}")]
+    for task in models:  # a finished cache made with other flags is an error here, not at stage 2
+        if task not in todo:
+            n_ex = len(exemplar_paths(dataroot, task))
+            check_loss_cache(f"{args.result_dir}/orig_loss/{task.model_key}",
+                             cache_settings(args, task, 2 * n_ex, len(laion), args.batch_size, args.time_samples))
     print(f"{len(models)} model(s) in {args.task_json}; {len(models) - len(todo)} already cached, {len(todo)} to do")
     if not todo:
         return
@@ -69,11 +85,7 @@ def main(argv=None):
         collect = dict(batch_size=args.batch_size, time_samples=args.time_samples, seed=args.seed, device=args.device)
         exemplar_loss = collect_losses(base.unet, base.scheduler, exemplars, desc="exemplar losses", **collect)
         laion_loss = collect_losses(base.unet, base.scheduler, laion, desc="LAION losses", **collect)
-        settings = LossSettings(
-            batch_size=args.batch_size, time_samples=args.time_samples, seed=args.seed,
-            laion_subset_size=args.laion_subset_size, precision=PRECISION, sd_version=args.sd_version,
-            model_path=task.model_path, train_prompt=task.train_prompt,
-            n_exemplar_rows=len(exemplars), n_laion_rows=len(laion))
+        settings = cache_settings(args, task, len(exemplars), len(laion), args.batch_size, args.time_samples)
         save_loss_cache(cache_dir, exemplar_loss, laion_loss, exemplars.latents.numpy(), settings)
         tqdm.write(f"{task.model_path}: {len(loaded)} customized tensors, {len(exemplars) // 2} exemplars, "
                    f"mean loss exemplar {exemplar_loss.mean():.4f} / LAION {laion_loss.mean():.4f} -> {cache_dir}")
