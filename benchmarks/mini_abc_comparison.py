@@ -210,6 +210,9 @@ def main():
     flags = common_flags(bench, n_laion)
     device = ["--device", "cpu"]
     cache = out / "orig_loss"
+    # the arrays a fresh clone lacks (LAION-like latents, caption embeddings, both Fishers); kept when present
+    if not run(["data/build_mini_abc.py", "--out", bench, "--stage", "derive"]):
+        sys.exit("deriving the mini-AbC arrays failed; see the error above")
     t0 = time.time()
     if not run(["compute_training_loss.py", "--task_json", task_json, "--result_dir", out, "--batch_size",
                 str(args.batch_size), "--time_samples", str(args.time_samples)] + flags + device):
