@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from utils.tasks import FAMILIES, load_tasks  # noqa: E402
 
 BENCH = REPO / "data" / "mini_abc"
 # Hyperparameters that do not transfer from SD scale, chosen on the validation split (README, mini-AbC).
-TUNED = {"fisher_dataset_size": 1e6, "unlearn_lr": 0.1, "sgd_lr": 1.0}
+TUNED = {"fisher_dataset_size": 1e6, "unlearn_lr": 0.1, "sgd_lr": 1.0, "all_weights_n": 1e8}
 # Sizing for 2 CPU cores (README, mini-AbC): the first 1,000 pretraining images (2,000 rows with flips) as
 # candidates, T = 5 timesteps, 25 unlearning steps of 4 micro-batches; about 20 s a query.
 SIZING = {"laion_subset_size": 1000, "time_samples": 5, "batch_size": 200, "unlearn_steps": 25,
@@ -37,7 +38,9 @@ SIZING = {"laion_subset_size": 1000, "time_samples": 5, "batch_size": 200, "unle
 METHODS = {  # name: (kind, extra flags)
     "AbU": ("abu", []),
     "AbU, plain gradient ascent (no Fisher)": ("abu", ["--preconditioner", "none", "--unlearn_lr", "{sgd_lr}"]),
-    "AbU, all weights": ("abu", ["--weight_selection", "all", "--fisher_path", "{fisher_all}"]),
+    # N of its own: at the K/V rows' N = 1e6 every weight moving diverges (README, mini-AbC)
+    "AbU, all weights": ("abu", ["--weight_selection", "all", "--fisher_path", "{fisher_all}",
+                                 "--fisher_dataset_size", "{all_weights_n}"]),
     "AbU, one step (lr x steps)": ("abu", ["--unlearn_steps", "1", "--unlearn_lr", "{one_step_lr}"]),
     "AbU, prompt without <new1>": ("abu", ["--drop_concept_token"]),
     "AbU, unscaled synth latent (authors)": ("abu", ["--unscaled_synth_latent"]),
@@ -87,20 +90,57 @@ def wrong_image_tasks(tasks_path: Path, out_path: Path) -> Path:
     return out_path
 
 
+def timed(result_dir: Path, marker: str, fn):
+    """(fn()'s result, the method's compute seconds). The seconds live in result_dir/timing.json, summed over
+    the runs that finished something (files named `marker`), so a rerun that only re-scores, or resumes
+    after a crash, still reports the time the results took."""
+    count = lambda: len(list(result_dir.rglob(marker))) if result_dir.is_dir() else 0  # noqa: E731
+    before, t0 = count(), time.time()
+    ok = fn()
+    path = result_dir / "timing.json"
+    seconds = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    if count() > before or not path.is_file():
+        seconds = round(seconds + time.time() - t0, 1)
+        save_json(path, {"seconds": seconds})
+    return ok, seconds
+
+
 def run(cmd) -> bool:
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
     return subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO).returncode == 0
 
 
-def score(result_dir: Path, tasks):
+STYLE_QUERY = re.compile(r"^a picture of an? (.+) in the style of <new1> art$")
+
+
+def object_match(rank, n_exemplar: int, prompt: str, captions, k: int = 10):
+    """For a style query "a picture of a {object} in the style of <new1> art": the fraction of its top-k
+    pretraining candidates whose caption names the object, and that fraction over all candidates (chance).
+    High means the ranking follows the query's content, not the customized style. None for other prompts."""
+    m = STYLE_QUERY.match(prompt)
+    if not m:
+        return None, None
+    names = [f"a {m.group(1)}" in c for c in captions]
+    top = [int(i) - n_exemplar for i in rank if i >= n_exemplar][:k]
+    return float(np.mean([names[i] for i in top])), float(np.mean(names))
+
+
+def score(result_dir: Path, tasks, captions):
     rows = []
     for t in tasks:
         r = pickle.loads((result_dir / "influence" / t.query_key / "influence.pkl").read_bytes())
         m = query_metrics(r["rank"], r["n_exemplar"])
         m.update(test_case=t.test_case, family=t.family, model=t.model_path, rank=r["rank"],
                  query_loss=r.get("query_loss"), query=t.query_key)
+        m["object_match"], m["object_chance"] = object_match(r["rank"], r["n_exemplar"], t.prompt,
+                                                             captions[:len(r["rank"]) - r["n_exemplar"]])
         rows.append(m)
     return rows
+
+
+def mean_object_match(rows):
+    pairs = [(r["object_match"], r["object_chance"]) for r in rows if r["object_match"] is not None]
+    return tuple(float(np.mean(v)) for v in zip(*pairs)) if pairs else (float("nan"), float("nan"))
 
 
 def collateral(result_dir: Path, cache_root: Path, rows):
@@ -140,13 +180,15 @@ def summarize(name, rows, seconds, extra):
 
 
 def markdown(table):
-    head = "| method | style R@10 | style mAP | object R@10 | object mAP | all R@5 | all R@100 | collateral | specificity | time (s) |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| method | style R@10 | style mAP | object R@10 | object mAP | all R@5 | all R@100 | collateral | "
+            "specificity | style: top-10 names the object | time (s) |")
+    lines = [head, "|" + "---|" * 11]
     f = lambda r, k: f"{r[k]:.3f} ± {r[k + ' se']:.3f}"  # noqa: E731
     for r in table:
         lines.append(f"| {r['method']} | {f(r, 'style recall@10')} | {f(r, 'style ap')} | {f(r, 'object recall@10')} | "
                      f"{f(r, 'object ap')} | {f(r, 'all recall@5')} | {f(r, 'all recall@100')} | "
-                     f"{r['collateral']:.3f} | {r['specificity']:.2f} | {r['seconds']:.0f} |")
+                     f"{r['collateral']:.3f} | {r['specificity']:.2f} | {r['style top-10 object match']:.2f} | "
+                     f"{r['seconds']:.0f} |")
     lines += ["", "Per test case, mAP (Recall@10):", "",
               "| method | " + " | ".join(tc[5:] for tc in TEST_CASES) + " |", "|" + "---|" * (len(TEST_CASES) + 1)]
     for r in table:
@@ -185,6 +227,25 @@ def plot(table, path):
     atomic_write(path, lambda fh: img.save(fh, format="PNG"))
 
 
+def example_figure(result_dir: Path, tasks, path: Path, width: int = 1400) -> None:
+    """The first query of each test case with its top 10 (compute_influence.py's visualization.jpg), stacked."""
+    from PIL import Image
+
+    firsts = {}
+    for t in tasks:
+        firsts.setdefault(t.test_case, t)
+    tiles = []
+    for t in firsts.values():
+        img = Image.open(result_dir / "influence" / t.query_key / "visualization.jpg").convert("RGB")
+        tiles.append(img.resize((width, round(img.height * width / img.width)), Image.LANCZOS))
+    sheet = Image.new("RGB", (width, sum(t.height for t in tiles)), "white")
+    y = 0
+    for tile in tiles:
+        sheet.paste(tile, (0, y))
+        y += tile.height
+    atomic_write(path, lambda fh: sheet.save(fh, format="PNG", optimize=True))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default="test", choices=["test", "val"])
@@ -194,6 +255,7 @@ def main():
     p.add_argument("--fisher_dataset_size", type=float, default=TUNED["fisher_dataset_size"])
     p.add_argument("--unlearn_lr", type=float, default=TUNED["unlearn_lr"])
     p.add_argument("--sgd_lr", type=float, default=TUNED["sgd_lr"])
+    p.add_argument("--all_weights_n", type=float, default=TUNED["all_weights_n"], help="N of the all-weights row")
     p.add_argument("--laion_subset_size", type=int, default=SIZING["laion_subset_size"],
                    help="candidates: the first S pretraining images (0: all)")
     p.add_argument("--time_samples", type=int, default=SIZING["time_samples"])
@@ -206,50 +268,59 @@ def main():
     out = Path(args.out or REPO / "results" / "mini_abc" / args.split)
     task_json = bench / "tasks" / f"{args.split}.json"
     load_tasks(task_json)  # checks the task file before any work
-    n_laion = args.laion_subset_size or len((bench / "abc" / "laion_subset" / "captions.txt").read_text().splitlines())
+    captions = (bench / "abc" / "laion_subset" / "captions.txt").read_text().splitlines()
+    n_laion = args.laion_subset_size or len(captions)
     flags = common_flags(bench, n_laion)
     device = ["--device", "cpu"]
     cache = out / "orig_loss"
     # the arrays a fresh clone lacks (LAION-like latents, caption embeddings, both Fishers); kept when present
     if not run(["data/build_mini_abc.py", "--out", bench, "--stage", "derive"]):
         sys.exit("deriving the mini-AbC arrays failed; see the error above")
-    t0 = time.time()
-    if not run(["compute_training_loss.py", "--task_json", task_json, "--result_dir", out, "--batch_size",
-                str(args.batch_size), "--time_samples", str(args.time_samples)] + flags + device):
+    ok, stage1 = timed(cache, "settings.json", lambda: run(
+        ["compute_training_loss.py", "--task_json", task_json, "--result_dir", out, "--batch_size",
+         str(args.batch_size), "--time_samples", str(args.time_samples)] + flags + device))
+    if not ok:
         sys.exit("stage 1 failed; see the error above")
-    stage1 = time.time() - t0
     values = {"sgd_lr": args.sgd_lr, "one_step_lr": args.unlearn_steps * args.unlearn_lr,
-              "fisher_all": bench / "abc" / "sd_fisher_all.pt"}
+              "fisher_all": bench / "abc" / "sd_fisher_all.pt", "all_weights_n": int(args.all_weights_n)}
     table = []
     for name in args.methods:
         kind, extra = METHODS[name]
         extra = [e.format(**values) for e in extra]
         result_dir = out / (slug(name) + args.tag)
-        t0 = time.time()
         if kind.startswith("abu"):
             tj = wrong_image_tasks(task_json, out / "wrong_image_tasks.json") if kind == "abu-wrong-image" else task_json
-            ok = run(["compute_influence.py", "--task_json", tj, "--result_dir", result_dir, "--loss_cache_dir", cache]
-                     + abu_flags(args) + flags + device + extra)
+            cmd = (["compute_influence.py", "--task_json", tj, "--result_dir", result_dir, "--loss_cache_dir", cache]
+                   + abu_flags(args) + flags + device + extra)
         else:
             tj = task_json
-            ok = run(["compute_baselines.py", "--task_json", task_json, "--result_dir", result_dir,
-                      "--loss_cache_dir", cache] + flags + extra)
-        seconds = time.time() - t0
+            cmd = (["compute_baselines.py", "--task_json", task_json, "--result_dir", result_dir,
+                    "--loss_cache_dir", cache] + flags + extra)
+        ok, seconds = timed(result_dir, "influence.pkl", lambda: run(cmd))
         if not ok:  # a method that fails (e.g. diverges) is a row of the table, not the end of it
             table.append({**summarize(f"{name}{args.tag} (failed: see log)", [], seconds, {}),
-                          "collateral": float("nan"), "specificity": float("nan")})
+                          "collateral": float("nan"), "specificity": float("nan"),
+                          "style top-10 object match": float("nan"), "object match chance": float("nan")})
             write_outputs(out, table, stage1)
             continue
-        rows = score(result_dir, load_tasks(tj))
+        rows = score(result_dir, load_tasks(tj), captions)
+        match, chance = mean_object_match(rows)
         extra_cols = {"collateral": collateral(result_dir, cache, rows) if kind.startswith("abu") else float("nan"),
-                      "specificity": specificity(rows)}
+                      "specificity": specificity(rows), "style top-10 object match": match,
+                      "object match chance": chance}
         table.append(summarize(name + args.tag, rows, seconds, extra_cols))
+        if name == "AbU":
+            example_figure(result_dir, load_tasks(tj), out / f"examples{args.tag}.png")
         write_outputs(out, table, stage1)  # after every method, so a failure later loses nothing
     print(markdown(table))
 
 
 def write_outputs(out: Path, table, stage1: float) -> None:
-    md = markdown(table) + f"\nStage 1 (shared by every AbU row): {stage1:.0f} s.\n"
+    chance = next((r["object match chance"] for r in table if r["object match chance"] == r["object match chance"]),
+                  float("nan"))
+    md = markdown(table) + (f"\nStage 1 (shared by every AbU row): {stage1:.0f} s. 'style: top-10 names the object': "
+                            f"the fraction of a style query's top-10 pretraining candidates whose caption names the "
+                            f"query's object (chance, over all candidates: {chance:.3f}).\n")
     atomic_write(out / "comparison.md", lambda fh: fh.write(md), binary=False)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(table[0]))

@@ -147,3 +147,36 @@ def test_comparison_runner_end_to_end(built, tmp_path):
     assert Image.open(tmp_path / "comparison.png").size == (1000, 620)
     md = (tmp_path / "comparison.md").read_text()
     assert "| AbU |" in md and "| method | artchive | bamfg | unobserved_imagenet | observed_imagenet |" in md
+
+
+def test_object_match_counts_top_candidates_whose_caption_names_the_object():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from mini_abc_comparison import object_match
+
+    captions = ["a dog", "a cat face", "a picture of a cat"]
+    rank = np.array([0, 3, 2, 1])  # one exemplar (0), then LAION 2, 1, 0
+    prompt = "a picture of a cat in the style of <new1> art"
+    assert object_match(rank, 1, prompt, captions, k=2) == (1.0, 2 / 3)
+    assert object_match(rank, 1, prompt, captions, k=3) == (2 / 3, 2 / 3)
+    assert object_match(rank, 1, "a picture of a <new1> object", captions) == (None, None)
+
+
+def test_method_time_survives_a_rerun_that_only_rescores(tmp_path):
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from mini_abc_comparison import timed
+
+    def work():
+        time.sleep(0.2)
+        (tmp_path / "q1").mkdir()
+        (tmp_path / "q1" / "influence.pkl").write_bytes(b"x")
+        return True
+
+    ok, first = timed(tmp_path, "influence.pkl", work)
+    assert ok and first >= 0.2
+    assert timed(tmp_path, "influence.pkl", lambda: True) == (True, first)  # nothing new: the time stays
+    assert json.loads((tmp_path / "timing.json").read_text())["seconds"] == first
