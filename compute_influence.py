@@ -22,6 +22,7 @@ from utils.losses import LossSettings, check_loss_cache, collect_losses, load_lo
 from utils.metrics import influence_and_rank
 from utils.models import (CONCEPT_TOKEN, PristineWeights, apply_customization, encode_images, encode_prompt,
                           load_base_model)
+from utils.speed import bound_heap_growth, configure_unet, loss_tracker, process_share, resolve_precision
 from utils.tasks import exemplar_paths, load_tasks
 from utils.transforms import load_image_tensor
 from utils.visualize import laion_image_paths, save_top_k_figure
@@ -94,18 +95,25 @@ def cache_dir(args, task) -> Path:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.precision = resolve_precision(args.precision, args.device)  # 'auto' -> the device's; recorded resolved
+    bound_heap_growth()  # host memory that follows the batch size, not the number of candidates
     validate_batch_layout(args.loss_batch_size, args.loss_time_samples)
     dataroot = check_dataroot(args.dataroot)
     tasks = load_tasks(args.task_json)
     out_dirs = [Path(args.result_dir) / "influence" / t.query_key for t in tasks]
     todo = [(t, d) for t, d in zip(tasks, out_dirs) if args.overwrite or not (d / INFLUENCE_FILE).is_file()]
-    print(f"{len(tasks)} query(ies) in {args.task_json}; {len(tasks) - len(todo)} done, {len(todo)} to do")
+    n_todo = len(todo)
+    todo, args.device, rank, world = process_share(todo, args.device)
+    print(f"{len(tasks)} query(ies) in {args.task_json}; {len(tasks) - n_todo} done, {n_todo} to do"
+          + (f"; process {rank} of {world} takes {len(todo)}" if world > 1 else ""))
     if not todo:
         return
     laion = LaionCandidates(dataroot, args.laion_subset_size)
     exemplars_of = preflight(args, dataroot, todo, laion)
     base = load_base_model(args.sd_version, args.device)
     check_shapes(base, laion)
+    configure_unet(base.unet, args.device, args.precision)
+    tracker = loss_tracker(base.unet, args.compile)  # measures losses; unlearning runs the eager UNet
     pristine = PristineWeights(base.unet)
     names = set(select_parameter_names(base.unet, args.weight_selection))
     params = {n: p for n, p in base.unet.named_parameters() if n in names}
@@ -117,7 +125,7 @@ def main(argv=None):
         dataset_size = 1
     laion_paths = laion_image_paths(dataroot)
     collect = dict(batch_size=args.loss_batch_size, time_samples=args.loss_time_samples, seed=args.seed,
-                   device=args.device)
+                   device=args.device, precision=args.precision)
     for task, out_dir in tqdm(todo, desc="queries", unit="query"):
         ex_paths = exemplars_of[task.model_path]
         apply_customization(base, pristine, dataroot / task.model_path)
@@ -127,17 +135,17 @@ def main(argv=None):
         generator = torch.Generator().manual_seed(args.seed)
         latents, text = query_inputs(base, dataroot, task, args, generator)
         query = ExemplarCandidates(latents[:1].cpu(), text[:1].cpu())  # the query's own loss, fixed noise
-        query_before = collect_losses(base.unet, base.scheduler, query, desc="query loss", **collect)
+        query_before = collect_losses(tracker, base.scheduler, query, desc="query loss", **collect)
         pristine.protect(params)
         history = unlearn(base.unet, base.scheduler, latents, text, params, fisher, steps=args.unlearn_steps,
                           grad_accum_steps=args.unlearn_grad_accum_steps, lr=args.unlearn_lr,
-                          dataset_size=dataset_size, generator=generator)
+                          dataset_size=dataset_size, generator=generator, precision=args.precision)
 
-        query_after = collect_losses(base.unet, base.scheduler, query, desc="query loss", **collect)
+        query_after = collect_losses(tracker, base.scheduler, query, desc="query loss", **collect)
         exemplars = ExemplarCandidates(ex_latents, encode_prompt(base.tokenizer, base.text_encoder,
                                                                  task.train_prompt).cpu())
-        ex_after = collect_losses(base.unet, base.scheduler, exemplars, desc="exemplar losses", **collect)
-        laion_after = collect_losses(base.unet, base.scheduler, laion, desc="LAION losses", **collect)
+        ex_after = collect_losses(tracker, base.scheduler, exemplars, desc="exemplar losses", **collect)
+        laion_after = collect_losses(tracker, base.scheduler, laion, desc="LAION losses", **collect)
         if not (np.isfinite(ex_after).all() and np.isfinite(laion_after).all()):
             raise InputError(f"{task.synth_image_path}: losses after unlearning are not finite; the step is too "
                              f"large (lower --unlearn_lr) or the Fisher has tiny entries (--fisher_floor)")

@@ -14,10 +14,8 @@ from utils.io import InputError
 from utils.losses import (LossSettings, cache_is_complete, check_loss_cache, collect_losses, save_loss_cache,
                           validate_batch_layout)
 from utils.models import PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model
+from utils.speed import bound_heap_growth, configure_unet, loss_tracker, process_share, resolve_precision
 from utils.tasks import exemplar_paths, load_tasks, unique_models
-
-PRECISION = "fp32"
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -54,13 +52,15 @@ def cache_settings(args, task, n_exemplar_rows: int, n_laion_rows: int, batch_si
     """What a model's loss cache is made with (stage 1) and must have been made with (stage 2)."""
     return LossSettings(
         batch_size=batch_size, time_samples=time_samples, seed=args.seed,
-        laion_subset_size=args.laion_subset_size, precision=PRECISION, sd_version=args.sd_version,
+        laion_subset_size=args.laion_subset_size, precision=args.precision, sd_version=args.sd_version,
         model_path=task.model_path, train_prompt=task.train_prompt,
         n_exemplar_rows=n_exemplar_rows, n_laion_rows=n_laion_rows)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    args.precision = resolve_precision(args.precision, args.device)  # 'auto' -> the device's; recorded resolved
+    bound_heap_growth()  # host memory that follows the batch size, not the number of candidates
     validate_batch_layout(args.batch_size, args.time_samples)
     dataroot = check_dataroot(args.dataroot)
     models = unique_models(load_tasks(args.task_json))
@@ -71,20 +71,26 @@ def main(argv=None):
             n_ex = len(exemplar_paths(dataroot, task))
             check_loss_cache(f"{args.result_dir}/orig_loss/{task.model_key}",
                              cache_settings(args, task, 2 * n_ex, len(laion), args.batch_size, args.time_samples))
-    print(f"{len(models)} model(s) in {args.task_json}; {len(models) - len(todo)} already cached, {len(todo)} to do")
+    n_todo = len(todo)
+    todo, device, rank, world = process_share(todo, args.device)
+    print(f"{len(models)} model(s) in {args.task_json}; {len(models) - n_todo} already cached, {n_todo} to do"
+          + (f"; process {rank} of {world} takes {len(todo)}" if world > 1 else ""))
     if not todo:
         return
-    base = load_base_model(args.sd_version, args.device)
+    base = load_base_model(args.sd_version, device)
     check_shapes(base, laion)
+    configure_unet(base.unet, device, args.precision)
+    tracker = loss_tracker(base.unet, args.compile)
     pristine = PristineWeights(base.unet)
     for task in tqdm(todo, desc="models", unit="model"):
         cache_dir = f"{args.result_dir}/orig_loss/{task.model_key}"
         loaded = apply_customization(base, pristine, dataroot / task.model_path)
         generator = torch.Generator().manual_seed(args.seed)
         exemplars = exemplar_candidates(base, dataroot, task, args, generator)
-        collect = dict(batch_size=args.batch_size, time_samples=args.time_samples, seed=args.seed, device=args.device)
-        exemplar_loss = collect_losses(base.unet, base.scheduler, exemplars, desc="exemplar losses", **collect)
-        laion_loss = collect_losses(base.unet, base.scheduler, laion, desc="LAION losses", **collect)
+        collect = dict(batch_size=args.batch_size, time_samples=args.time_samples, seed=args.seed, device=device,
+                       precision=args.precision)
+        exemplar_loss = collect_losses(tracker, base.scheduler, exemplars, desc="exemplar losses", **collect)
+        laion_loss = collect_losses(tracker, base.scheduler, laion, desc="LAION losses", **collect)
         settings = cache_settings(args, task, len(exemplars), len(laion), args.batch_size, args.time_samples)
         save_loss_cache(cache_dir, exemplar_loss, laion_loss, exemplars.latents.numpy(), settings)
         tqdm.write(f"{task.model_path}: {len(loaded)} customized tensors, {len(exemplars) // 2} exemplars, "

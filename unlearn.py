@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from utils.speed import FP16_LOSS_SCALE, autocast
+
 LAION_400M = 400_000_000  # N, the pretraining-set size the authors hard-code
 
 # A parameter is selected when, for every group, one of the group's substrings occurs in its name.
@@ -32,14 +34,16 @@ def select_parameter_names(model: torch.nn.Module, weight_selection: str) -> Lis
     return names
 
 
-def query_diffusion_loss(unet, scheduler, latents, text, generator: torch.Generator) -> torch.Tensor:
+def query_diffusion_loss(unet, scheduler, latents, text, generator: torch.Generator,
+                         precision: str = "fp32") -> torch.Tensor:
     """Loss of one micro-batch: fresh noise and distinct timesteps (a random permutation's first B)."""
     bs = latents.shape[0]
     num_train_timesteps = scheduler.config.num_train_timesteps
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
     timesteps = torch.randperm(num_train_timesteps, generator=generator)[:bs].to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, text, return_dict=False)[0]
+    with autocast(latents.device, precision):
+        pred = unet(noisy, timesteps, text, return_dict=False)[0]
     return F.mse_loss(pred.float(), noise)
 
 
@@ -56,11 +60,14 @@ def fisher_preconditioned_step(params: Dict[str, torch.nn.Parameter], fisher: Di
 
 def unlearn(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, params: Dict[str, torch.nn.Parameter],
             fisher: Dict[str, torch.Tensor], steps: int = 100, grad_accum_steps: int = 10, lr: float = 0.1,
-            dataset_size: int = LAION_400M, generator: torch.Generator = None, progress: bool = True) -> List[float]:
+            dataset_size: int = LAION_400M, generator: torch.Generator = None, progress: bool = True,
+            precision: str = "fp32") -> List[float]:
     """Run the unlearning loop in place on `params` (the only parameters that get gradients).
 
-    Returns the mean query loss of each step, measured before that step's update.
+    The UNet's forward runs at `precision` (utils.speed); the update stays float64. Returns the mean
+    query loss of each step, measured before that step's update.
     """
+    scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     trainable = set(params)
     for n, p in unet.named_parameters():
@@ -72,10 +79,10 @@ def unlearn(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, params: 
                 p.grad = None
             total = 0.0
             for _ in range(grad_accum_steps):
-                loss = query_diffusion_loss(unet, scheduler, latents, text, generator)
-                loss.backward()
+                loss = query_diffusion_loss(unet, scheduler, latents, text, generator, precision)
+                (loss * scale).backward()
                 total += loss.item()
-            fisher_preconditioned_step(params, fisher, lr, dataset_size, grad_accum_steps)
+            fisher_preconditioned_step(params, fisher, lr / scale, dataset_size, grad_accum_steps)
             history.append(total / grad_accum_steps)
     finally:
         for p in unet.parameters():

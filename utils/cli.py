@@ -21,6 +21,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="loss batch b draws its noise from seed + b; also seeds VAE samples and unlearning")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="UNet precision (utils/speed.py); auto = bf16 on CUDA, fp32 on the CPU; recorded with "
+                             "the loss cache, so both stages must resolve to the same; fp32 reproduces the authors' "
+                             "numerics")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet for loss tracking")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute outputs that already exist (default: skip finished models/queries)")
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .io import InputError, load_json, save_json, save_npy
+from .speed import autocast
 
 NOISE_GENERATOR_DEVICE = "cpu"  # noise is drawn on the CPU, so a cache is valid on any device
 
@@ -78,12 +79,14 @@ def per_row_loss(unet, noisy, timesteps, text, noise) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samples: int = 10,
-                   seed: int = 0, device="cpu", desc: str = "losses") -> np.ndarray:
-    """Mean diffusion loss of every candidate row over the T timesteps of `noised_batches`."""
+                   seed: int = 0, device="cpu", desc: str = "losses", precision: str = "fp32") -> np.ndarray:
+    """Mean diffusion loss of every candidate row over the T timesteps of `noised_batches`; the UNet runs
+    at `precision` (utils.speed), the noise and the loss stay fp32."""
     losses = []
     for n, noisy, timesteps, text, noise in noised_batches(scheduler, candidates, batch_size, time_samples, seed,
                                                            device, desc):
-        loss = per_row_loss(unet, noisy, timesteps, text, noise)
+        with autocast(device, precision):
+            loss = per_row_loss(unet, noisy, timesteps, text, noise)
         losses.append(loss.view(n, time_samples).mean(dim=1).cpu())
     return torch.cat(losses).numpy().astype(np.float32)
 
