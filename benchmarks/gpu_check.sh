@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The prepared GPU run (one device call): (1) both stages on CUDA over the tiny benchmark, compared
-# with the CPU results made here by `BENCH=tiny bash run_demo.sh`; (2) the loss-tracking benchmark on SD v1.4's UNet.
+# The prepared GPU run (one device call): (1) both stages on CUDA over the tiny benchmark in fp32, compared
+# with the CPU results made here by `BENCH=tiny bash run_demo.sh`; (2) the loss-tracking benchmark on SD v1.4's UNet;
+# (3) the precision agreement of AbU on mini-AbC's validation split on CUDA (fp32 against bf16 and fp16).
 # Carry data/tiny_abc, results/tiny and .whl (diffusers wheel); see README "Performance".
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -15,7 +16,8 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 
 if [[ -z "${SKIP_DEMO:-}" ]]; then
 echo "== 1. tiny benchmark on CUDA vs CPU"
-BENCH=tiny PYTHON=python3 RESULTS=results/tiny_cuda bash run_demo.sh --device cuda > "$OUT/cuda_demo.log" 2>&1; echo "run_demo.sh --device cuda: exit $?"
+BENCH=tiny PYTHON=python3 RESULTS=results/tiny_cuda bash run_demo.sh --device cuda --precision fp32 > "$OUT/cuda_demo.log" 2>&1
+echo "run_demo.sh --device cuda --precision fp32: exit $?"
 tail -8 "$OUT/cuda_demo.log"
 python3 - <<'PY'
 import glob, pickle, numpy as np
@@ -36,3 +38,8 @@ fi
 
 echo "== 2. loss-tracking benchmark, SD v1.4 UNet (random weights)"
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 benchmarks/loss_tracking.py --model sd14 --device cuda ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/benchmark_sd14.txt"
+
+echo "== 3. precision agreement on mini-AbC (val), CUDA"
+python3 data/build_mini_abc.py --out data/mini_abc --stage derive --no_all_weights_fisher > "$OUT/derive.log" 2>&1
+python3 benchmarks/precision_agreement.py --split val --precisions bf16,fp16 --device cuda > "$OUT/agreement.log" 2>&1
+echo "precision_agreement.py: exit $?"; tail -8 "$OUT/agreement.log"

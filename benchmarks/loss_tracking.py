@@ -6,18 +6,19 @@ plus 100 unlearning steps of 10 x 16 forward+backward passes). Weights are rando
 depend on them), so the sizes are exactly SD v1.4's without downloading it:
 
     python benchmarks/loss_tracking.py --model sd14 --device cuda     # on a GPU
+    python benchmarks/loss_tracking.py --model mini --device cpu --settings authors,bf16,fp16,bf16-b400
+                                                                      # the mini-AbC UNet on a CPU
     python benchmarks/loss_tracking.py --model tiny --device cpu      # anywhere, seconds
 
-The fast settings here are autocast around the unchanged `collect_losses` / `unlearn` code; their
-agreement with fp32 on real rankings is measured separately (losses of a random UNet are shown only
-as a sanity check of the numerics).
+The settings run `collect_losses` / `unlearn` with their --precision (utils/speed.py); their agreement
+with fp32 on real rankings is measured by benchmarks/precision_agreement.py (losses of a random UNet
+are shown only as a sanity check of the numerics).
 """
 import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # one line per setting, no progress bars (set before tqdm loads)
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -46,6 +47,10 @@ UNLEARN_PASSES = 100 * 10  # steps x micro-batches (each of 16 images)
 def build_unet(model: str):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
+    if model == "mini":  # the trained mini-AbC UNet (data/mini_abc/sd-mini)
+        sd = Path(__file__).resolve().parent.parent / "data" / "mini_abc" / "sd-mini"
+        unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+        return unet.eval().requires_grad_(False), DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
     if model == "sd14":  # UNet2DConditionModel's defaults are SD v1's layout; v1.4 adds these two
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
     else:
@@ -81,13 +86,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def precision_context(precision, device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=str(device).split(":")[0], dtype=dtype)
-
-
 def configure(unet, device, channels_last, tf32, compile_unet):
     """tf32=False keeps PyTorch's defaults (TF32 convolutions, full-fp32 matmuls), as the authors ran."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -102,14 +100,13 @@ def time_loss_tracking(unet, scheduler, device, precision, batch_size, time_samp
     per_batch = batch_size // time_samples
     warm = RandomCandidates(per_batch, *shapes)
     cands = RandomCandidates(per_batch * n_batches, *shapes)
-    with precision_context(precision, device):
-        collect_losses(unet, scheduler, warm, batch_size, time_samples, device=device)  # warm-up
-        if str(device).startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        sync(device)
-        t0 = time.perf_counter()
-        losses = collect_losses(unet, scheduler, cands, batch_size, time_samples, device=device)
-        sync(device)
+    collect_losses(unet, scheduler, warm, batch_size, time_samples, device=device, precision=precision)  # warm-up
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    losses = collect_losses(unet, scheduler, cands, batch_size, time_samples, device=device, precision=precision)
+    sync(device)
     seconds = time.perf_counter() - t0
     return len(cands) * time_samples / seconds, losses
 
@@ -122,13 +119,12 @@ def time_unlearning(unet, scheduler, device, precision, steps, shapes, batch=16,
     latents = torch.randn(batch, *shapes[0]).to(device)
     text = torch.randn(batch, *shapes[1]).to(device)
     run = dict(params=params, fisher=fisher, grad_accum_steps=accum, lr=1e-3, progress=False,
-               generator=torch.Generator().manual_seed(0))
-    with precision_context(precision, device):
-        unlearn(unet, scheduler, latents, text, steps=1, **run)  # warm-up
-        sync(device)
-        t0 = time.perf_counter()
-        unlearn(unet, scheduler, latents, text, steps=steps, **run)
-        sync(device)
+               generator=torch.Generator().manual_seed(0), precision=precision)
+    unlearn(unet, scheduler, latents, text, steps=1, **run)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    unlearn(unet, scheduler, latents, text, steps=steps, **run)
+    sync(device)
     seconds = (time.perf_counter() - t0) / steps
     with torch.no_grad():
         for n, p in params.items():
@@ -138,7 +134,7 @@ def time_unlearning(unet, scheduler, device, precision, steps, shapes, batch=16,
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["sd14", "tiny"], default="sd14")
+    p.add_argument("--model", choices=["sd14", "mini", "tiny"], default="sd14")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--n_batches", type=int, default=4, help="timed loss batches per setting")
     p.add_argument("--unlearn_steps", type=int, default=2, help="timed unlearning steps per setting")

@@ -1,0 +1,132 @@
+"""Peak memory of loss tracking against the LAION subset size and the batch size, on synthetic arrays.
+
+    python benchmarks/memory_scaling.py       # subsets of 1,000 and 8,000 images, B = 100 and 400
+
+Writes memory-mapped `laion_latents.npy` [2N, 4, 64, 64] and `laion_text_embeddings.npy` [N, 77, 768] of
+SD v1.4's real shapes (random values) into a temporary folder, then in a fresh process per case runs
+`collect_losses` over all 2N rows, as stage 1 and stage 2 do, sampling /proc/self/status every 20 ms. The
+model is a stand-in with SD's UNet signature (a convolution of the noisy latent plus a projection of the
+text embedding): what is measured is the data path, whose memory is the question; a real UNet adds its
+weights and activations, which depend on B alone. Prints the peak anonymous
+memory (the process's own footprint: model, batches, outputs) and the peak file-backed resident memory
+(pages of the memory-mapped arrays; page cache that the kernel drops under pressure), with glibc's default
+allocator and with the bound that both stages apply (utils.speed.bound_heap_growth). Linux only.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_arrays(root: Path, n: int) -> None:
+    """Random arrays of SD v1.4's shapes, written in chunks (never whole in memory)."""
+    rng = np.random.default_rng(0)
+    lat = np.lib.format.open_memmap(root / "laion_latents.npy", mode="w+", dtype=np.float32, shape=(2 * n, 4, 64, 64))
+    txt = np.lib.format.open_memmap(root / "laion_text_embeddings.npy", mode="w+", dtype=np.float32,
+                                    shape=(n, 77, 768))
+    for s in range(0, n, 500):
+        e = min(s + 500, n)
+        lat[s:e] = lat[n + s:n + e] = rng.standard_normal((e - s, 4, 64, 64), dtype=np.float32)
+        txt[s:e] = rng.standard_normal((e - s, 77, 768), dtype=np.float32)
+    lat.flush()
+    txt.flush()
+    del lat, txt
+
+
+def status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class StandInUNet:
+    """unet(noisy, t, text, return_dict=False)[0] of the right shape, at almost no compute."""
+
+    def __init__(self, torch):
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.text = torch.nn.Linear(768, 4)
+
+    def __call__(self, noisy, timesteps, text, return_dict=False):
+        return (self.conv(noisy) + self.text(text.mean(1))[:, :, None, None],)
+
+
+def measure(dataroot: str, n: int, batch_size: int, bounded: bool) -> dict:
+    """Runs in the child process: one pass of collect_losses over the 2n rows, sampling memory; `bounded`
+    applies utils.speed.bound_heap_growth first, as both stages do."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    sys.path.insert(0, str(REPO))
+    from utils.data import LaionCandidates
+    from utils.losses import collect_losses
+    from utils.speed import bound_heap_growth
+
+    if bounded:
+        bound_heap_growth()
+
+    torch.manual_seed(0)
+    unet = StandInUNet(torch)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    peak = {"RssAnon": 0, "RssFile": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for k in peak:
+                peak[k] = max(peak[k], status_kb(k))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.time()
+    losses = collect_losses(unet, scheduler, LaionCandidates(dataroot, n), batch_size=batch_size, time_samples=1)
+    done.set()
+    thread.join()
+    return {"n_images": n, "rows": len(losses), "batch_size": batch_size, "seconds": round(time.time() - t0, 1),
+            "allocator": "bounded (the scripts)" if bounded else "glibc default",
+            "peak_anon_MiB": round(peak["RssAnon"] / 1024), "peak_file_MiB": round(peak["RssFile"] / 1024)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1000,8000", help="LAION subset sizes (images)")
+    p.add_argument("--batch_sizes", default="100,400")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3] == "1")))
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(f"{'allocator':<22} {'images':>7} {'rows':>7} {'B':>5} {'seconds':>8} {'peak anon MiB':>14} "
+          f"{'peak file MiB':>14} {'arrays MiB':>11}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            root = Path(tmp) / str(n)
+            root.mkdir()
+            write_arrays(root, n)
+            arrays = sum(f.stat().st_size for f in root.iterdir()) / 2**20
+            for bounded in ("1", "0"):
+                for b in (int(x) for x in args.batch_sizes.split(",")):
+                    out = subprocess.run([sys.executable, __file__, "--child", str(root), str(n), str(b), bounded],
+                                         capture_output=True, text=True, check=True,
+                                         env={**os.environ, "TQDM_DISABLE": "1"})
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    print(f"{r['allocator']:<22} {r['n_images']:>7} {r['rows']:>7} {r['batch_size']:>5} "
+                          f"{r['seconds']:>8} {r['peak_anon_MiB']:>14} {r['peak_file_MiB']:>14} {arrays:>11.0f}",
+                          flush=True)
+            for f in root.iterdir():
+                f.unlink()
+
+
+if __name__ == "__main__":
+    main()
