@@ -24,18 +24,18 @@ import torch
 from tqdm.auto import tqdm
 
 from compute_influence import INFLUENCE_FILE
+from unlearn import select_parameter_names
 from utils.cli import check_dataroot, run
 from utils.data import ExemplarCandidates, LaionCandidates, load_exemplar_images
+from utils.fisher import load_fisher
 from utils.io import InputError, load_json, save_pickle
 from utils.losses import SETTINGS, noised_batches, per_row_loss
-from utils.fisher import load_fisher
 from utils.metrics import fold_flips
 from utils.models import PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model
 from utils.per_sample_grads import PerSampleLinearGrads
 from utils.tasks import exemplar_paths, load_tasks
 from utils.transforms import load_image_tensor
 from utils.visualize import laion_image_paths
-from unlearn import select_parameter_names
 
 METHODS = ("random", "pixel", "vae", "gradient")
 
@@ -80,9 +80,9 @@ def whitened_unit_gradients(base, names, inv_sqrt_fisher, candidates, settings, 
     for n in names:
         params[n].requires_grad_(True)
     try:
-        for n, noisy, timesteps, text, noise in noised_batches(
-                base.scheduler, candidates, settings["batch_size"], settings["time_samples"], settings["seed"] + first_batch,
-                desc=desc):
+        batches = noised_batches(base.scheduler, candidates, settings["batch_size"], settings["time_samples"],
+                                 settings["seed"] + first_batch, desc=desc)
+        for n, noisy, timesteps, text, noise in batches:
             tracker = PerSampleLinearGrads(base.unet, names, dtype=torch.float32)
             with torch.enable_grad():
                 # sum over rows: each row's gradient is then its own; mean over a candidate's T rows below
@@ -125,7 +125,8 @@ def gradient_influences(args, tasks, dataroot, laion, cache_root) -> dict:
                        for c in queries])
         exemplars = ExemplarCandidates(torch.from_numpy(np.load(cache / "exemplar_latents.npy")),
                                        encode_prompt(base.tokenizer, base.text_encoder, model_tasks[0].train_prompt))
-        ex_scores = whitened_unit_gradients(base, names, inv_sqrt_fisher, exemplars, settings, "exemplar gradients") @ q.T
+        ex_grads = whitened_unit_gradients(base, names, inv_sqrt_fisher, exemplars, settings, "exemplar gradients")
+        ex_scores = ex_grads @ q.T
         per_batch = settings["batch_size"] // settings["time_samples"]
         chunk = 50 * per_batch  # streamed: the [rows, P] gradients of all LAION rows are never held at once
         laion_scores = torch.cat([

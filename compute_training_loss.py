@@ -17,6 +17,7 @@ from utils.models import PristineWeights, apply_customization, encode_images, en
 from utils.speed import bound_heap_growth, configure_unet, loss_tracker, process_share, resolve_precision
 from utils.tasks import exemplar_paths, load_tasks, unique_models
 
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(parser)

@@ -155,12 +155,17 @@ def collateral(result_dir: Path, cache_root: Path, rows):
     return float(np.mean(ratios))
 
 
+def overlap(rank_a, rank_b, k: int) -> float:
+    """Fraction of the top-k candidates two rankings share."""
+    return len(set(rank_a[:k]) & set(rank_b[:k])) / k
+
+
 def specificity(rows, k: int = 10):
     """1 - mean top-k overlap between rankings of two queries of the same model (0: the image never matters)."""
     by_model = {}
     for r in rows:
         by_model.setdefault(r["model"], []).append(r["rank"][:k])
-    overlaps = [len(set(a) & set(b)) / k for ranks in by_model.values() for i, a in enumerate(ranks)
+    overlaps = [overlap(a, b, k) for ranks in by_model.values() for i, a in enumerate(ranks)
                 for b in ranks[i + 1:]]
     return 1 - float(np.mean(overlaps)) if overlaps else float("nan")
 

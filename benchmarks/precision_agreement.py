@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from mini_abc_comparison import BENCH, SIZING, TUNED, abu_flags, common_flags, run, timed  # noqa: E402
+from mini_abc_comparison import BENCH, SIZING, TUNED, abu_flags, common_flags, overlap, run, timed  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
 from utils.metrics import query_metrics  # noqa: E402
 from utils.tasks import load_tasks  # noqa: E402
@@ -32,10 +32,6 @@ GATE_MAP, GATE_TOP10 = 0.01, 0.9
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def overlap(rank_a, rank_b, k: int) -> float:
-    return len(set(rank_a[:k]) & set(rank_b[:k])) / k
 
 
 def load_result(result_dir: Path, task):

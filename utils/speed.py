@@ -1,7 +1,8 @@
 """The fast path of both stages: autocast precision, TF32, channels-last, torch.compile, and sharding
 queries or models over the processes of `accelerate launch`.
 
-fp32 (the default) keeps the authors' numerics: no autocast and PyTorch's default matmul precision.
+fp32 keeps the authors' numerics: no autocast and PyTorch's default matmul precision; `auto` (the
+default) is bf16 on CUDA and fp32 on the CPU.
 bf16 / fp16 autocast the UNet's forward pass (diffusers attention runs through PyTorch's SDPA either
 way); on CUDA the fp32 matmuls that remain use TF32 and the UNet runs channels-last. The noise, the
 timesteps and the loss reduction (in fp32) are the same under every precision, and the loss cache
@@ -78,8 +79,8 @@ def bound_heap_growth(threshold: int = 64 * 1024) -> bool:
 
     By default glibc raises its mmap threshold after large frees and then serves the per-batch buffers
     (tens of MB each) from a heap that only grows: measured by benchmarks/memory_scaling.py, the peak
-    anonymous memory of one pass rose with the LAION subset size (707 -> 836 MiB from 1,000 to 8,000
-    images at B = 400) instead of staying flat (557 -> 587 MiB with this). Linux/glibc only; elsewhere it
+    anonymous memory of one pass rose with the LAION subset size (693 -> 875 MiB from 1,000 to 8,000
+    images at B = 400) instead of staying flat (577 -> 587 MiB with this). Linux/glibc only; elsewhere it
     does nothing and returns False."""
     if not sys.platform.startswith("linux"):
         return False
