@@ -36,10 +36,13 @@ for f in sorted(glob.glob("results/tiny/influence/**/influence.pkl", recursive=T
 PY
 fi
 
+if [[ -z "${SKIP_TRACKING:-}" ]]; then
 echo "== 2. loss-tracking benchmark, SD v1.4 UNet (random weights)"
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 benchmarks/loss_tracking.py --model sd14 --device cuda ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/benchmark_sd14.txt"
+fi
 
 echo "== 3. precision agreement on mini-AbC (val), CUDA"
 python3 data/build_mini_abc.py --out data/mini_abc --stage derive --no_all_weights_fisher > "$OUT/derive.log" 2>&1
 python3 benchmarks/precision_agreement.py --split val --precisions bf16,fp16 --device cuda > "$OUT/agreement.log" 2>&1
 echo "precision_agreement.py: exit $?"; tail -8 "$OUT/agreement.log"
+cp results/mini_abc/val/precision/agreement.md "$OUT/agreement_cuda_val.md" 2>/dev/null
