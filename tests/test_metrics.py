@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from utils.metrics import (average_precision, fold_flips, influence_and_rank, mean_and_stderr, query_metrics,
-                           recall_at_k)
+                           rank_candidates, recall_at_k)
 
 
 def test_fold_flips_takes_the_larger_of_each_pair():
@@ -34,9 +34,19 @@ def test_recall_and_ap_hand_computed():
     assert m == {"recall@5": pytest.approx(2 / 3), "recall@10": 1.0, "ap": pytest.approx(2 / 3)}
 
 
-def test_ties_rank_in_candidate_order():
-    _, rank = influence_and_rank(np.zeros(2), np.zeros(2), np.zeros(4), np.zeros(4))
-    assert rank.tolist() == [0, 1, 2]
+def test_an_all_zero_influence_scores_at_the_bottom():
+    """A run that changes nothing must not look perfect: ties go against the exemplars (AbC's order)."""
+    influence, rank = influence_and_rank(np.ones(4), np.ones(4), np.ones(6), np.ones(6))
+    assert rank.tolist() == [2, 3, 4, 0, 1]  # LAION first, each group in candidate order
+    m = query_metrics(rank, 2, ks=(1, 3))
+    assert m["recall@1"] == 0 and m["recall@3"] == 0
+    assert m["ap"] == pytest.approx((1 / 4 + 2 / 5) / 2)  # the lowest AP two of five candidates can have
+
+
+def test_ties_break_against_exemplars_and_nan_ranks_last():
+    # candidates 0, 1 are exemplars; 0 ties with LAION 3, and 1 is NaN
+    assert rank_candidates(np.array([1.0, np.nan, 0.5, 1.0, 2.0]), 2).tolist() == [4, 3, 0, 2, 1]
+    assert rank_candidates(np.array([0.2, 0.1, 0.3]), 1).tolist() == [2, 0, 1]  # no ties: plain descending order
 
 
 def test_mean_and_stderr():

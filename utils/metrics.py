@@ -1,4 +1,4 @@
-"""From losses to a ranking, and the AbC benchmark's Recall@K and average precision."""
+"""From losses to a ranking, and the AbC benchmark's Recall@K and average precision (docs/method.md, section 6)."""
 from typing import Dict, Iterable, Tuple
 
 import numpy as np
@@ -13,15 +13,26 @@ def fold_flips(row_influence: np.ndarray) -> np.ndarray:
     return np.maximum(row_influence[:n], row_influence[n:])
 
 
+def rank_candidates(influence: np.ndarray, n_exemplar: int) -> np.ndarray:
+    """Candidate indices (exemplars 0..n_exemplar-1, then LAION) by descending influence.
+
+    Ties go against the ground truth, as in AbC's evaluation, which lists LAION before the exemplars: a
+    LAION candidate tied with an exemplar ranks above it, so a run that changes nothing (all influences
+    equal) puts every exemplar last instead of first. NaN ranks below everything. Otherwise ties keep
+    candidate order, so the ranking is reproducible.
+    """
+    influence = np.asarray(influence, dtype=np.float64)
+    is_exemplar = np.arange(len(influence)) < n_exemplar
+    key = np.where(np.isnan(influence), np.inf, -influence)
+    return np.lexsort((np.arange(len(influence)), is_exemplar, key))  # last key is the primary one
+
+
 def influence_and_rank(exemplar_before, exemplar_after, laion_before, laion_after) -> Tuple[np.ndarray, np.ndarray]:
-    """Influence = loss increase, flips folded, exemplars first then LAION; rank = descending influence."""
-    influence = np.concatenate([
-        fold_flips(np.asarray(exemplar_after, np.float64) - np.asarray(exemplar_before, np.float64)),
-        fold_flips(np.asarray(laion_after, np.float64) - np.asarray(laion_before, np.float64)),
-    ])
-    # stable sort, so ties keep candidate order and the ranking is reproducible
-    rank = np.argsort(-influence, kind="stable")
-    return influence, rank
+    """Influence = loss increase, flips folded, exemplars first then LAION; rank from `rank_candidates`."""
+    exemplar = fold_flips(np.asarray(exemplar_after, np.float64) - np.asarray(exemplar_before, np.float64))
+    laion = fold_flips(np.asarray(laion_after, np.float64) - np.asarray(laion_before, np.float64))
+    influence = np.concatenate([exemplar, laion])
+    return influence, rank_candidates(influence, len(exemplar))
 
 
 def recall_at_k(rank: np.ndarray, n_exemplar: int, k: int) -> float:
