@@ -11,27 +11,27 @@ gradient: gradient similarity in the spirit of TRAK / D-TRAK, on the weights AbU
      as the cache, read from its settings.json) w.r.t. the cross-attention K/V weights, and the query's
      likewise under its prompt; score = cosine of the two after whitening by the diagonal Fisher
      (g / sqrt(F)), i.e. g_q^T F^-1 g_i normalized. No unlearning, one backward pass per candidate batch.
-Candidates, flip folding (max of a candidate's two rows) and ranking are as in compute_influence.py.
+Candidates, flip folding (max of a candidate's two rows) and ranking (ties against the exemplars) are as in
+compute_influence.py.
 """
 import argparse
 import time
 import zlib
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from compute_influence import INFLUENCE_FILE
-from unlearn import select_parameter_names
 from utils.cli import check_dataroot, run
 from utils.data import ExemplarCandidates, LaionCandidates, load_exemplar_images
 from utils.fisher import load_fisher
 from utils.io import InputError, load_json, save_pickle
-from utils.losses import SETTINGS, noised_batches, per_row_loss
-from utils.metrics import fold_flips
-from utils.models import PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model
+from utils.layout import EXEMPLAR_LATENTS, SETTINGS, ResultsLayout
+from utils.losses import noised_batches, per_row_loss
+from utils.metrics import fold_flips, rank_candidates
+from utils.models import (PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model,
+                          select_parameter_names)
 from utils.per_sample_grads import PerSampleLinearGrads
 from utils.tasks import exemplar_paths, load_tasks
 from utils.transforms import load_image_tensor
@@ -45,8 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=METHODS, required=True)
     p.add_argument("--task_json", required=True)
     p.add_argument("--result_dir", required=True, help="this method's own results folder")
-    p.add_argument("--loss_cache_dir", default=None, help="stage-1 caches (for the vae method's exemplar latents); "
-                                                         "default <result_dir>/orig_loss")
+    p.add_argument("--loss_cache_dir", default=None,
+                   help="stage-1 caches (default <result_dir>/orig_loss); vae reads their exemplar latents, gradient "
+                        "their settings (B, T, seed: the same noise as the cache) and exemplar latents")
     p.add_argument("--sd_version", default="CompVis/stable-diffusion-v1-4")
     p.add_argument("--dataroot", default="data/abc")
     p.add_argument("--laion_subset_size", type=int, default=100_000)
@@ -98,7 +99,7 @@ def whitened_unit_gradients(base, names, inv_sqrt_fisher, candidates, settings, 
     return torch.cat(out)
 
 
-def gradient_influences(args, tasks, dataroot, laion, cache_root) -> dict:
+def gradient_influences(args, tasks, dataroot, laion, layout: ResultsLayout) -> dict:
     """{query key: influence over exemplars + LAION}, one pass over the candidates per model."""
     base = load_base_model(args.sd_version, "cpu")
     pristine = PristineWeights(base.unet)
@@ -111,7 +112,7 @@ def gradient_influences(args, tasks, dataroot, laion, cache_root) -> dict:
         by_model.setdefault(task.model_path, []).append(task)
     influences = {}
     for model_path, model_tasks in by_model.items():
-        cache = cache_root / model_tasks[0].model_key
+        cache = layout.loss_cache(model_tasks[0])
         if not (cache / SETTINGS).is_file():
             raise InputError(f"{cache / SETTINGS} not found: run compute_training_loss.py first (--loss_cache_dir)")
         settings = load_json(cache / SETTINGS, "loss-cache settings")
@@ -123,7 +124,7 @@ def gradient_influences(args, tasks, dataroot, laion, cache_root) -> dict:
             queries.append(ExemplarCandidates(latent, encode_prompt(base.tokenizer, base.text_encoder, task.prompt)))
         q = torch.cat([whitened_unit_gradients(base, names, inv_sqrt_fisher, c, settings, "query gradient")
                        for c in queries])
-        exemplars = ExemplarCandidates(torch.from_numpy(np.load(cache / "exemplar_latents.npy")),
+        exemplars = ExemplarCandidates(torch.from_numpy(np.load(cache / EXEMPLAR_LATENTS)),
                                        encode_prompt(base.tokenizer, base.text_encoder, model_tasks[0].train_prompt))
         ex_grads = whitened_unit_gradients(base, names, inv_sqrt_fisher, exemplars, settings, "exemplar gradients")
         ex_scores = ex_grads @ q.T
@@ -158,12 +159,11 @@ def main(argv=None):
     dataroot = check_dataroot(args.dataroot)
     tasks = load_tasks(args.task_json)
     laion = LaionCandidates(dataroot, args.laion_subset_size)
-    cache_root = Path(args.loss_cache_dir or Path(args.result_dir) / "orig_loss")
-    out_of = {t.query_key: Path(args.result_dir) / "influence" / t.query_key / INFLUENCE_FILE for t in tasks}
-    todo = [t for t in tasks if args.overwrite or not out_of[t.query_key].is_file()]
+    layout = ResultsLayout(args.result_dir, args.loss_cache_dir)
+    todo = [t for t in tasks if args.overwrite or not layout.influence_file(t).is_file()]
     start = time.time()
     if args.method == "gradient":
-        influences = gradient_influences(args, todo, dataroot, laion, cache_root)
+        influences = gradient_influences(args, todo, dataroot, laion, layout)
     else:
         base = load_base_model(args.sd_version, "cpu") if args.method != "random" else None
         rows = laion_rows(laion, args.method, dataroot, base.resolution) if base is not None else None
@@ -179,7 +179,7 @@ def main(argv=None):
                 query = load_image_tensor(dataroot / task.synth_image_path, base.resolution)
                 ex_rows = load_exemplar_images(exemplar_paths(dataroot, task), base.resolution)
             else:
-                cache = cache_root / task.model_key / "exemplar_latents.npy"
+                cache = layout.loss_cache(task) / EXEMPLAR_LATENTS
                 if not cache.is_file():
                     raise InputError(f"{cache} not found: run compute_training_loss.py first (--loss_cache_dir)")
                 ex_rows = torch.from_numpy(np.load(cache))
@@ -188,8 +188,8 @@ def main(argv=None):
                     query = base.vae.encode(image).latent_dist.mean[0] * base.vae.config.scaling_factor
             influence = np.concatenate([fold_flips(cosine_to_rows(query, ex_rows)),
                                         fold_flips(cosine_to_rows(query, rows))])
-        rank = np.argsort(-influence, kind="stable")
-        save_pickle(out_of[task.query_key], {"influence": influence, "rank": rank, "n_exemplar": n_ex,
+        rank = rank_candidates(influence, n_ex)
+        save_pickle(layout.influence_file(task), {"influence": influence, "rank": rank, "n_exemplar": n_ex,
                                              "method": args.method, "task": asdict(task)})
     print(f"{args.method}: {len(todo)} of {len(tasks)} queries in {time.time() - start:.1f} s "
           f"-> {args.result_dir}/influence")

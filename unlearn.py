@@ -3,7 +3,8 @@
 Each step accumulates the gradient of the query's loss over `grad_accum_steps` micro-batches, then
 moves every selected parameter p UP it: p += lr * grad / (F_p * N) / grad_accum_steps, in float64.
 That is a Newton step of max_theta L(z; theta) - (N / 2) sum F (theta - theta0)^2 (elastic weight
-consolidation): forget z while staying close to the pretrained weights in the Fisher metric.
+consolidation): forget z while staying close to the pretrained weights in the Fisher metric
+(docs/method.md, section 4). Which parameters move is the caller's choice (utils.models.WEIGHT_SELECTIONS).
 """
 from typing import Dict, List
 
@@ -14,24 +15,6 @@ from tqdm.auto import tqdm
 from utils.speed import FP16_LOSS_SCALE, autocast
 
 LAION_400M = 400_000_000  # N, the pretraining-set size the authors hard-code
-
-# A parameter is selected when, for every group, one of the group's substrings occurs in its name.
-WEIGHT_SELECTIONS: Dict[str, List[List[str]]] = {
-    "cross-attn-kv": [["attn2"], ["to_k", "to_v"]],
-    "cross-attn": [["attn2"]],
-    "attn": [["attn"]],
-    "all": [],
-}
-
-
-def select_parameter_names(model: torch.nn.Module, weight_selection: str) -> List[str]:
-    if weight_selection not in WEIGHT_SELECTIONS:
-        raise ValueError(f"unknown weight selection {weight_selection!r}; choose from {', '.join(WEIGHT_SELECTIONS)}")
-    groups = WEIGHT_SELECTIONS[weight_selection]
-    names = [n for n, _ in model.named_parameters() if all(any(s in n for s in g) for g in groups)]
-    if not names:
-        raise ValueError(f"weight selection {weight_selection!r} matches no parameter of the model")
-    return names
 
 
 def query_diffusion_loss(unet, scheduler, latents, text, generator: torch.Generator,

@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unlearn import select_parameter_names, unlearn  # noqa: E402
+from unlearn import unlearn  # noqa: E402
 from utils.losses import collect_losses  # noqa: E402
+from utils.models import select_parameter_names  # noqa: E402
 
 QUERY_FORWARDS = 100_000 * 2 * 10
 # name: (precision, loss batch size B, channels_last, TF32 matmuls, torch.compile); T = 10 throughout

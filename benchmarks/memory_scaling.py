@@ -10,7 +10,7 @@ text embedding): what is measured is the data path, whose memory is the question
 weights and activations, which depend on B alone. Prints the peak anonymous
 memory (the process's own footprint: model, batches, outputs) and the peak file-backed resident memory
 (pages of the memory-mapped arrays; page cache that the kernel drops under pressure), with glibc's default
-allocator and with the bound that both stages apply (utils.speed.bound_heap_growth). Linux only.
+allocator and with the bound that both stages apply (utils.host_memory.bound_heap_growth). Linux only.
 """
 import argparse
 import json
@@ -62,14 +62,14 @@ class StandInUNet:
 
 def measure(dataroot: str, n: int, batch_size: int, bounded: bool) -> dict:
     """Runs in the child process: one pass of collect_losses over the 2n rows, sampling memory; `bounded`
-    applies utils.speed.bound_heap_growth first, as both stages do."""
+    applies utils.host_memory.bound_heap_growth first, as both stages do."""
     import torch
     from diffusers import DDPMScheduler
 
     sys.path.insert(0, str(REPO))
     from utils.data import LaionCandidates
     from utils.losses import collect_losses
-    from utils.speed import bound_heap_growth
+    from utils.host_memory import bound_heap_growth
 
     if bounded:
         bound_heap_growth()

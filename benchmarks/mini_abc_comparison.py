@@ -1,10 +1,10 @@
 """The paper's comparison on mini-AbC: AbU, its ablations and controls, and baselines, on one split.
 
-    python benchmarks/mini_abc_comparison.py --split test                     # the table in the README
+    python benchmarks/mini_abc_comparison.py --split test                     # the table in docs/mini_abc.md
     python benchmarks/mini_abc_comparison.py --split val --methods AbU ...    # tuning (validation only)
 
 Runs stage 1 once (shared cache), each method into results/mini_abc/<split>/<method>/, scores each with
-evaluate.py's metrics, and writes comparison.md / comparison.csv (Recall@{5,10,100}, mAP with standard
+utils/evaluation.py (evaluate.py's scorer), and writes comparison.md / comparison.csv (Recall@{5,10,100}, mAP with standard
 errors per family, wall time, collateral forgetting, image specificity) and comparison.png
 (Recall@10 against mAP, like the paper's Figure 6). Reruns reuse finished queries.
 """
@@ -12,33 +12,22 @@ import argparse
 import csv
 import io
 import json
-import pickle
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
+from runner import BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, run, timed  # puts the repo on sys.path
+from utils.evaluation import load_result, mean_metric, overlap, score_queries  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
-from utils.metrics import mean_and_stderr, query_metrics  # noqa: E402
+from utils.layout import LAION_LOSS, VISUALIZATION, ResultsLayout  # noqa: E402
 from utils.tasks import FAMILIES, load_tasks  # noqa: E402
 
-BENCH = REPO / "data" / "mini_abc"
-# Hyperparameters that do not transfer from SD scale, chosen on the validation split (README, mini-AbC).
-TUNED = {"fisher_dataset_size": 1e6, "unlearn_lr": 0.1, "sgd_lr": 1.0, "all_weights_n": 1e8}
-# Sizing for 2 CPU cores (README, mini-AbC): the first 1,000 pretraining images (2,000 rows with flips) as
-# candidates, T = 5 timesteps, 25 unlearning steps of 4 micro-batches; about 20 s a query.
-SIZING = {"laion_subset_size": 1000, "time_samples": 5, "batch_size": 200, "unlearn_steps": 25,
-          "unlearn_grad_accum_steps": 4}
 METHODS = {  # name: (kind, extra flags)
     "AbU": ("abu", []),
     "AbU, plain gradient ascent (no Fisher)": ("abu", ["--preconditioner", "none", "--unlearn_lr", "{sgd_lr}"]),
-    # N of its own: at the K/V rows' N = 1e6 every weight moving diverges (README, mini-AbC)
+    # N of its own: at the K/V rows' N = 1e6 every weight moving diverges (docs/mini_abc.md)
     "AbU, all weights": ("abu", ["--weight_selection", "all", "--fisher_path", "{fisher_all}",
                                  "--fisher_dataset_size", "{all_weights_n}"]),
     "AbU, one step (lr x steps)": ("abu", ["--unlearn_steps", "1", "--unlearn_lr", "{one_step_lr}"]),
@@ -54,19 +43,6 @@ METHODS = {  # name: (kind, extra flags)
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
-
-
-def common_flags(bench: Path, n_laion: int):
-    """Flags every script of the comparison takes (compute_baselines.py has no --device: it runs on the CPU)."""
-    return ["--sd_version", str(bench / "sd-mini"), "--dataroot", str(bench / "abc"),
-            "--laion_subset_size", str(n_laion)]
-
-
-def abu_flags(args):
-    """compute_influence.py's sizing and tuned flags shared by every AbU row."""
-    return ["--loss_batch_size", str(args.batch_size), "--loss_time_samples", str(args.time_samples),
-            "--fisher_dataset_size", str(int(args.fisher_dataset_size)), "--unlearn_lr", str(args.unlearn_lr),
-            "--unlearn_steps", str(args.unlearn_steps), "--unlearn_grad_accum_steps", str(args.unlearn_grad_accum_steps)]
 
 
 def wrong_image_tasks(tasks_path: Path, out_path: Path) -> Path:
@@ -90,26 +66,6 @@ def wrong_image_tasks(tasks_path: Path, out_path: Path) -> Path:
     return out_path
 
 
-def timed(result_dir: Path, marker: str, fn):
-    """(fn()'s result, the method's compute seconds). The seconds live in result_dir/timing.json, summed over
-    the runs that finished something (files named `marker`), so a rerun that only re-scores, or resumes
-    after a crash, still reports the time the results took."""
-    count = lambda: len(list(result_dir.rglob(marker))) if result_dir.is_dir() else 0  # noqa: E731
-    before, t0 = count(), time.time()
-    ok = fn()
-    path = result_dir / "timing.json"
-    seconds = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
-    if count() > before or not path.is_file():
-        seconds = round(seconds + time.time() - t0, 1)
-        save_json(path, {"seconds": seconds})
-    return ok, seconds
-
-
-def run(cmd) -> bool:
-    print("$ " + " ".join(str(c) for c in cmd), flush=True)
-    return subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO).returncode == 0
-
-
 STYLE_QUERY = re.compile(r"^a picture of an? (.+) in the style of <new1> art$")
 
 
@@ -125,16 +81,14 @@ def object_match(rank, n_exemplar: int, prompt: str, captions, k: int = 10):
     return float(np.mean([names[i] for i in top])), float(np.mean(names))
 
 
-def score(result_dir: Path, tasks, captions):
-    rows = []
-    for t in tasks:
-        r = pickle.loads((result_dir / "influence" / t.query_key / "influence.pkl").read_bytes())
-        m = query_metrics(r["rank"], r["n_exemplar"])
-        m.update(test_case=t.test_case, family=t.family, model=t.model_path, rank=r["rank"],
-                 query_loss=r.get("query_loss"), query=t.query_key)
-        m["object_match"], m["object_chance"] = object_match(r["rank"], r["n_exemplar"], t.prompt,
-                                                             captions[:len(r["rank"]) - r["n_exemplar"]])
-        rows.append(m)
+def score(layout: ResultsLayout, tasks, captions):
+    """utils.evaluation's per-query rows, plus what the comparison's extra columns need."""
+    found = [(t, load_result(layout, t)) for t in tasks]
+    rows = score_queries(found)
+    for row, (t, r) in zip(rows, found):
+        row.update(task=t, rank=r["rank"], query_loss=r.get("query_loss"))
+        row["object_match"], row["object_chance"] = object_match(r["rank"], r["n_exemplar"], t.prompt,
+                                                                 captions[:len(r["rank"]) - r["n_exemplar"]])
     return rows
 
 
@@ -143,21 +97,16 @@ def mean_object_match(rows):
     return tuple(float(np.mean(v)) for v in zip(*pairs)) if pairs else (float("nan"), float("nan"))
 
 
-def collateral(result_dir: Path, cache_root: Path, rows):
+def collateral(layout: ResultsLayout, rows):
     """Mean LAION loss rise / the query's own loss rise (paper Table 3's collateral forgetting)."""
     ratios = []
     for r in rows:
         if not r["query_loss"]:
             return float("nan")
-        after = np.load(result_dir / "influence" / r["query"] / "laion_loss.npy")
-        before = np.load(cache_root / r["model"].replace("models/", "", 1) / "laion_loss.npy")
+        after = np.load(layout.query_dir(r["task"]) / LAION_LOSS)
+        before = np.load(layout.loss_cache(r["task"]) / LAION_LOSS)
         ratios.append(float((after - before).mean()) / max(r["query_loss"][1] - r["query_loss"][0], 1e-12))
     return float(np.mean(ratios))
-
-
-def overlap(rank_a, rank_b, k: int) -> float:
-    """Fraction of the top-k candidates two rankings share."""
-    return len(set(rank_a[:k]) & set(rank_b[:k])) / k
 
 
 def specificity(rows, k: int = 10):
@@ -180,7 +129,7 @@ def summarize(name, rows, seconds, extra):
     groups += [(tc[5:], [r for r in rows if r["test_case"] == tc]) for tc in TEST_CASES]
     for group, members in groups:
         for metric in ("recall@5", "recall@10", "recall@100", "ap"):
-            out[f"{group} {metric}"], out[f"{group} {metric} se"] = mean_and_stderr([r[metric] for r in members])
+            out[f"{group} {metric}"], out[f"{group} {metric} se"] = mean_metric(members, metric)
     return out
 
 
@@ -232,7 +181,7 @@ def plot(table, path):
     atomic_write(path, lambda fh: img.save(fh, format="PNG"))
 
 
-def example_figure(result_dir: Path, tasks, path: Path, width: int = 1400) -> None:
+def example_figure(layout: ResultsLayout, tasks, path: Path, width: int = 1400) -> None:
     """The first query of each test case with its top 10 (compute_influence.py's visualization.jpg), stacked."""
     from PIL import Image
 
@@ -241,7 +190,7 @@ def example_figure(result_dir: Path, tasks, path: Path, width: int = 1400) -> No
         firsts.setdefault(t.test_case, t)
     tiles = []
     for t in firsts.values():
-        img = Image.open(result_dir / "influence" / t.query_key / "visualization.jpg").convert("RGB")
+        img = Image.open(layout.query_dir(t) / VISUALIZATION).convert("RGB")
         tiles.append(img.resize((width, round(img.height * width / img.width)), Image.LANCZOS))
     sheet = Image.new("RGB", (width, sum(t.height for t in tiles)), "white")
     y = 0
@@ -308,14 +257,15 @@ def main():
                           "style top-10 object match": float("nan"), "object match chance": float("nan")})
             write_outputs(out, table, stage1)
             continue
-        rows = score(result_dir, load_tasks(tj), captions)
+        layout = ResultsLayout(result_dir, cache)
+        rows = score(layout, load_tasks(tj), captions)
         match, chance = mean_object_match(rows)
-        extra_cols = {"collateral": collateral(result_dir, cache, rows) if kind.startswith("abu") else float("nan"),
+        extra_cols = {"collateral": collateral(layout, rows) if kind.startswith("abu") else float("nan"),
                       "specificity": specificity(rows), "style top-10 object match": match,
                       "object match chance": chance}
         table.append(summarize(name + args.tag, rows, seconds, extra_cols))
         if name == "AbU":
-            example_figure(result_dir, load_tasks(tj), out / f"examples{args.tag}.png")
+            example_figure(layout, load_tasks(tj), out / f"examples{args.tag}.png")
         write_outputs(out, table, stage1)  # after every method, so a failure later loses nothing
     print(markdown(table))
 

@@ -11,18 +11,15 @@ Recall@10 and mAP. A precision passes the gate when |delta mAP| <= 0.01 and the 
 >= 0.9 (the condition for becoming a default). Writes agreement.md beside the runs; prints it.
 """
 import argparse
-import pickle
 import sys
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from mini_abc_comparison import BENCH, SIZING, TUNED, abu_flags, common_flags, overlap, run, timed  # noqa: E402
+from runner import BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, run, timed  # puts the repo on sys.path
+from utils.evaluation import load_result, overlap  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
+from utils.layout import ResultsLayout  # noqa: E402
 from utils.metrics import query_metrics  # noqa: E402
 from utils.tasks import load_tasks  # noqa: E402
 
@@ -34,14 +31,10 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def load_result(result_dir: Path, task):
-    return pickle.loads((result_dir / "influence" / task.query_key / "influence.pkl").read_bytes())
-
-
 def compare(reference: Path, other: Path, tasks):
     rows = []
     for t in tasks:
-        a, b = load_result(reference, t), load_result(other, t)
+        a, b = load_result(ResultsLayout(reference), t), load_result(ResultsLayout(other), t)
         ma, mb = query_metrics(a["rank"], a["n_exemplar"]), query_metrics(b["rank"], b["n_exemplar"])
         rows.append({"spearman": spearman(a["influence"], b["influence"]),
                      "top10": overlap(a["rank"], b["rank"], 10), "top100": overlap(a["rank"], b["rank"], 100),

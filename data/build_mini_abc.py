@@ -322,29 +322,26 @@ class _PipeAsBase:
 
 def derive(out: Path, config: BuildConfig, all_weights_fisher: bool = True, overwrite: bool = False) -> None:
     """laion_latents.npy, laion_text_embeddings.npy, sd_fisher.pt (and, for the all-weights ablation,
-    sd_fisher_all.pt): made here, not committed. Files already there are kept unless `overwrite`."""
-    import compute_fisher
-    from utils.data import load_exemplar_images
-    from utils.io import save_npy
-    from utils.models import encode_images, encode_prompt, load_base_model
+    sd_fisher_all.pt): made here, not committed, by the public paths a user's own benchmark takes
+    (utils.candidate_arrays as data/encode_candidates.py, utils.fisher as compute_fisher.py).
+    Files already there are kept unless `overwrite`."""
+    from utils.candidate_arrays import encode_candidates
+    from utils.data import LaionCandidates
+    from utils.fisher import FisherConfig, write_fisher
+    from utils.models import load_base_model
 
     root = out / "abc"
-    captions = (root / "laion_subset" / "captions.txt").read_text().splitlines()
-    if overwrite or not all((root / f).is_file() for f in ("laion_latents.npy", "laion_text_embeddings.npy")):
-        base = load_base_model(str(out / "sd-mini"), "cpu")
-        paths = sorted((root / "laion_subset" / "images").glob("*.png"))
-        images = load_exemplar_images(paths, base.resolution)  # unflipped block, then flipped, as SPEC orders them
-        latents = encode_images(base.vae, images, torch.Generator().manual_seed(config.seed), batch_size=256)
-        text = torch.cat([encode_prompt(base.tokenizer, base.text_encoder, captions[i:i + 256])
-                          for i in range(0, len(captions), 256)])
-        save_npy(root / "laion_latents.npy", latents.numpy().astype(np.float32))
-        save_npy(root / "laion_text_embeddings.npy", text.numpy().astype(np.float32))
-    common = ["--dataroot", str(root), "--sd_version", str(out / "sd-mini"), "--laion_subset_size", str(len(captions)),
-              "--seed", str(config.seed), "--device", "cpu"] + (["--overwrite"] if overwrite else [])
-    compute_fisher.main(common + ["--num_samples", str(config.fisher_samples), "--batch_size", "64"])
+    base = load_base_model(str(out / "sd-mini"), "cpu")
+    encode_candidates(base, root / "laion_subset" / "images", root / "laion_subset" / "captions.txt", root,
+                      seed=config.seed, batch_size=256, overwrite=overwrite)
+    laion = LaionCandidates(root, LaionCandidates(root, 1).total)
+    write_fisher(base, laion, root / "sd_fisher.pt", FisherConfig(
+        laion_subset_size=len(laion) // 2, num_samples=config.fisher_samples, batch_size=64, seed=config.seed),
+        "cpu", overwrite=overwrite)
     if all_weights_fisher:  # every weight, for the "all weights" ablation (one sample per backward: fewer samples)
-        compute_fisher.main(common + ["--num_samples", str(config.fisher_samples_all), "--weight_selection", "all",
-                                      "--output", str(root / "sd_fisher_all.pt")])
+        write_fisher(base, laion, root / "sd_fisher_all.pt", FisherConfig(
+            laion_subset_size=len(laion) // 2, num_samples=config.fisher_samples_all, weight_selection="all",
+            seed=config.seed), "cpu", overwrite=overwrite)
 
 
 STAGES = ("data", "base", "models", "derive")

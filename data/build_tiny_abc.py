@@ -6,7 +6,7 @@ rankings mean nothing (random weights, drawn shapes). Used by the tests and the 
     python data/build_tiny_abc.py --out data/tiny_abc
 
 writes data/tiny_abc/sd-tiny (pass as --sd_version), data/tiny_abc/abc (pass as --dataroot, with
-sd_fisher.pt made by compute_fisher.py) and data/tiny_abc/tasks.json (pass as --task_json).
+sd_fisher.pt made by utils.fisher.write_fisher) and data/tiny_abc/tasks.json (pass as --task_json).
 """
 import argparse
 import json
@@ -21,7 +21,11 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from utils.candidate_arrays import encode_candidates  # noqa: E402
+from utils.data import LaionCandidates  # noqa: E402
+from utils.fisher import FisherConfig, write_fisher  # noqa: E402
 from utils.io import save_json  # noqa: E402
+from utils.models import load_base_model, select_parameter_names  # noqa: E402
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'-!?"
 LATENT_SIZE = 8  # UNet sample_size; the VAE downsamples by 2, so images are 16 px
@@ -97,37 +101,29 @@ def save_custom_model(pipe, folder: Path, rng: np.random.Generator, processor_ke
     """Perturbed cross-attention K/V (not copies of the base) and a random <new1> embedding."""
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
+    params = dict(pipe.unet.named_parameters())
     state = {}
-    for name, p in pipe.unet.named_parameters():
-        if "attn2" in name and (".to_k." in name or ".to_v." in name):
-            value = p.detach() + 0.5 * p.detach().std() * torch.randn(p.shape, generator=g)
-            if processor_keys:  # the naming of diffusers' Custom Diffusion trainer
-                name = name.replace(".to_k.", ".processor.to_k_custom_diffusion.")
-                name = name.replace(".to_v.", ".processor.to_v_custom_diffusion.")
-            state[name] = value.clone()
+    for name in select_parameter_names(pipe.unet, "cross-attn-kv"):  # what Custom Diffusion trains
+        p = params[name].detach()
+        value = p + 0.5 * p.std() * torch.randn(p.shape, generator=g)
+        if processor_keys:  # the naming of diffusers' Custom Diffusion trainer
+            name = name.replace(".to_k.", ".processor.to_k_custom_diffusion.")
+            name = name.replace(".to_v.", ".processor.to_v_custom_diffusion.")
+        state[name] = value.clone()
     torch.save(state, folder / "pytorch_custom_diffusion_weights.pt")
     dim = pipe.text_encoder.config.hidden_size
     torch.save({"<new1>": torch.randn(dim, generator=g)}, folder / "<new1>.bin")
 
 
-@torch.no_grad()
-def build_laion(pipe, root: Path, rng: np.random.Generator, seed: int):
-    """LAION-like candidates: images + captions, scaled VAE latents (unflipped then flipped), text embeddings."""
-    from utils.data import load_exemplar_images  # same transform (and flip order) as the real candidates
-    from utils.models import encode_images, encode_prompt
-
+def build_laion(base, root: Path, rng: np.random.Generator, seed: int):
+    """LAION-like candidates: images + captions, then their arrays by the public path a user's own candidates
+    take (utils.candidate_arrays, as data/encode_candidates.py)."""
     images_dir = root / "laion_subset" / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
     for i in range(N_LAION):
-        paths.append(images_dir / f"{i:06d}.png")
-        draw_image(rng).save(paths[-1])
+        draw_image(rng).save(images_dir / f"{i:06d}.png")
     (root / "laion_subset" / "captions.txt").write_text("\n".join(CAPTIONS[:N_LAION]) + "\n")
-    images = load_exemplar_images(paths, 2 * LATENT_SIZE)
-    latents = encode_images(pipe.vae, images, torch.Generator().manual_seed(seed))
-    text = torch.cat([encode_prompt(pipe.tokenizer, pipe.text_encoder, c) for c in CAPTIONS[:N_LAION]])
-    np.save(root / "laion_latents.npy", latents.numpy().astype(np.float32))
-    np.save(root / "laion_text_embeddings.npy", text.numpy().astype(np.float32))
+    encode_candidates(base, images_dir, root / "laion_subset" / "captions.txt", root, seed=seed)
 
 
 def build(out: Path, seed: int = 0, fisher_samples: int = 48) -> dict:
@@ -137,7 +133,8 @@ def build(out: Path, seed: int = 0, fisher_samples: int = 48) -> dict:
     rng = np.random.default_rng(seed)
     sd_dir, root = out / "sd-tiny", out / "abc"
     pipe = build_base_model(sd_dir, seed)
-    build_laion(pipe, root, rng, seed)
+    base = load_base_model(str(sd_dir), "cpu")  # as the scripts load it
+    build_laion(base, root, rng, seed)
     tests = {name: [] for name in ("test_artchive", "test_bamfg", "test_observed_imagenet",
                                    "test_unobserved_imagenet")}
     tasks = []
@@ -165,11 +162,9 @@ def build(out: Path, seed: int = 0, fisher_samples: int = 48) -> dict:
         save_json(root / "json" / f"{name}.json", entries)
     save_json(out / "tasks.json", tasks)
 
-    import compute_fisher
-
-    compute_fisher.main(["--dataroot", str(root), "--sd_version", str(sd_dir), "--laion_subset_size", str(N_LAION),
-                         "--num_samples", str(fisher_samples), "--batch_size", "8", "--weight_selection", "all",
-                         "--seed", str(seed), "--device", "cpu"])
+    config = FisherConfig(laion_subset_size=N_LAION, num_samples=fisher_samples, batch_size=8, weight_selection="all",
+                          seed=seed)
+    write_fisher(base, LaionCandidates(root, N_LAION), root / "sd_fisher.pt", config, "cpu")
     return {"sd_version": str(sd_dir), "dataroot": str(root), "task_json": str(out / "tasks.json")}
 
 

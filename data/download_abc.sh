@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the AbC benchmark data and the paper's task list (layout: see README / SPEC).
+# Download the AbC benchmark data and the paper's task list (layout: docs/method.md, section 2).
 set -Eeuo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -136,11 +136,15 @@ validate_tasks() {  # $1: task file, $2: required number of entries (0: any), $3
   PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c '
 import sys
 from utils.io import InputError
-from utils.tasks import load_tasks
+from utils.tasks import TEST_CASES, load_tasks
 try:
-    n = len(load_tasks(sys.argv[1]))
+    tasks = load_tasks(sys.argv[1])
 except InputError as e:
     sys.exit(str(e).replace(sys.argv[1], sys.argv[3]))
+n = len(tasks)
+unknown = sorted({t.test_case for t in tasks} - set(TEST_CASES))
+if unknown:  # the paper'"'"'s list covers AbC'"'"'s four test cases and nothing else
+    sys.exit(f"task file {sys.argv[3]} names unknown test_case(s) {unknown}; AbC has {list(TEST_CASES)}")
 if int(sys.argv[2]) and n != int(sys.argv[2]):
     sys.exit(f"task file {sys.argv[3]} has {n} entries, expected {sys.argv[2]}")
 ' "$1" "$2" "${3:-$1}"

@@ -2,9 +2,9 @@
 import torch
 
 from compute_baselines import _Slice, whitened_unit_gradients
-from unlearn import select_parameter_names
 from utils.data import LaionCandidates
 from utils.losses import noised_batches, per_row_loss
+from utils.models import select_parameter_names
 
 SETTINGS = {"batch_size": 10, "time_samples": 5, "seed": 3}  # 2 candidates (x 5 timesteps) per batch
 

@@ -168,7 +168,7 @@ def test_method_time_survives_a_rerun_that_only_rescores(tmp_path):
     import time
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from mini_abc_comparison import timed
+    from runner import timed
 
     def work():
         time.sleep(0.2)

@@ -44,7 +44,7 @@ def run_cli(script, args):
                           timeout=300)
 
 
-def test_outputs_at_spec_paths(finished):
+def test_outputs_at_the_documented_paths(finished):
     for model in MODELS:
         cache = finished / "orig_loss" / model
         settings = json.loads((cache / "settings.json").read_text())
@@ -70,7 +70,7 @@ def test_influence_is_after_minus_before_with_flips_folded(finished):
 
 
 def test_stage2_is_repeatable(finished, tiny_abc, tmp_path):
-    """Same seed, same everything: a second run gives bit-identical after-losses (SPEC pitfall 4)."""
+    """Same seed, same everything: a second run gives bit-identical after-losses (docs/method.md, pitfall 4)."""
     results = tmp_path / "r"
     (results / "orig_loss").mkdir(parents=True)
     os.symlink(finished / "orig_loss" / "imagenet", results / "orig_loss" / "imagenet")
@@ -129,7 +129,8 @@ def test_stage2_refuses_a_cache_made_with_other_settings(finished, tiny_abc, tmp
     ("remove_latents", "compute_training_loss.py", "laion_latents.npy not found"),
     ("remove_exemplar", "compute_training_loss.py", "exemplar image"),
     ("bad_json", "compute_training_loss.py", "not valid JSON"),
-    ("unknown_test_case", "compute_influence.py", "unknown test_case 'test_laion'"),
+    ("unknown_test_case", "compute_influence.py", "test-case file not found"),
+    ("models_disagree", "compute_influence.py", "share model_path 'models/imagenet/n01440764_0000' but not train_prompt"),
     ("fisher_missing_param", "compute_influence.py", "no Fisher entry for 1 of the 8"),
     ("missing_cache", "compute_influence.py", "no finished pre-unlearning loss cache"),
 ])
@@ -148,8 +149,10 @@ def test_bad_inputs_exit_nonzero_with_a_message(tiny_copy, tmp_path, damage, scr
     elif damage == "bad_json":
         tasks_path.write_text('[{"synth_image_path": ')
     elif damage == "unknown_test_case":
+        tasks_path.write_text(json.dumps([dict(t, test_case="test_laion") for t in json.loads(tasks_path.read_text())]))
+    elif damage == "models_disagree":
         tasks = json.loads(tasks_path.read_text())
-        tasks[1]["test_case"] = "test_laion"
+        tasks[1]["train_prompt"] = "<new1> dog"
         tasks_path.write_text(json.dumps(tasks))
     elif damage == "fisher_missing_param":
         fisher = torch.load(root / "sd_fisher.pt")
@@ -203,3 +206,18 @@ def test_baselines_write_rankings_evaluate_reads(finished, tiny_abc, tmp_path):
     from compute_baselines import cosine_to_rows
     q = torch.rand(3, 4, 4)
     assert cosine_to_rows(q, torch.stack([torch.rand(3, 4, 4), q])).argmax() == 1
+
+
+def test_a_run_that_unlearns_nothing_scores_at_the_bottom(finished, tiny_abc, tmp_path):
+    """Zero steps: every influence is exactly 0 and the tie goes against the exemplars, as in AbC's evaluation."""
+    out = tmp_path / "nothing"
+    args = [a if a != "3" else "0" for a in STAGE2]  # --unlearn_steps 0
+    compute_influence.main(paths(tiny_abc, out) + args + ["--loss_cache_dir", str(finished / "orig_loss")])
+    result = pickle.loads((out / "influence" / QUERIES[0] / "influence.pkl").read_bytes())
+    assert not result["influence"].any()
+    assert result["rank"].tolist() == list(range(3, 15)) + [0, 1, 2]
+    evaluate.main(["--task_json", tiny_abc["task_json"], "--result_dir", str(out), "--out_dir", str(tmp_path / "e")])
+    rows = (tmp_path / "e" / "per_query.csv").read_text().splitlines()[1:]
+    worst_ap = (1 / 13 + 2 / 14 + 3 / 15) / 3  # three exemplars at ranks 13, 14, 15 of 15
+    assert all(float(r.split(",")[-1]) == pytest.approx(worst_ap) for r in rows)
+    assert all(float(r.split(",")[4]) == 0 for r in rows)  # Recall@5

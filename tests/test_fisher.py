@@ -2,11 +2,11 @@ import pytest
 import torch
 
 import compute_fisher
-from compute_fisher import estimate_fisher
-from unlearn import select_parameter_names
+import utils.fisher
 from utils.data import LaionCandidates
+from utils.fisher import estimate_fisher, load_fisher, per_sample_losses, sample_batch
 from utils.io import InputError
-from utils.fisher import load_fisher
+from utils.models import select_parameter_names
 
 
 @pytest.fixture
@@ -32,9 +32,9 @@ def test_fisher_is_the_mean_squared_gradient(base_model, laion):
     p = dict(base_model.unet.named_parameters())[names[0]]
     total = torch.zeros_like(p, dtype=torch.float64)
     for i in range(2):
-        inputs = compute_fisher.sample_batch(laion, order, i, i + 1, 0, 1000)
+        inputs = sample_batch(laion, order, i, i + 1, 0, 1000)
         p.requires_grad_(True)
-        (g,) = torch.autograd.grad(compute_fisher.per_sample_losses(base_model, *inputs, "cpu").sum(), p)
+        (g,) = torch.autograd.grad(per_sample_losses(base_model, *inputs, "cpu").sum(), p)
         p.requires_grad_(False)
         total += g.double() ** 2
     torch.testing.assert_close(fisher[names[0]], (total / 2).float(), rtol=1e-4, atol=1e-12)
@@ -48,7 +48,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_copy, tmp_path):
     # a run killed after its checkpoint at 4 samples, then resumed
     part = tmp_path / "part.pt"
     saved = {}
-    real_save = compute_fisher.save_torch
+    real_save = utils.fisher.save_torch
 
     def save_then_die(path, obj):
         real_save(path, obj)
@@ -56,12 +56,12 @@ def test_resumed_run_equals_uninterrupted_run(tiny_copy, tmp_path):
             saved["done"] = obj["done"]
             raise KeyboardInterrupt
 
-    compute_fisher.save_torch = save_then_die
+    utils.fisher.save_torch = save_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
             compute_fisher.main(common + ["--output", str(part), "--save_every", "4"])
     finally:
-        compute_fisher.save_torch = real_save
+        utils.fisher.save_torch = real_save
     assert saved["done"] == 4 and not part.exists()
     compute_fisher.main(common + ["--output", str(part), "--save_every", "4"])
     a, b = torch.load(whole), torch.load(part)

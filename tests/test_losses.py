@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from utils.data import ExemplarCandidates, LaionCandidates
 from utils.io import InputError
-from utils.losses import LossSettings, check_settings, collect_losses
+from utils.loss_cache import LossSettings, check_settings
+from utils.losses import collect_losses
 from utils.models import PristineWeights, apply_customization
 
 
@@ -16,7 +17,7 @@ def laion(tiny_abc):
     return LaionCandidates(tiny_abc["dataroot"], subset_size=12)
 
 
-def test_laion_rows_follow_spec_order(tiny_abc):
+def test_laion_rows_follow_the_documented_order(tiny_abc):
     latents = np.load(f"{tiny_abc['dataroot']}/laion_latents.npy")
     texts = np.load(f"{tiny_abc['dataroot']}/laion_text_embeddings.npy")
     sub = LaionCandidates(tiny_abc["dataroot"], subset_size=5)  # N = 12 images, S = 5
@@ -39,7 +40,7 @@ def test_losses_repeat_bit_for_bit(base_model, laion):
         assert not np.allclose(a, c)  # noise depends on B, T and the seed
 
 
-def test_loss_matches_spec_by_hand(base_model, laion):
+def test_loss_matches_the_documented_noise_rule_by_hand(base_model, laion):
     """Candidate 4 sits in batch 1 (3 candidates a batch) at position 1: its noise is rows 4..7 of seed 0 + 1."""
     unet, sched = base_model.unet, base_model.scheduler
     losses = collect_losses(unet, sched, laion, batch_size=12, time_samples=4, seed=0)
@@ -69,13 +70,17 @@ def test_exemplar_candidates_share_one_caption():
 
 
 def test_settings_mismatch_names_each_value(tmp_path):
-    s = LossSettings(200, 10, 0, 100, "fp32", "sd", "models/a", "<new1> fish", 8, 200)
-    cached = json.loads(json.dumps(s.__dict__))
-    check_settings(cached, dict(s.__dict__), tmp_path)  # same settings pass
+    from dataclasses import replace
+
+    s = LossSettings(200, 10, 0, 100, "fp32", False, "cpu", "base0", "custom0", "laion0", "models/a", "<new1> fish",
+                     8, 200)
+    cached = json.loads(json.dumps({**s.__dict__, "sd_version": "/somewhere/sd"}))
+    check_settings(cached, s, tmp_path)  # same settings pass; where the base model lay is not compared
     with pytest.raises(InputError) as e:
-        check_settings(cached, dict(s.__dict__, batch_size=100, seed=3), tmp_path)
+        check_settings(cached, replace(s, batch_size=100, seed=3, compiled=True), tmp_path)
     assert "batch_size: cache has 200, this run uses 100" in str(e.value)
     assert "seed: cache has 0, this run uses 3" in str(e.value)
+    assert "compiled: cache has False, this run uses True" in str(e.value)
     with pytest.raises(InputError, match="multiple of the number of time samples"):
         collect_losses(None, type("S", (), {"config": type("C", (), {"num_train_timesteps": 1000})})(), [],
                        batch_size=15, time_samples=4)

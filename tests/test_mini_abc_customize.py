@@ -4,10 +4,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.mini_abc_build.customize import CustomizationConfig, customize, kv_parameter_names
+from data.mini_abc_build.customize import CustomizationConfig, customize
 from utils.data import ExemplarCandidates, load_exemplar_images
 from utils.losses import collect_losses
-from utils.models import PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model
+from utils.models import (PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model,
+                          select_parameter_names)
 
 
 def test_customization_trains_only_kv_and_the_token_and_saves_the_abc_format(tiny_abc, tmp_path):
@@ -30,7 +31,7 @@ def test_customization_trains_only_kv_and_the_token_and_saves_the_abc_format(tin
                        CustomizationConfig(steps=60, batch_size=4, lr=3e-3, token_lr=3e-2, init_token="fish"))
     assert len(result["losses"]) == 60
     changed = {n for n, p in base.unet.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == set(kv_parameter_names(base.unet))
+    assert changed == set(select_parameter_names(base.unet, "cross-attn-kv"))
     table = base.text_encoder.get_input_embeddings().weight
     table_name = next(n for n, p in base.text_encoder.named_parameters() if p is table)
     text_changed = {n for n, p in base.text_encoder.named_parameters()
@@ -42,7 +43,7 @@ def test_customization_trains_only_kv_and_the_token_and_saves_the_abc_format(tin
     fresh = load_base_model(tiny_abc["sd_version"], "cpu")
     assert "<new1>" not in fresh.tokenizer.get_vocab()
     loaded = apply_customization(fresh, PristineWeights(fresh.unet), tmp_path / "model")
-    assert len(loaded) == len(kv_parameter_names(fresh.unet))
+    assert len(loaded) == len(select_parameter_names(fresh.unet, "cross-attn-kv"))
     tuned = exemplar_loss(fresh)
     fresh_base = load_base_model(tiny_abc["sd_version"], "cpu")  # untuned, <new1> = its initial embedding
     fresh_base.tokenizer.add_tokens("<new1>")

@@ -18,13 +18,6 @@ from data.mini_abc_build.sources import (PACKAGES, fetch_packages, load_concepts
 RED = (220, 20, 20)
 
 
-def _cairosvg_or_skip():
-    try:
-        import cairosvg  # noqa: F401  (the cairo C library is loaded at import)
-    except (ImportError, OSError) as exc:
-        pytest.skip(f"cairosvg unavailable: {exc}")
-
-
 def _png_with_margins(path, size=64, box=(10, 20, 30, 50), color=RED):
     """A transparent PNG (with green hidden under alpha 0) holding one opaque rectangle."""
     arr = np.zeros((size, size, 4), np.uint8)
@@ -180,7 +173,6 @@ def test_rasterize_semi_transparent_goes_on_white(tmp_path):
 
 
 def test_rasterize_svg_crops_pads_and_resizes(tmp_path):
-    _cairosvg_or_skip()
     svg = _svg_with_margins(tmp_path / "e.svg", box=(10, 20, 30, 50))
     _check_rasterized(rasterize(svg, 40, margin=0.06, svg_px=144), 40, 0.06)
 
@@ -228,8 +220,4 @@ def test_real_packages_match_about_1900_concepts():
     assert grin.name == "grinning face" and grin.openmoji_author
     for path in (grin.google_png, grin.twitter_png):
         assert rasterize(path, 32).size == (32, 32)
-    try:
-        import cairosvg  # noqa: F401
-    except (ImportError, OSError):
-        return
     assert rasterize(grin.openmoji_svg, 32).size == (32, 32)

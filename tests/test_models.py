@@ -56,7 +56,7 @@ def test_bad_custom_weights_fail_loudly(base_model, tmp_path):
 
 
 def test_concept_embedding_reloads_for_the_next_model(base_model, tiny_abc):
-    """SPEC pitfall 7: a second model's <new1> must replace the first one's, not fail."""
+    """docs/method.md, pitfall 7: a second model's <new1> must replace the first one's, not fail."""
     root = tiny_abc["dataroot"]
     tok, enc = base_model.tokenizer, base_model.text_encoder
     ids = []

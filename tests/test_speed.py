@@ -11,10 +11,11 @@ import torch
 
 import compute_influence
 import compute_training_loss
-from unlearn import select_parameter_names, unlearn
+from unlearn import unlearn
 from utils.data import LaionCandidates
 from utils.io import InputError
 from utils.losses import collect_losses
+from utils.models import select_parameter_names
 
 REPO = Path(__file__).resolve().parent.parent
 STAGE1 = ["--laion_subset_size", "12", "--batch_size", "20", "--time_samples", "5", "--device", "cpu"]

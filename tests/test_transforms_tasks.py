@@ -47,13 +47,15 @@ def test_load_tasks_and_keys(tmp_path):
     assert tasks[0].query_key == "imagenet/gpt/c/samples/00000.png"
     assert tasks[0].family == "object"
     assert len(unique_models(tasks)) == 1
+    mine = load_tasks(write(tmp_path, [dict(TASK, test_case="test_mine")]))[0]  # a user's own test case
+    assert mine.family == "mine"
 
 
 @pytest.mark.parametrize("obj, raw, message", [
     (None, "[{", "not valid JSON"),
     ({}, None, "non-empty JSON list"),
     ([{k: v for k, v in TASK.items() if k != "prompt"}], None, "missing key"),
-    ([dict(TASK, test_case="test_mscoco")], None, "unknown test_case 'test_mscoco'"),
+    ([dict(TASK, test_case="../test_x")], None, "must name a file json/<test_case>.json"),
     ([dict(TASK, test_case_ind="0")], None, "'test_case_ind' must be a int"),
 ])
 def test_malformed_task_files_name_the_problem(tmp_path, obj, raw, message):
@@ -63,7 +65,7 @@ def test_malformed_task_files_name_the_problem(tmp_path, obj, raw, message):
 
 def test_exemplar_paths_errors(tmp_path):
     task = Task(**TASK)
-    with pytest.raises(InputError, match="AbC test-case file not found"):
+    with pytest.raises(InputError, match="test-case file not found"):
         exemplar_paths(tmp_path, task)
     (tmp_path / "json").mkdir()
     (tmp_path / "json" / "test_unobserved_imagenet.json").write_text(json.dumps([{"exemplar": ["dataset/e/1.png"]}]))

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from unlearn import fisher_preconditioned_step, query_diffusion_loss, select_parameter_names, unlearn
+from unlearn import fisher_preconditioned_step, query_diffusion_loss, unlearn
+from utils.models import select_parameter_names
 from utils.models import PristineWeights
 
 

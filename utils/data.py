@@ -1,8 +1,9 @@
 """Training candidates as (latent, text embedding) rows: a model's exemplars, then the LAION subset.
 
-Both sets list every unflipped row first, then the same images flipped (SPEC stage 1), so a
-candidate i has rows i and n + i.
+Both sets list every unflipped row first, then the same images flipped (docs/method.md, section 3), so
+a candidate i has rows i and n + i.
 """
+import hashlib
 from pathlib import Path
 from typing import List, Tuple
 
@@ -61,17 +62,34 @@ class LaionCandidates:
             raise InputError(f"--laion_subset_size {subset_size} must be between 1 and {self.total}, "
                              f"the number of LAION images in {dataroot}")
         self.subset_size = subset_size
+        self._fingerprint = None
 
     def __len__(self) -> int:
         return 2 * self.subset_size
 
     def batch(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
         rows = np.arange(start, min(stop, len(self)))
-        latent_rows = np.where(rows < self.subset_size, rows, rows - self.subset_size + self.total)
-        latents = torch.from_numpy(np.ascontiguousarray(self.latents[latent_rows], dtype=np.float32))
+        latents = torch.from_numpy(np.ascontiguousarray(self.latents[self._latent_rows(rows)], dtype=np.float32))
         texts = torch.from_numpy(np.ascontiguousarray(self.text_embeddings[rows % self.subset_size],
                                                       dtype=np.float32))
         return latents, texts
+
+    def _latent_rows(self, rows: np.ndarray) -> np.ndarray:
+        return np.where(rows < self.subset_size, rows, rows - self.subset_size + self.total)
+
+    def fingerprint(self, n_rows: int = 64) -> str:
+        """Hash of the shapes and of 64 evenly spaced candidate rows (latent and text) of the subset used:
+        re-encoded or reordered arrays get another fingerprint, a moved folder the same one. Reads a few MB."""
+        if self._fingerprint is None:
+            self._fingerprint = self._hash_rows(n_rows)
+        return self._fingerprint
+
+    def _hash_rows(self, n_rows: int) -> str:
+        rows = np.unique(np.linspace(0, len(self) - 1, min(n_rows, len(self))).round().astype(np.int64))
+        h = hashlib.sha256(f"{self.latents.shape}{self.text_embeddings.shape}{self.subset_size}".encode())
+        h.update(np.ascontiguousarray(self.latents[self._latent_rows(rows)], dtype=np.float32).tobytes())
+        h.update(np.ascontiguousarray(self.text_embeddings[rows % self.subset_size], dtype=np.float32).tobytes())
+        return h.hexdigest()[:16]
 
 
 def _open_array(path: Path) -> np.ndarray:

@@ -1,10 +1,135 @@
-"""The diagonal Fisher file (`sd_fisher.pt`): a dict UNet-parameter-name -> tensor of that parameter's shape."""
+"""The diagonal Fisher (`sd_fisher.pt`: a dict UNet-parameter-name -> tensor of that parameter's shape):
+estimating it (docs/method.md, section 5) and loading it for the unlearning step.
+
+F_p = mean over samples of (d loss_sample / d p)^2, where each sample is a LAION row (unflipped or
+flipped) with one random timestep and fresh noise from a per-sample seeded CPU generator. For nn.Linear
+parameters (the cross-attention K/V that unlearning updates) per-sample gradients come from activation
+and output-gradient hooks, a whole batch at once; any other selected parameter falls back to one sample
+per backward pass. `write_fisher` checkpoints to <output>.partial, so a killed run resumes where it stopped.
+"""
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .io import InputError
+from .data import LaionCandidates
+from .io import InputError, save_json, save_torch
+from .losses import per_row_loss
+from .models import BaseModel, select_parameter_names
+from .per_sample_grads import PerSampleLinearGrads
+
+
+@dataclass
+class FisherConfig:
+    """How the Fisher is estimated; the defaults are the paper's (1M samples over the 100K subset)."""
+
+    laion_subset_size: int = 100_000  # LAION images sampled from (with flips)
+    num_samples: int = 1_000_000  # per-sample gradients averaged
+    batch_size: int = 16  # samples per backward pass (Linear-only selections)
+    weight_selection: str = "cross-attn-kv"  # the parameters unlearning will update
+    seed: int = 0  # seeds the sample order, the timesteps and the noise
+
+
+def sample_batch(laion: LaionCandidates, order: np.ndarray, start: int, stop: int, seed: int,
+                 num_train_timesteps: int):
+    """Samples start..stop-1: sample i is row order[i mod 2S] with a timestep and noise drawn from its
+    own generator, so the estimate does not depend on the batch size or on where a run resumed."""
+    latents, text, timesteps, noise = [], [], [], []
+    for i in range(start, stop):
+        row = int(order[i % len(order)])
+        lat, txt = laion.batch(row, row + 1)
+        g = torch.Generator().manual_seed(seed * 2**32 + i)
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        noise.append(torch.randn(lat.shape, generator=g, dtype=torch.float32))
+        latents.append(lat)
+        text.append(txt)
+    return torch.cat(latents), torch.cat(text), torch.cat(timesteps), torch.cat(noise)
+
+
+def per_sample_losses(base: BaseModel, latents, text, timesteps, noise, device):
+    latents, text, timesteps, noise = (t.to(device) for t in (latents, text, timesteps, noise))
+    return per_row_loss(base.unet, base.scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
+
+
+def estimate_fisher(base: BaseModel, laion: LaionCandidates, names: List[str], num_samples: int, batch_size: int,
+                    seed: int, device, state=None, on_checkpoint: Optional[Callable] = None, save_every: int = 10_000,
+                    per_sample_hooks: bool = True) -> Dict[str, torch.Tensor]:
+    """Mean squared per-sample gradient of each named parameter; `state` resumes from a checkpoint
+    that `on_checkpoint` wrote."""
+    params = dict(base.unet.named_parameters())
+    for n, p in params.items():
+        p.requires_grad_(n in names)
+    order = np.random.default_rng(seed).permutation(len(laion))  # each row once per pass; later passes repeat it
+    hooked = per_sample_hooks and PerSampleLinearGrads.covers(base.unet, names)
+    batch = batch_size if hooked else 1
+    done = 0
+    sums = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
+    if state is not None:
+        done, sums = state["done"], {n: state["sums"][n].to(device) for n in names}
+    bar = tqdm(total=num_samples, initial=done, desc="Fisher", unit="sample")
+    next_save = done + save_every
+    while done < num_samples:
+        stop = min(done + batch, num_samples)
+        inputs = sample_batch(laion, order, done, stop, seed, base.scheduler.config.num_train_timesteps)
+        if hooked:
+            tracker = PerSampleLinearGrads(base.unet, names)
+            per_sample_losses(base, *inputs, device).sum().backward()
+            tracker.remove()
+            for n in names:
+                sums[n] += tracker.grads[n].pow(2).sum(0)
+        else:
+            per_sample_losses(base, *inputs, device).sum().backward()
+            for n in names:
+                sums[n] += params[n].grad.double().pow(2)
+        for p in params.values():
+            p.grad = None
+        bar.update(stop - done)
+        done = stop
+        if on_checkpoint is not None and done >= next_save and done < num_samples:
+            on_checkpoint({"done": done, "sums": {n: s.cpu() for n, s in sums.items()}})
+            next_save = done + save_every
+    bar.close()
+    for p in params.values():
+        p.requires_grad_(False)
+    return {n: (sums[n] / num_samples).float().cpu() for n in names}
+
+
+def write_fisher(base: BaseModel, laion: LaionCandidates, output, config: FisherConfig, device,
+                 save_every: int = 10_000, overwrite: bool = False) -> Path:
+    """Estimate the Fisher and write it to `output` (+ `.json` with its settings), resuming from
+    `output.partial` when a killed run left one made with the same settings. Skips a finished output
+    unless `overwrite`."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        print(f"{output} exists; pass --overwrite to recompute")
+        return output
+    if config.num_samples < 1 or config.batch_size < 1:
+        raise InputError("--num_samples and --batch_size must be positive")
+    names = select_parameter_names(base.unet, config.weight_selection)
+    # what decides the numbers: the settings, the base model and the candidate rows (not where they lie)
+    settings = {**asdict(config), "base_model": base.fingerprint, "laion_arrays": laion.fingerprint()}
+    checkpoint = output.with_name(output.name + ".partial")
+    state = None
+    if checkpoint.exists() and not overwrite:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state.get("settings") != settings:
+            raise InputError(f"{checkpoint} was made with other settings ({state.get('settings')}); "
+                             f"delete it or pass --overwrite")
+        print(f"resuming from {checkpoint} at {state['done']} samples")
+    fisher = estimate_fisher(base, laion, names, config.num_samples, config.batch_size, config.seed, device,
+                             state=state, save_every=save_every,
+                             on_checkpoint=lambda st: save_torch(checkpoint, {**st, "settings": settings}))
+    save_torch(output, fisher)
+    save_json(output.with_suffix(".json"), settings)
+    if checkpoint.exists():
+        checkpoint.unlink()
+    zeros = sum(int((f == 0).sum()) for f in fisher.values())
+    print(f"wrote {output}: {len(fisher)} tensors, {sum(f.numel() for f in fisher.values())} entries "
+          f"({zeros} zero), settings in {output.with_suffix('.json')}")
+    return output
 
 
 def load_fisher(path, params: Dict[str, torch.Tensor], floor: Optional[float] = None,
@@ -12,7 +137,7 @@ def load_fisher(path, params: Dict[str, torch.Tensor], floor: Optional[float] = 
     """Fisher diagonals of exactly the parameters in `params`, as float64 on `device`.
 
     Names may carry a 'unet.' prefix. A selected parameter without an entry, with another shape, or
-    with a zero / negative / non-finite entry is an error, since the update divides by it (SPEC pitfall 5);
+    with a zero / negative / non-finite entry is an error, since the update divides by it (docs/method.md, pitfall 5);
     `floor` instead raises every entry to at least that value.
     """
     path = Path(path)

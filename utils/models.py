@@ -1,4 +1,7 @@
-"""Loading the base Stable Diffusion components, a Custom Diffusion model on top, and encoding inputs."""
+"""Loading the base Stable Diffusion components, a Custom Diffusion model on top, which parameters a method
+updates, and encoding inputs."""
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +16,34 @@ CONCEPT_TOKEN = "<new1>"
 CONCEPT_FILE = "<new1>.bin"
 
 
+# A parameter is selected when, for every group, one of the group's substrings occurs in its name
+# (docs/method.md, section 4). Custom Diffusion trains exactly the cross-attention K/V ("cross-attn-kv").
+WEIGHT_SELECTIONS: Dict[str, List[List[str]]] = {
+    "cross-attn-kv": [["attn2"], ["to_k", "to_v"]],
+    "cross-attn": [["attn2"]],
+    "attn": [["attn"]],
+    "all": [],
+}
+
+
+def select_parameter_names(model: torch.nn.Module, weight_selection: str) -> List[str]:
+    """Names of the parameters of `model` that `weight_selection` picks, in the model's order."""
+    if weight_selection not in WEIGHT_SELECTIONS:
+        raise ValueError(f"unknown weight selection {weight_selection!r}; choose from {', '.join(WEIGHT_SELECTIONS)}")
+    groups = WEIGHT_SELECTIONS[weight_selection]
+    names = [n for n, _ in model.named_parameters() if all(any(s in n for s in g) for g in groups)]
+    if not names:
+        raise ValueError(f"weight selection {weight_selection!r} matches no parameter of the model")
+    return names
+
+
 @dataclass
 class BaseModel:
-    """The base model's parts, loaded as a user with internet would (`from_pretrained`)."""
+    """The base model's parts, loaded as a user with internet would (`from_pretrained`).
+
+    `fingerprint` identifies the model by what it is, not where it lies: a moved or re-downloaded copy
+    has the same one, another model (other weights, schedule or vocabulary) another (`model_fingerprint`).
+    """
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -23,6 +51,7 @@ class BaseModel:
     tokenizer: object
     scheduler: object
     sd_version: str
+    fingerprint: str = ""
 
     @property
     def resolution(self) -> int:
@@ -44,9 +73,55 @@ def load_base_model(sd_version: str, device) -> BaseModel:
         scheduler = DDPMScheduler.from_pretrained(sd_version, subfolder="scheduler")
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the base model {sd_version!r} (--sd_version): {e}") from e
+    fingerprint = model_fingerprint(unet, vae, text_encoder, tokenizer, scheduler)  # on the CPU: device-free
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)
-    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, sd_version)
+    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, sd_version, fingerprint)
+
+
+def model_fingerprint(unet, vae, text_encoder, tokenizer, scheduler, samples_per_tensor: int = 64) -> str:
+    """A short hash of what decides the losses: every weight tensor's name, shape and 64 evenly spaced values
+    (first and last included), the noise schedule, the VAE scaling factor and the vocabulary.
+
+    Milliseconds for SD v1.4 (about 1,100 tensors), and independent of the folder, the file format and
+    the device; a fine-tuned or different model changes nearly every tensor, so sampling suffices.
+    """
+    h = hashlib.sha256()
+    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        for name, tensor in module.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            index = torch.linspace(0, max(len(flat) - 1, 0), min(samples_per_tensor, len(flat))).round().long()
+            h.update(f"{part}.{name}{tuple(tensor.shape)}".encode())
+            h.update(flat[index].to("cpu", torch.float64).numpy().tobytes())
+    schedule = {k: scheduler.config.get(k) for k in ("num_train_timesteps", "beta_start", "beta_end",
+                                                     "beta_schedule", "trained_betas", "prediction_type")}
+    h.update(json.dumps(schedule, sort_keys=True, default=str).encode())
+    h.update(repr(float(vae.config.scaling_factor)).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return h.hexdigest()[:16]
+
+
+def files_fingerprint(paths) -> str:
+    """Hash of the bytes of a few small files (a customized model: its K/V weights and <new1> embedding)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def check_candidates_fit(base: BaseModel, latents_shape, text_width: int, where: str) -> None:
+    """Precomputed candidate arrays must fit the base model (a real-SD dataroot with a tiny model, say)."""
+    cfg = base.unet.config
+    want = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    if tuple(latents_shape[1:]) != want:
+        raise InputError(f"{where}: latents have shape {tuple(latents_shape[1:])} per row, but --sd_version "
+                         f"{base.sd_version} takes {want}: are --dataroot and --sd_version a pair?")
+    if text_width != cfg.cross_attention_dim:
+        raise InputError(f"{where}: text embeddings have width {text_width}, the UNet's cross-attention "
+                         f"expects {cfg.cross_attention_dim}: are --dataroot and --sd_version a pair?")
 
 
 class PristineWeights:
@@ -122,7 +197,7 @@ def load_concept_embedding(tokenizer, text_encoder, model_dir, token: str = CONC
     """Set the `<new1>` embedding of a customized model; adds the token the first time, overwrites after.
 
     Unlike the pipeline's `load_textual_inversion`, this may be called again for the next model
-    (SPEC pitfall 7). Returns the token id.
+    (docs/method.md, pitfall 7). Returns the token id.
     """
     path = Path(model_dir) / CONCEPT_FILE
     if not path.is_file():
@@ -163,14 +238,26 @@ def encode_images(vae, images: torch.Tensor, generator: torch.Generator, batch_s
 
     The posterior sample draws its noise from `generator` on the CPU so that it repeats across devices.
     """
-    device = next(vae.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        dist = vae.encode(images[start:start + batch_size].to(device)).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(device, dist.mean.dtype)
-        latent = dist.mean + dist.std * eps
-        out.append((latent * vae.config.scaling_factor if scale else latent).float().cpu())
+        batch = images[start:start + batch_size]
+        shape = (len(batch), vae.config.latent_channels, *latent_hw(vae, batch.shape[-2:]))
+        out.append(encode_with_noise(vae, batch, torch.randn(shape, generator=generator, dtype=torch.float32), scale))
     return torch.cat(out)
+
+
+def latent_hw(vae, image_hw):
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return tuple(int(x) // factor for x in image_hw)
+
+
+@torch.no_grad()
+def encode_with_noise(vae, images: torch.Tensor, eps: torch.Tensor, scale: bool = True) -> torch.Tensor:
+    """mean + std * eps of the VAE posterior of each image (eps given, float32 on the CPU), scaled unless not."""
+    device = next(vae.parameters()).device
+    dist = vae.encode(images.to(device)).latent_dist
+    latent = dist.mean + dist.std * eps.to(device, dist.mean.dtype)
+    return (latent * vae.config.scaling_factor if scale else latent).float().cpu()
 
 
 def apply_customization(base: BaseModel, pristine: PristineWeights, model_dir) -> List[str]:
@@ -179,3 +266,13 @@ def apply_customization(base: BaseModel, pristine: PristineWeights, model_dir) -
     loaded = load_custom_diffusion_weights(base.unet, model_dir, pristine)
     load_concept_embedding(base.tokenizer, base.text_encoder, model_dir)
     return loaded
+
+
+def customization_fingerprint(model_dir) -> str:
+    """Identifies a customized model by its two files' bytes (so a re-trained model is not taken for the old)."""
+    model_dir = Path(model_dir)
+    paths = [model_dir / CUSTOM_WEIGHTS_FILE, model_dir / CONCEPT_FILE]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise InputError(f"customized model file not found: {missing[0]}")
+    return files_fingerprint(paths)

@@ -1,5 +1,4 @@
-"""The fast path of both stages: autocast precision, TF32, channels-last, torch.compile, and sharding
-queries or models over the processes of `accelerate launch`.
+"""The fast path of both stages: autocast precision, TF32, channels-last and torch.compile.
 
 fp32 keeps the authors' numerics: no autocast and PyTorch's default matmul precision; `auto` (the
 default) is bf16 on CUDA and fp32 on the CPU.
@@ -9,16 +8,13 @@ timesteps and the loss reduction (in fp32) are the same under every precision, a
 records the precision, so stage 2 refuses to subtract losses measured at another one.
 """
 import contextlib
-import ctypes
-import ctypes.util
-import sys
-from typing import List, Sequence, Tuple
 
 import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-# --precision auto: the fastest precision that passed the agreement gate on mini-AbC (README, Performance);
-# bf16 is 3.3x fp32 on an H100, and slower than fp32 on a CPU, so fp32 stays the CPU default
+# --precision auto: the fastest precision that passed the agreement gate on mini-AbC (docs/performance.md).
+# On an H100 bf16 tracks losses 3.3x faster than fp32; on a CPU it gains about 12% in loss tracking but
+# unlearns 40% slower, so fp32 stays the CPU default
 AUTO_PRECISION = {"cuda": "bf16", "cpu": "fp32"}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # fp16 unlearning: the loss is multiplied by this before backward and the step divided by it (same update,
@@ -59,33 +55,10 @@ def loss_tracker(unet: torch.nn.Module, compile_unet: bool) -> torch.nn.Module:
     return torch.compile(unet) if compile_unet else unet
 
 
-def process_share(items: Sequence, device: str) -> Tuple[List, str, int, int]:
-    """(this process's items, its device, its index, the process count).
-
-    Under `accelerate launch` (or torchrun) every process takes every num_processes-th item starting at
-    its own index, on its own GPU; a plain run takes everything. Items are independent and seeded, so
-    each output equals a single-process run's, and a rerun after a crash finishes whatever is missing.
-    """
-    from accelerate import PartialState
-
-    state = PartialState(cpu=device_type(device) == "cpu")
-    if state.num_processes > 1 and device_type(device) == "cuda":
-        device = str(state.device)
-    return list(items)[state.process_index::state.num_processes], device, state.process_index, state.num_processes
-
-
-def bound_heap_growth(threshold: int = 64 * 1024) -> bool:
-    """Have glibc return every buffer larger than `threshold` to the system when freed.
-
-    By default glibc raises its mmap threshold after large frees and then serves the per-batch buffers
-    (tens of MB each) from a heap that only grows: measured by benchmarks/memory_scaling.py, the peak
-    anonymous memory of one pass rose with the LAION subset size (693 -> 875 MiB from 1,000 to 8,000
-    images at B = 400) instead of staying flat (577 -> 587 MiB with this). Linux/glibc only; elsewhere it
-    does nothing and returns False."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+def kernel_device(device) -> str:
+    """The kind of device that computes: "cpu", or "cuda:<GPU name>". Another kind runs other kernels, which
+    change the last bits of every loss, so the loss cache records it (utils/loss_cache.py)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type

@@ -1,4 +1,9 @@
-"""Task files (one JSON list of queries) and the AbC ground-truth JSONs they point into."""
+"""Task files (one JSON list of queries) and the ground-truth JSONs they point into (docs/method.md, section 2).
+
+A test case is any `json/<test_case>.json` under the dataroot: AbC's four, or a user's own benchmark in
+the same format. AbC's test cases belong to two families (objects, styles); any other test case is a
+family of its own, named after it.
+"""
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import List
@@ -18,7 +23,7 @@ FAMILIES = {
 class Task:
     synth_image_path: str  # relative to the dataroot, e.g. synth/imagenet/gpt/<class>/samples/00000.png
     prompt: str  # the prompt that synthesized the query, contains <new1>
-    test_case: str  # one of TEST_CASES
+    test_case: str  # the name of json/<test_case>.json under the dataroot, e.g. test_artchive
     test_case_ind: int  # index into json/<test_case>.json
     model_path: str  # relative to the dataroot, e.g. models/imagenet/<class>
     train_prompt: str  # the customization caption, e.g. "<new1> fish"
@@ -26,17 +31,18 @@ class Task:
 
     @property
     def model_key(self) -> str:
-        """Folder of this model's loss cache under results/orig_loss/."""
+        """The model's name in the results layout (utils/layout.py): model_path without 'models/'."""
         return _strip_prefix(self.model_path, "models/")
 
     @property
     def query_key(self) -> str:
-        """Folder of this query's results under results/influence/."""
+        """The query's name in the results layout (utils/layout.py): synth_image_path without 'synth/'."""
         return _strip_prefix(self.synth_image_path, "synth/")
 
     @property
     def family(self) -> str:
-        return FAMILIES[self.test_case]
+        """'object' or 'style' for AbC's test cases; another test case is its own family (test_mine -> mine)."""
+        return FAMILIES.get(self.test_case, _strip_prefix(self.test_case, "test_"))
 
 
 def _strip_prefix(path: str, prefix: str) -> str:
@@ -68,13 +74,27 @@ def load_tasks(path) -> List[Task]:
             value = entry[key]
             if not isinstance(value, typ) or isinstance(value, bool):
                 raise InputError(f"{where}: '{key}' must be a {typ.__name__}, got {value!r}")
-        if entry["test_case"] not in TEST_CASES:
-            raise InputError(f"{where}: unknown test_case {entry['test_case']!r}; "
-                             f"expected one of {', '.join(TEST_CASES)}")
+        if not entry["test_case"] or "/" in entry["test_case"] or entry["test_case"].startswith("."):
+            raise InputError(f"{where}: test_case {entry['test_case']!r} must name a file json/<test_case>.json "
+                             f"under the dataroot, e.g. {TEST_CASES[0]!r}")
         if entry["test_case_ind"] < 0:
             raise InputError(f"{where}: test_case_ind must be >= 0, got {entry['test_case_ind']}")
         tasks.append(Task(**{k: v for k, v in entry.items() if k in known}))
+    _check_models_agree(tasks, path)
     return tasks
+
+
+def _check_models_agree(tasks: List[Task], path) -> None:
+    """Queries of one model share its exemplars and cache: they must name the same ground truth and caption."""
+    first = {}
+    for i, t in enumerate(tasks):
+        j = first.setdefault(t.model_path, i)
+        a = tasks[j]
+        for key in ("test_case", "test_case_ind", "train_prompt"):
+            if getattr(a, key) != getattr(t, key):
+                raise InputError(f"task file {path}: entries {j} and {i} share model_path {t.model_path!r} but not "
+                                 f"{key} ({getattr(a, key)!r} vs {getattr(t, key)!r}); the queries of one model "
+                                 f"must point at the same json entry and train_prompt")
 
 
 def unique_models(tasks: List[Task]) -> List[Task]:
@@ -94,7 +114,11 @@ def exemplar_paths(dataroot, task: Task) -> List[Path]:
     """
     dataroot = Path(dataroot)
     json_path = dataroot / "json" / f"{task.test_case}.json"
-    entries = load_json(json_path, "AbC test-case file")
+    if not json_path.is_file():
+        known = sorted(p.stem for p in (dataroot / "json").glob("*.json"))
+        raise InputError(f"test-case file not found: {json_path} (test_case {task.test_case!r} of query "
+                         f"{task.synth_image_path}); the dataroot has: {', '.join(known) or 'no json/*.json'}")
+    entries = load_json(json_path, "test-case file")
     if not isinstance(entries, list) or task.test_case_ind >= len(entries):
         n = len(entries) if isinstance(entries, list) else 0
         raise InputError(f"{json_path} has {n} entries, but a task asks for test_case_ind "

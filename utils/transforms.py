@@ -1,4 +1,4 @@
-"""Image preprocessing of SPEC stage 1 with PIL and numpy (no torchvision).
+"""Image preprocessing of docs/method.md, section 3, with PIL and numpy (no torchvision).
 
 Matches torchvision's Resize(size, BILINEAR) -> CenterCrop(size) -> ToTensor -> Normalize(0.5, 0.5):
 the shorter side goes to `size`, the longer side to int(size * long / short), the crop offset is

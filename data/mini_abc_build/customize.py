@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.io import save_torch
-from utils.models import CONCEPT_FILE, CONCEPT_TOKEN, CUSTOM_WEIGHTS_FILE, encode_images
+from utils.models import CONCEPT_FILE, CONCEPT_TOKEN, CUSTOM_WEIGHTS_FILE, encode_images, select_parameter_names
 
 
 @dataclass
@@ -28,10 +28,6 @@ class CustomizationConfig:
     prior_weight: float = 1.0
     init_token: Optional[str] = None  # word whose embedding <new1> starts from (default: the mean embedding)
     seed: int = 0
-
-
-def kv_parameter_names(unet) -> List[str]:
-    return [n for n, _ in unet.named_parameters() if "attn2" in n and (".to_k." in n or ".to_v." in n)]
 
 
 def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: torch.Tensor, prior_captions: List[str],
@@ -63,7 +59,7 @@ def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: to
     ex_ids = ids([train_prompt])
     prior_ids = ids(prior_captions)
 
-    names = kv_parameter_names(unet)
+    names = select_parameter_names(unet, "cross-attn-kv")  # what Custom Diffusion trains
     params = dict(unet.named_parameters())
     for n, p in unet.named_parameters():
         p.requires_grad_(n in names)

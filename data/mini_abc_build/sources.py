@@ -201,10 +201,10 @@ def load_concepts(google_dir, twitter_dir, openmoji_dir) -> list[Concept]:
 
 def _load_rgba(path: Path, svg_px: int) -> Image.Image:
     if path.suffix.lower() == ".svg":
-        import cairosvg  # lazy: only building from SVGs needs cairosvg (and the cairo C library)
+        import resvg_py  # the renderer ships in the wheel: no system library
 
-        png = cairosvg.svg2png(url=str(path), output_width=svg_px, output_height=svg_px)
-        img = Image.open(io.BytesIO(png))
+        png = resvg_py.svg_to_bytes(svg_path=str(path), width=svg_px, height=svg_px)
+        img = Image.open(io.BytesIO(bytes(png)))
     else:
         img = Image.open(path)
     img.load()

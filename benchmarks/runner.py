@@ -1,0 +1,55 @@
+"""What the mini-AbC benchmark scripts share: the benchmark's place, its CPU sizing and validation-tuned values,
+the flags every run of the CLIs gets, and running a CLI with its time recorded beside its results."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from utils.io import save_json  # noqa: E402
+
+BENCH = REPO / "data" / "mini_abc"
+# Hyperparameters that do not transfer from SD scale, chosen on the validation split (docs/mini_abc.md).
+TUNED = {"fisher_dataset_size": 1e6, "unlearn_lr": 0.1, "sgd_lr": 1.0, "all_weights_n": 1e8}
+# Sizing for 2 CPU cores (docs/mini_abc.md): the first 1,000 pretraining images (2,000 rows with flips) as
+# candidates, T = 5 timesteps, 25 unlearning steps of 4 micro-batches; about 20 s a query.
+SIZING = {"laion_subset_size": 1000, "time_samples": 5, "batch_size": 200, "unlearn_steps": 25,
+          "unlearn_grad_accum_steps": 4}
+
+
+def common_flags(bench: Path, n_laion: int):
+    """Flags every script of the comparison takes (compute_baselines.py has no --device: it runs on the CPU)."""
+    return ["--sd_version", str(bench / "sd-mini"), "--dataroot", str(bench / "abc"),
+            "--laion_subset_size", str(n_laion)]
+
+
+def abu_flags(args):
+    """compute_influence.py's sizing and tuned flags shared by every AbU row."""
+    return ["--loss_batch_size", str(args.batch_size), "--loss_time_samples", str(args.time_samples),
+            "--fisher_dataset_size", str(int(args.fisher_dataset_size)), "--unlearn_lr", str(args.unlearn_lr),
+            "--unlearn_steps", str(args.unlearn_steps), "--unlearn_grad_accum_steps", str(args.unlearn_grad_accum_steps)]
+
+
+def run(cmd) -> bool:
+    """Run one of the repo's scripts with this Python; True when it exits 0."""
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO).returncode == 0
+
+
+def timed(result_dir: Path, marker: str, fn):
+    """(fn()'s result, the method's compute seconds). The seconds live in result_dir/timing.json, summed over
+    the runs that finished something (files named `marker`), so a rerun that only re-scores, or resumes
+    after a crash, still reports the time the results took."""
+    count = lambda: len(list(result_dir.rglob(marker))) if result_dir.is_dir() else 0  # noqa: E731
+    before, t0 = count(), time.time()
+    ok = fn()
+    path = result_dir / "timing.json"
+    seconds = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    if count() > before or not path.is_file():
+        seconds = round(seconds + time.time() - t0, 1)
+        save_json(path, {"seconds": seconds})
+    return ok, seconds

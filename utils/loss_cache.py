@@ -1,0 +1,104 @@
+"""Stage 1's loss cache and its contract: what made it is recorded, and checked before anyone subtracts from it.
+
+A cache holds every candidate's loss before unlearning (utils/layout.py names the files). Stage 2 subtracts
+its own losses from these, row by row, so both must come from the same noise, timesteps and kernels
+(docs/method.md, section 3). `LossSettings` lists everything that changes those numbers, identifying the
+base model, the customized model and the candidate arrays by fingerprints of their contents (a moved
+folder keeps its caches; another model is refused). The path given as --sd_version is recorded for the
+reader but not compared.
+"""
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import InputError, load_json, save_json, save_npy
+from .layout import EXEMPLAR_LATENTS, EXEMPLAR_LOSS, LAION_LOSS, SETTINGS
+from .losses import NOISE_GENERATOR_DEVICE
+from .models import customization_fingerprint
+from .speed import kernel_device
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Everything that decides a candidate's noise, timesteps and loss; saved beside each cache."""
+
+    batch_size: int
+    time_samples: int
+    seed: int
+    laion_subset_size: int
+    precision: str
+    compiled: bool  # torch.compile changes the kernels, and so the last bits of every loss
+    kernels: str  # the device kind the UNet ran on ("cpu", "cuda:NVIDIA A100-SXM4-80GB"), likewise
+    base_model: str  # utils.models.model_fingerprint
+    customized_model: str  # utils.models.customization_fingerprint
+    laion_arrays: str  # utils.data.LaionCandidates.fingerprint of the rows used
+    model_path: str
+    train_prompt: str
+    n_exemplar_rows: int
+    n_laion_rows: int
+    noise_generator: str = NOISE_GENERATOR_DEVICE
+
+
+def loss_settings(task, base, laion, dataroot, n_exemplar_rows: int, *, batch_size: int, time_samples: int, seed: int,
+                  precision: str, compiled: bool, device) -> LossSettings:
+    """What a model's cache is made with (stage 1), or must have been made with (stage 2)."""
+    return LossSettings(
+        batch_size=batch_size, time_samples=time_samples, seed=seed, laion_subset_size=laion.subset_size,
+        precision=precision, compiled=bool(compiled), kernels=kernel_device(device), base_model=base.fingerprint,
+        customized_model=customization_fingerprint(Path(dataroot) / task.model_path), laion_arrays=laion.fingerprint(),
+        model_path=task.model_path, train_prompt=task.train_prompt, n_exemplar_rows=n_exemplar_rows,
+        n_laion_rows=len(laion))
+
+
+def cache_is_complete(cache_dir) -> bool:
+    """The settings file is written last, so its presence marks a finished cache."""
+    cache_dir = Path(cache_dir)
+    return all((cache_dir / f).is_file() for f in (EXEMPLAR_LOSS, LAION_LOSS, EXEMPLAR_LATENTS, SETTINGS))
+
+
+def save_loss_cache(cache_dir, exemplar_loss, laion_loss, exemplar_latents, settings: LossSettings,
+                    sd_version: str) -> None:
+    cache_dir = Path(cache_dir)
+    save_npy(cache_dir / EXEMPLAR_LOSS, exemplar_loss)
+    save_npy(cache_dir / LAION_LOSS, laion_loss)
+    save_npy(cache_dir / EXEMPLAR_LATENTS, exemplar_latents)
+    save_json(cache_dir / SETTINGS, {**asdict(settings), "sd_version": sd_version})  # last: marks it finished
+
+
+def check_loss_cache(cache_dir, expected: LossSettings) -> dict:
+    """The cached settings, after checking that the cache is finished and made with `expected`."""
+    cache_dir = Path(cache_dir)
+    if not cache_is_complete(cache_dir):
+        raise InputError(f"no finished pre-unlearning loss cache in {cache_dir}; "
+                         f"run compute_training_loss.py with the same task file first")
+    cached = load_json(cache_dir / SETTINGS, "loss-cache settings")
+    check_settings(cached, expected, cache_dir)
+    return cached
+
+
+def load_loss_cache(cache_dir, expected: LossSettings):
+    """(exemplar_loss, laion_loss, exemplar_latents, settings dict) of a cache made with `expected`."""
+    cache_dir = Path(cache_dir)
+    cached = check_loss_cache(cache_dir, expected)
+    exemplar_loss = np.load(cache_dir / EXEMPLAR_LOSS)
+    laion_loss = np.load(cache_dir / LAION_LOSS)
+    if len(exemplar_loss) != cached["n_exemplar_rows"] or len(laion_loss) != cached["n_laion_rows"]:
+        raise InputError(f"{cache_dir}: loss arrays do not match the row counts in {SETTINGS}; "
+                         f"rerun compute_training_loss.py with --overwrite")
+    return exemplar_loss, laion_loss, torch.from_numpy(np.load(cache_dir / EXEMPLAR_LATENTS)), cached
+
+
+def check_settings(cached: dict, expected: LossSettings, cache_dir) -> None:
+    """Refuse to subtract losses made under other settings, naming each differing value."""
+    diffs = [f"{f.name}: cache has {cached.get(f.name)!r}, this run uses {getattr(expected, f.name)!r}"
+             for f in fields(LossSettings) if cached.get(f.name) != getattr(expected, f.name)]
+    if diffs:
+        raise InputError(
+            f"the loss cache in {cache_dir} was made with other settings, so its losses cannot be subtracted "
+            f"from this run's:\n  " + "\n  ".join(diffs) +
+            "\nUse the flags compute_training_loss.py used (--loss_batch_size = --batch_size, --loss_time_samples = "
+            "--time_samples, --seed, --laion_subset_size, --precision, --compile), the same base model, customized "
+            "model and candidate arrays, on the same kind of device; or recompute the cache with "
+            "compute_training_loss.py --overwrite.")
