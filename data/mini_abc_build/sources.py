@@ -1,44 +1,101 @@
-"""The three emoji sources of mini-AbC: fetching, matching concepts across them, rasterizing.
+"""The emoji sources of mini-AbC v2: many independently designed emoji styles of the same concepts.
 
-Three emoji sets drawn independently by different designers give the same concepts in distinct
-styles:
+Each style is one Iconify JSON npm package (``@iconify-json/<set>``): a single ``icons.json`` of
+SVG bodies, with the set's facts (``info.json``: author, licence) and a code-point map
+(``chars.json``) beside it. Concept names and categories come from ``emoji-datasource``'s
+``emoji.json`` (data only; its images are not used).
 
-* ``emoji-datasource-google@16.0.0``  -- Google Noto Color Emoji, 64 px PNGs (``img/google/64/``);
-* ``emoji-datasource-twitter@16.0.0`` -- Twemoji, 64 px PNGs (``img/twitter/64/``);
-* ``openmoji@17.0.0``                 -- OpenMoji SVGs (``color/svg/<HEXCODE>.svg``) with a per-emoji
-  author in ``data/openmoji.csv``.
+Pipeline: ``fetch_packages`` (npm, pinned) -> ``load_concepts`` (match the same emoji across sets,
+build full SVG documents) -> ``rasterize`` (resvg, no cairo) -> ``write_notice`` (licences).
 
-A concept is keyed by its code points with U+FE0F (the emoji presentation selector) removed,
-lower-case hex joined by ``-`` (``"2764-fe0f-200d-1f525"`` -> ``"2764-200d-1f525"``): the
-emoji-datasource ``image`` names and the OpenMoji ``hexcode`` disagree on FE0F for the same emoji,
-and dropping it makes them agree.
+A concept is keyed by its code points: lower-case hex joined by ``-`` with U+FE0F (the emoji
+presentation selector) removed, because the sources disagree on FE0F for the same emoji
+(``"2764-fe0f"`` in emoji-datasource, ``"2764"`` elsewhere).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
+import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from PIL import Image
 
-PACKAGES = {
-    "emoji-datasource-google": "16.0.0",
-    "emoji-datasource-twitter": "16.0.0",
-    "openmoji": "17.0.0",
-}
+# --------------------------------------------------------------------------------------------
+# the registry of style sets
 
-# Where each emoji-datasource package keeps its 64 px PNGs, and the emoji.json flag saying the
-# image exists.
-_DATASOURCE_IMAGES = {
-    "google": ("img/google/64", "has_img_google"),
-    "twitter": ("img/twitter/64", "has_img_twitter"),
+# Licences (SPDX) that allow redistributing modified images, with their legal-code URLs.
+LICENCE_URLS = {
+    "Apache-2.0": "https://www.apache.org/licenses/LICENSE-2.0",
+    "MIT": "https://opensource.org/license/mit",
+    "CC-BY-4.0": "https://creativecommons.org/licenses/by/4.0/",
+    "CC-BY-SA-4.0": "https://creativecommons.org/licenses/by-sa/4.0/",
 }
+SHARE_ALIKE = {"CC-BY-SA-4.0"}
+
+
+@dataclass(frozen=True)
+class StyleSet:
+    """Facts about one emoji set, as its npm package states them (package.json and info.json)."""
+
+    package: str          # npm package name
+    version: str          # exact pinned version
+    title: str            # info.name
+    licence: str          # SPDX id; package.json `license` and info.license.spdx agree on it
+    author: str           # info.author.name
+    source_url: str       # info.author.url: where the artwork comes from
+    upstream_version: str | None = None  # info.version: the artwork's own release, when stated
+    colour: bool = True   # info.palette: False for single-colour (currentColor) sets
+    attribution: str | None = None  # wording the project asks attributions to use
+
+
+# Versions are what `npm view <pkg> version` gave on 2026-11-28. Facts were read from each
+# package's package.json and info.json at that version; `verify_licences` re-checks them.
+SETS: dict[str, StyleSet] = {
+    "noto": StyleSet("@iconify-json/noto", "1.2.9", "Noto Emoji", "Apache-2.0", "Google Inc",
+                     "https://github.com/googlefonts/noto-emoji"),
+    "noto-v1": StyleSet("@iconify-json/noto-v1", "1.2.5", "Noto Emoji (v1)", "Apache-2.0",
+                        "Google Inc", "https://github.com/googlefonts/noto-emoji"),
+    "twemoji": StyleSet("@iconify-json/twemoji", "1.2.5", "Twitter Emoji", "CC-BY-4.0", "Twitter",
+                        "https://github.com/jdecked/twemoji"),
+    "fluent-emoji": StyleSet("@iconify-json/fluent-emoji", "1.2.7", "Fluent Emoji", "MIT",
+                             "Microsoft Corporation",
+                             "https://github.com/microsoft/fluentui-emoji"),
+    "fluent-emoji-flat": StyleSet("@iconify-json/fluent-emoji-flat", "1.2.6", "Fluent Emoji Flat",
+                                  "MIT", "Microsoft Corporation",
+                                  "https://github.com/microsoft/fluentui-emoji"),
+    "fluent-emoji-high-contrast": StyleSet(
+        "@iconify-json/fluent-emoji-high-contrast", "1.2.6", "Fluent Emoji High Contrast", "MIT",
+        "Microsoft Corporation", "https://github.com/microsoft/fluentui-emoji", colour=False),
+    "emojione": StyleSet("@iconify-json/emojione", "1.2.3", "Emoji One (Colored)", "CC-BY-4.0",
+                         "Emoji One", "https://github.com/EmojiTwo/emojitwo", "2.3.0"),
+    "emojione-v1": StyleSet("@iconify-json/emojione-v1", "1.2.3", "Emoji One (v1)",
+                            "CC-BY-SA-4.0", "Emoji One",
+                            "https://github.com/joypixels/emojione-legacy", "1.5.2"),
+    "emojione-monotone": StyleSet("@iconify-json/emojione-monotone", "1.2.1",
+                                  "Emoji One (Monotone)", "CC-BY-4.0", "Emoji One",
+                                  "https://github.com/EmojiTwo/emojitwo", "2.2.7", colour=False),
+    "fxemoji": StyleSet("@iconify-json/fxemoji", "1.2.2", "Firefox OS Emoji", "Apache-2.0",
+                        "Mozilla", "https://github.com/mozilla/fxemoji", "0.0.2"),
+    "openmoji": StyleSet("@iconify-json/openmoji", "1.2.29", "OpenMoji", "CC-BY-SA-4.0",
+                         "OpenMoji", "https://github.com/hfg-gmuend/openmoji",
+                         attribution="All emojis designed by OpenMoji - the open-source emoji "
+                                     "and icon project. License: CC BY-SA 4.0"),
+}
+# Only sets whose licence allows redistributing modified images belong in the registry.
+assert all(s.licence in LICENCE_URLS for s in SETS.values())
+
+# Names and categories (MIT, Copyright (c) 2013 Cal Henderson); only emoji.json is read.
+DATASOURCE = ("emoji-datasource", "16.0.0")
+
+PACKAGES: dict[str, str] = {DATASOURCE[0]: DATASOURCE[1],
+                            **{s.package: s.version for s in SETS.values()}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,11 +109,16 @@ def _installed_version(pkg_dir: Path) -> str | None:
         return None
 
 
-def fetch_packages(cache_dir) -> dict[str, Path]:
-    """Install the three emoji packages at their pinned versions under ``cache_dir``.
+def _npm_command(cache_dir: Path) -> list[str]:
+    return (["npm", "install", "--prefix", str(cache_dir), "--no-save", "--ignore-scripts",
+             "--no-audit", "--no-fund"] + [f"{n}@{v}" for n, v in PACKAGES.items()])
 
-    Skips npm when all three are already there at the right versions. Returns
-    ``{package name: cache_dir/node_modules/<package>}``. Raises ``RuntimeError`` naming the
+
+def fetch_packages(cache_dir) -> dict[str, Path]:
+    """Install every package of ``PACKAGES`` at its pinned version under ``cache_dir``.
+
+    Skips npm when all are already there at the right versions. Returns
+    ``{npm package name: cache_dir/node_modules/<package>}``. Raises ``RuntimeError`` naming the
     command and what to install when npm is missing or fails.
     """
     cache_dir = Path(cache_dir)
@@ -64,22 +126,22 @@ def fetch_packages(cache_dir) -> dict[str, Path]:
     if all(_installed_version(dirs[n]) == v for n, v in PACKAGES.items()):
         return dirs
 
-    # All three in one call: `npm install --no-save X` into a prefix prunes packages not listed in
-    # it, so installing only the missing one would delete the others.
-    cmd = ["npm", "install", "--prefix", str(cache_dir), "--no-save", "--ignore-scripts",
-           "--no-audit", "--no-fund"] + [f"{n}@{v}" for n, v in PACKAGES.items()]
+    # All packages in one call: `npm install --no-save X` into a prefix prunes packages not
+    # listed in it, so installing only the missing ones would delete the others.
+    cmd = _npm_command(cache_dir)
     shown = " ".join(cmd)
     npm = shutil.which("npm")
     if npm is None:
         raise RuntimeError(
             f"npm was not found on PATH; it is needed to run `{shown}`. Install Node.js with npm "
             "(Debian/Ubuntu: `apt-get install nodejs npm`; conda: `conda install -c conda-forge "
-            "nodejs`; or https://nodejs.org), or put the three packages there by hand.")
+            "nodejs`; or https://nodejs.org), or put the packages there by hand.")
     cache_dir.mkdir(parents=True, exist_ok=True)
     try:
         proc = subprocess.run([npm] + cmd[1:], capture_output=True, text=True)
     except OSError as exc:
-        raise RuntimeError(f"could not run `{shown}`: {exc}. Check the Node.js/npm install.") from exc
+        raise RuntimeError(
+            f"could not run `{shown}`: {exc}. Check the Node.js/npm install.") from exc
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout or "").strip()[-2000:]
         raise RuntimeError(
@@ -94,6 +156,132 @@ def fetch_packages(cache_dir) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------------------------
+# reading one Iconify icon set
+
+
+def _read_json(path: Path, default=None):
+    if not path.is_file():
+        return default
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@dataclass
+class IconSet:
+    """One Iconify JSON package, read: icons, aliases, code-point map and set facts."""
+
+    style: str
+    data: dict                         # icons.json
+    info: dict                         # icons.json `info`, else info.json
+    chars: dict[str, str]              # normalized code points -> icon or alias name
+    licence: str                       # package.json `license`
+
+    @classmethod
+    def read(cls, style: str, pkg_dir) -> "IconSet":
+        pkg_dir = Path(pkg_dir)
+        data = _read_json(pkg_dir / "icons.json")
+        # Packages keep `info` and `chars` in their own files; the IconifyJSON format also allows
+        # them inside icons.json. Take whichever is there.
+        info = data.get("info") or _read_json(pkg_dir / "info.json", {})
+        raw_chars = data.get("chars") or _read_json(pkg_dir / "chars.json", {})
+        package = _read_json(pkg_dir / "package.json", {})
+        chars = {normalize_key(cp): name for cp, name in raw_chars.items()}
+        return cls(style, data, info, chars, package.get("license", ""))
+
+    @property
+    def names(self) -> list[str]:
+        """Every icon and alias name, icons first."""
+        return list(self.data.get("icons", {})) + list(self.data.get("aliases", {}))
+
+    def resolve(self, name: str) -> dict | None:
+        """The icon ``name`` names, aliases followed, with its viewBox and transformations.
+
+        Returns ``{"body", "left", "top", "width", "height", "rotate", "hFlip", "vFlip"}`` or
+        ``None`` when the name is unknown (or an alias chain loops).
+        """
+        icons, aliases = self.data.get("icons", {}), self.data.get("aliases", {})
+        chain: list[dict] = []
+        while name not in icons:
+            alias = aliases.get(name)
+            if alias is None or len(chain) > len(aliases):
+                return None
+            chain.append(alias)
+            name = alias["parent"]
+        props = {k: self.data.get(k, d) for k, d in
+                 (("left", 0), ("top", 0), ("width", 16), ("height", 16))}
+        props.update(rotate=0, hFlip=False, vFlip=False)
+        # Innermost first: the icon, then each alias from the parent outwards. Dimensions are
+        # overridden; transformations combine (flips toggle, rotations add), as Iconify merges.
+        for layer in [icons[name]] + chain[::-1]:
+            for k in ("left", "top", "width", "height"):
+                if k in layer:
+                    props[k] = layer[k]
+            props["rotate"] = (props["rotate"] + int(layer.get("rotate", 0))) % 4
+            props["hFlip"] ^= bool(layer.get("hFlip", False))
+            props["vFlip"] ^= bool(layer.get("vFlip", False))
+        props["body"] = icons[name]["body"]
+        return props
+
+    def svg(self, name: str) -> str | None:
+        """A standalone SVG document of the icon or alias ``name`` (``None`` if unknown)."""
+        props = self.resolve(name)
+        return None if props is None else svg_document(props)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def svg_document(props: Mapping) -> str:
+    """An Iconify icon (body, viewBox, transformations) as a full SVG document.
+
+    Flips apply first, then the quarter-turn rotation about the centre (Iconify's order); an odd
+    rotation swaps the viewBox's width and height.
+    """
+    left, top, w, h = (float(props.get(k, d)) for k, d in
+                       (("left", 0), ("top", 0), ("width", 16), ("height", 16)))
+    body = props["body"]
+    transforms = []
+    if props.get("hFlip"):
+        transforms.append(f"translate({_num(2 * left + w)} 0) scale(-1 1)")
+    if props.get("vFlip"):
+        transforms.append(f"translate(0 {_num(2 * top + h)}) scale(1 -1)")
+    rotate = int(props.get("rotate", 0)) % 4
+    if rotate:
+        cx, cy = left + w / 2, top + h / 2
+        # SVG applies the rightmost transform first, so the rotation goes to the left of flips.
+        transforms.insert(0, f"rotate({90 * rotate} {_num(cx)} {_num(cy)})")
+        if rotate % 2:
+            left, top, w, h = cx - h / 2, cy - w / 2, h, w
+    if transforms:
+        body = f'<g transform="{" ".join(transforms)}">{body}</g>'
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+            f'width="{_num(w)}" height="{_num(h)}" '
+            f'viewBox="{_num(left)} {_num(top)} {_num(w)} {_num(h)}">{body}</svg>')
+
+
+def read_sets(pkg_dirs: Mapping[str, Path], styles: Iterable[str] | None = None
+              ) -> dict[str, IconSet]:
+    """Read the style sets (all of ``SETS`` by default) from ``fetch_packages``'s directories."""
+    return {s: IconSet.read(s, pkg_dirs[SETS[s].package]) for s in (styles or SETS)}
+
+
+def verify_licences(icon_sets: Mapping[str, IconSet]) -> dict[str, str]:
+    """Check each set's licence in package.json and info.json against the registry.
+
+    Returns ``{style: SPDX id}``. Raises ``RuntimeError`` when a package states a licence other
+    than the registry's (a new version may have changed it: re-check before using it).
+    """
+    found = {}
+    for style, s in icon_sets.items():
+        stated = {s.licence, (s.info.get("license") or {}).get("spdx", "")}
+        if stated != {SETS[style].licence}:
+            raise RuntimeError(f"{SETS[style].package} states licence(s) {sorted(stated)}, the "
+                               f"registry says {SETS[style].licence}; check the package's terms")
+        found[style] = SETS[style].licence
+    return found
+
+
+# --------------------------------------------------------------------------------------------
 # concepts
 
 
@@ -103,52 +291,33 @@ def normalize_key(codepoints: str) -> str:
     return "-".join(p for p in parts if p and p != "fe0f")
 
 
-@dataclass(frozen=True)
+def _slug(text: str) -> str:
+    """``"SLICE OF PIZZA"`` -> ``"slice-of-pizza"``: the shape of Iconify icon names."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+SKIN_TONES = {"1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff"}
+SKIPPED_CATEGORIES = {"Flags", "Component"}    # Component: the bare skin-tone swatches
+
+
+@dataclass
 class Concept:
-    """One emoji concept and where each style's picture of it lives (``None``: that set lacks it)."""
+    """One emoji concept and its picture in every style set that has it."""
 
     key: str                      # normalized code points, e.g. "1f600", "2764-200d-1f525"
     name: str                     # lower-case emoji-datasource name, e.g. "grinning face"
     category: str                 # emoji-datasource category, e.g. "Smileys & Emotion"
     subcategory: str              # emoji-datasource subcategory, e.g. "face-smiling"
-    google_png: Path | None
-    twitter_png: Path | None
-    openmoji_svg: Path | None
-    openmoji_author: str | None
-    openmoji_group: str | None    # OpenMoji csv `group`, e.g. "smileys-emotion"
-    openmoji_subgroup: str | None  # OpenMoji csv `subgroups` (sic), e.g. "face-smiling"
+    # The CLDR short name as the Iconify sets spell it, e.g. "red heart" where emoji-datasource's
+    # Unicode name says "heavy black heart", "pizza" for "slice of pizza"; "" if no set maps it.
+    cldr_name: str = ""
+    svgs: dict[str, str] = field(default_factory=dict)   # style -> SVG document
+    icons: dict[str, str] = field(default_factory=dict)  # style -> icon (or alias) name there
 
     @property
-    def has_all(self) -> bool:
-        """True when all three styles have a picture of this concept."""
-        return None not in (self.google_png, self.twitter_png, self.openmoji_svg)
-
-
-def _read_datasource(pkg_dir: Path, style: str) -> dict[str, tuple[dict, Path | None]]:
-    """``{key: (emoji.json entry, PNG path or None)}`` for the base (no skin tone) entries."""
-    img_sub, flag = _DATASOURCE_IMAGES[style]
-    entries = json.loads((pkg_dir / "emoji.json").read_text(encoding="utf-8"))
-    out = {}
-    for e in entries:
-        # Skin-tone variants live inside each base entry under `skin_variations`; they are ignored.
-        key = normalize_key(e["unified"])
-        png = pkg_dir / img_sub / e["image"]
-        out[key] = (e, png if e.get(flag, True) and png.is_file() else None)
-    return out
-
-
-def _read_openmoji(pkg_dir: Path) -> dict[str, dict]:
-    """``{key: csv row (+ "svg": Path)}`` for OpenMoji rows that are not skin-tone variants."""
-    out = {}
-    text = (pkg_dir / "data" / "openmoji.csv").read_text(encoding="utf-8")
-    for row in csv.DictReader(io.StringIO(text)):
-        if (row.get("skintone") or "").strip():
-            continue                      # a skin-tone variant of a base emoji
-        svg = pkg_dir / "color" / "svg" / f"{row['hexcode']}.svg"
-        if not svg.is_file():
-            continue
-        out[normalize_key(row["hexcode"])] = dict(row, svg=svg)
-    return out
+    def styles(self) -> list[str]:
+        """The sets that draw this concept, in registry order."""
+        return [s for s in SETS if s in self.svgs]
 
 
 def _readable_name(entry: dict) -> str:
@@ -158,71 +327,214 @@ def _readable_name(entry: dict) -> str:
     return " ".join(name.lower().split())
 
 
-def load_concepts(google_dir, twitter_dir, openmoji_dir) -> list[Concept]:
-    """Match the three emoji sets on the FE0F-free code-point key.
+def read_datasource(pkg_dir) -> dict[str, dict]:
+    """``{key: emoji.json entry}`` of the candidate concepts: base emoji, no flags or keycaps.
 
-    Concepts are the base entries of the emoji-datasource ``emoji.json`` (the union of the google
-    and twitter packages' files, which are the same file in 16.0.0); skin-tone variants are left
-    out. Each concept's ``*_png`` / ``openmoji_*`` fields are ``None`` when that set has no image
-    for it (also when its directory argument is ``None``). OpenMoji rows with no emoji-datasource
-    counterpart (e.g. OpenMoji's own non-Unicode "extras") are not returned: they have no name or
-    category from emoji-datasource. Use ``[c for c in concepts if c.has_all]`` for the concepts in
-    all three styles. Sorted by key.
+    Skin-tone variants sit inside their base entry (``skin_variations``) and are not read; a
+    key holding a skin-tone modifier is skipped too.
     """
-    sources = {}
-    for style, d in (("google", google_dir), ("twitter", twitter_dir)):
-        sources[style] = _read_datasource(Path(d), style) if d is not None else {}
-    openmoji = _read_openmoji(Path(openmoji_dir)) if openmoji_dir is not None else {}
+    entries = json.loads((Path(pkg_dir) / "emoji.json").read_text(encoding="utf-8"))
+    out = {}
+    for e in entries:
+        key = normalize_key(e["unified"])
+        if (e.get("category") in SKIPPED_CATEGORIES or e.get("subcategory") == "keycap"
+                or SKIN_TONES & set(key.split("-"))):
+            continue
+        out[key] = e
+    return out
 
-    concepts = []
-    for key in sorted(set(sources["google"]) | set(sources["twitter"])):
-        g_entry, g_png = sources["google"].get(key, (None, None))
-        t_entry, t_png = sources["twitter"].get(key, (None, None))
-        entry = g_entry if g_entry is not None else t_entry
-        om = openmoji.get(key)
-        concepts.append(Concept(
-            key=key,
-            name=_readable_name(entry),
-            category=entry.get("category") or "",
-            subcategory=entry.get("subcategory") or "",
-            google_png=g_png,
-            twitter_png=t_png,
-            openmoji_svg=om["svg"] if om else None,
-            openmoji_author=(om.get("openmoji_author") or None) if om else None,
-            openmoji_group=(om.get("group") or None) if om else None,
-            openmoji_subgroup=(om.get("subgroups") or om.get("subgroup") or None) if om else None,
-        ))
-    return concepts
+
+def name_index(icon_sets: Mapping[str, IconSet], datasource: Mapping[str, dict]
+               ) -> list[dict[str, str]]:
+    """Icon name -> key lookups, most trusted first, for sets without a code-point map.
+
+    Iconify names its emoji icons after the CLDR short names, the same way in every set, so the
+    sets that do map code points teach the names of those that do not:
+
+    1. names in any set's ``chars`` (a name two sets map differently goes to the majority);
+    2. aliases in those sets (older CLDR names, e.g. ``hugging-face``);
+    3. emoji-datasource's Unicode name, slugged (``slice-of-pizza``);
+    4. emoji-datasource's short names (``pizza``, ``thumbsup``).
+    """
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for s in icon_sets.values():
+        for key, name in s.chars.items():
+            votes[name][key] += 1
+    charted = {name: c.most_common(1)[0][0] for name, c in votes.items()}
+    aliased: dict[str, str] = {}
+    for s in icon_sets.values():
+        for alias, a in s.data.get("aliases", {}).items():
+            if a.get("parent") in charted:
+                aliased.setdefault(alias, charted[a["parent"]])
+    unicode_names = {_slug(e.get("name") or ""): k for k, e in datasource.items() if e.get("name")}
+    short_names: dict[str, str] = {}
+    for k, e in datasource.items():
+        for sn in e.get("short_names") or [e.get("short_name") or ""]:
+            if sn:
+                short_names.setdefault(_slug(sn), k)
+    return [charted, aliased, unicode_names, short_names]
+
+
+# Icon names that the name lookup would give to another emoji than the one drawn. Firefox OS Emoji
+# has no code-point map and its own names: partly GitHub short codes (`cat` is the cat face,
+# `catside` the whole cat), partly plain words. Every fxemoji icon matched by name was checked by
+# eye against Noto's picture of the same key (and of the other keys its name could mean); these
+# were wrong, and go to the key they draw, or to none (None) where the drawing is none of them:
+# `kiss` is a kissing face, `keyboard` a musical keyboard, `window` a desktop window, `up` a hand
+# pointing up.
+NAME_OVERRIDES: dict[str, dict[str, str | None]] = {
+    "fxemoji": {
+        "cat": "1f431", "catside": "1f408", "dog": "1f436", "dogside": "1f415",
+        "mouse": "1f42d", "mouseside": "1f401", "pig": "1f437", "pigside": "1f416",
+        "tiger": "1f42f", "tigerside": "1f405", "sunglasses": "1f60e", "bow": "1f380",
+        "wave": "1f30a", "kiss": None, "keyboard": None, "window": None, "up": None,
+    },
+}
+
+
+def _squashed(index: list[dict[str, str]]) -> dict[str, str]:
+    """Names with the hyphens removed (Firefox OS Emoji writes ``blackdiamondsuit``); only the
+    squashed names that point to a single key."""
+    keys: dict[str, set] = defaultdict(set)
+    for tier in index:
+        for name, key in tier.items():
+            keys[name.replace("-", "")].add(key)
+    return {n: next(iter(ks)) for n, ks in keys.items() if len(ks) == 1}
+
+
+def _lookup(name: str, index: list[dict[str, str]], squashed: dict[str, str],
+            overrides: Mapping[str, str | None]) -> tuple[int, str | None]:
+    """``(trust rank, key)`` an icon name points to; lower ranks are more trusted."""
+    if name in overrides:
+        return -1, overrides[name]
+    for rank, tier in enumerate(index):
+        if name in tier:
+            return rank, tier[name]
+    return len(index), squashed.get(name.replace("-", ""))
+
+
+def match_icons(icon_set: IconSet, wanted: Iterable[str], index: list[dict[str, str]]
+                ) -> dict[str, tuple[str, str]]:
+    """``{key: (icon name, how)}`` for the wanted keys this set has; ``how`` is ``"chars"``,
+    ``"override"`` (``NAME_OVERRIDES``), ``"name"`` (a tier of ``name_index``) or ``"squashed"``.
+
+    Code points first; icon names only for keys the set's ``chars`` lacks (six sets have no
+    ``chars`` at all; others leave out e.g. hFlip aliases such as Fluent's right-pointing hands).
+    """
+    wanted = set(wanted)
+    found = {k: (n, "chars") for k, n in icon_set.chars.items()
+             if k in wanted and icon_set.resolve(n) is not None}
+    # A picture already matched by code point is not offered again under another name.
+    used = {icon_set.svg(n) for n, _ in found.values()}
+    squashed = _squashed(index)
+    overrides = NAME_OVERRIDES.get(icon_set.style, {})
+    best: dict[str, tuple[int, str]] = {}     # key -> (trust rank, name)
+    for name in icon_set.names:
+        rank, key = _lookup(name, index, squashed, overrides)
+        if (key in wanted and key not in found and (key not in best or rank < best[key][0])
+                and icon_set.svg(name) not in used):
+            best[key] = (rank, name)
+    how = {-1: "override", len(index): "squashed"}
+    for key, (rank, name) in best.items():
+        found[key] = (name, how.get(rank, "name"))
+    return found
+
+
+def _drop_duplicates(concepts: list[Concept], whole_concept: bool = True) -> list[Concept]:
+    """Leave out pictures that are byte-identical to another concept's picture in the same set:
+    such a picture cannot teach which of the names it shows. ``whole_concept``: leave out the
+    concepts themselves (in every set), else only those pictures (the concepts keep the rest)."""
+    owners: dict[tuple[str, str], set] = defaultdict(set)
+    for c in concepts:
+        for style, svg in c.svgs.items():
+            owners[(style, svg)].add(c.key)
+    shared = {(style, key) for (style, _), keys in owners.items() if len(keys) > 1
+              for key in keys}
+    if whole_concept:
+        dropped = {key for _, key in shared}
+        return [c for c in concepts if c.key not in dropped]
+    for c in concepts:
+        for style in [s for s in c.svgs if (s, c.key) in shared]:
+            del c.svgs[style], c.icons[style]
+    return [c for c in concepts if c.svgs]
+
+
+def _cldr_names(icon_sets: Iterable[IconSet]) -> dict[str, str]:
+    """``{key: "red heart"}``: the icon name most sets give a code point, hyphens as spaces."""
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for s in icon_sets:
+        for key, name in s.chars.items():
+            votes[key][name.replace("-", " ")] += 1
+    return {key: c.most_common(1)[0][0] for key, c in votes.items()}
+
+
+def load_concepts(pkg_dirs: Mapping[str, Path], styles: Iterable[str] | None = None,
+                  min_styles: int = 1, drop_whole_concept: bool = True) -> list[Concept]:
+    """Every emoji-datasource concept drawn by at least ``min_styles`` of the style sets.
+
+    ``pkg_dirs``: ``fetch_packages``'s result (or any ``{npm name: folder}`` holding
+    ``emoji-datasource`` and the wanted ``@iconify-json`` sets). ``styles``: the sets to use (all
+    of ``SETS`` by default); their licences are verified first. Skin-tone variants, flags and
+    keycaps are left out, and so is any concept whose picture is byte-identical to another
+    concept's in some set (``drop_whole_concept=False``: only that picture is left out, from
+    that set). Sorted by key.
+    """
+    datasource = read_datasource(pkg_dirs[DATASOURCE[0]])
+    # Names are learnt from every set at hand, used or not, so that a set's matches do not
+    # depend on which other styles were asked for.
+    at_hand = read_sets(pkg_dirs, [s for s in SETS if SETS[s].package in pkg_dirs])
+    icon_sets = {s: at_hand[s] for s in (styles or SETS)}
+    verify_licences(icon_sets)
+    index = name_index(at_hand, datasource)
+    cldr = _cldr_names(at_hand.values())
+    concepts = {k: Concept(k, _readable_name(e), e.get("category") or "",
+                           e.get("subcategory") or "", cldr.get(k, ""))
+                for k, e in datasource.items()}
+    for style, s in icon_sets.items():
+        for key, (name, _) in match_icons(s, concepts, index).items():
+            concepts[key].svgs[style] = s.svg(name)
+            concepts[key].icons[style] = name
+    unique = _drop_duplicates([concepts[k] for k in sorted(concepts)], drop_whole_concept)
+    return [c for c in unique if len(c.svgs) >= max(1, min_styles)]
 
 
 # --------------------------------------------------------------------------------------------
 # rasterizing
 
 
-def _load_rgba(path: Path, svg_px: int) -> Image.Image:
-    if path.suffix.lower() == ".svg":
-        import resvg_py  # the renderer ships in the wheel: no system library
+def _render_svg(svg: str, px: int) -> Image.Image:
+    import resvg_py  # lazy: only rasterizing needs it
 
-        png = resvg_py.svg_to_bytes(svg_path=str(path), width=svg_px, height=svg_px)
-        img = Image.open(io.BytesIO(bytes(png)))
-    else:
-        img = Image.open(path)
+    # resvg fits the drawing into px x px keeping its aspect ratio; emoji bodies hold no text,
+    # so system fonts are not loaded.
+    png = resvg_py.svg_to_bytes(svg_string=svg, width=px, height=px, skip_system_fonts=True)
+    img = Image.open(io.BytesIO(bytes(png)))   # bytes() also takes older versions' int lists
     img.load()
     return img.convert("RGBA")
 
 
-def rasterize(path, size: int, margin: float = 0.06, svg_px: int = 512) -> Image.Image:
-    """An emoji picture (PNG or SVG) as a ``size`` x ``size`` RGB image on white.
+def _load_rgba(source, render_px: int) -> Image.Image:
+    """An SVG document string, or a path to an SVG or a raster (PNG) file, as RGBA."""
+    if isinstance(source, str) and source.lstrip().startswith("<"):
+        return _render_svg(source, render_px)
+    path = Path(source)
+    if path.suffix.lower() == ".svg":
+        return _render_svg(path.read_text(encoding="utf-8"), render_px)
+    with Image.open(path) as img:
+        return img.convert("RGBA")
 
-    Composites on white, crops to the bounding box of the pixels with alpha > 0, pads that to a
-    square centred on white with ``margin`` (a fraction of the final side) on each side, and
-    resizes with LANCZOS. SVGs are rendered at ``svg_px`` x ``svg_px`` first (OpenMoji glyphs
-    fill only about 2/3 of their 72x72 view box, so the crop keeps most of that resolution).
+
+def rasterize(svg, size: int, margin: float = 0.06, render_px: int = 256) -> Image.Image:
+    """An emoji picture as a ``size`` x ``size`` RGB image on white.
+
+    ``svg``: an SVG document string, or a path to an SVG or PNG file. SVGs are rendered with
+    resvg at ``render_px`` on the longer side first. The picture is composited on white, cropped
+    to the bounding box of its pixels with alpha > 0, padded to a centred square with ``margin``
+    (a fraction of the final side) of white on each side, and resized with LANCZOS.
     """
-    path = Path(path)
     if not 0 <= margin < 0.5:
         raise ValueError(f"margin must be in [0, 0.5), got {margin}")
-    rgba = _load_rgba(path, svg_px)
+    rgba = _load_rgba(svg, render_px)
     box = rgba.getchannel("A").getbbox()       # bounding box of alpha > 0; None if all clear
     if box is not None:
         rgba = rgba.crop(box)
@@ -236,60 +548,41 @@ def rasterize(path, size: int, margin: float = 0.06, svg_px: int = 512) -> Image
     return canvas.resize((size, size), Image.LANCZOS)
 
 
-def concept_sources(concept: Concept) -> dict[str, Path | None]:
-    """``{"google": png, "twitter": png, "openmoji": svg}`` for one concept."""
-    return {"google": concept.google_png, "twitter": concept.twitter_png,
-            "openmoji": concept.openmoji_svg}
-
-
 # --------------------------------------------------------------------------------------------
 # licences
 
 
-def write_notice(path, openmoji_authors: Iterable[str] | None = None) -> None:
-    """Write the NOTICE naming every source, its version and licence.
+def _set_notice(i: int, style: str) -> str:
+    s = SETS[style]
+    upstream = f" (artwork release {s.upstream_version})" if s.upstream_version else ""
+    lines = [
+        f"{i}. {s.title}{upstream} -- npm package {s.package}@{s.version}",
+        f"   Artwork by {s.author}, {s.source_url}, as the package states.",
+        f"   Licence: {s.licence} ({LICENCE_URLS[s.licence]}).",
+    ]
+    if s.attribution:
+        lines.append(f'   "{s.attribution}"')
+    if s.licence in SHARE_ALIKE:
+        lines.append("   ShareAlike: the modified images derived from this set are likewise\n"
+                     f"   licensed under CC BY-SA 4.0 ({LICENCE_URLS[s.licence]}).")
+    return "\n".join(lines) + "\n"
 
-    ``openmoji_authors``: the OpenMoji designers whose glyphs are used; listed in the NOTICE when
-    given (CC BY-SA 4.0 asks for attribution).
-    """
-    g, t, o = (f"{n}@{PACKAGES[n]}" for n in
-               ("emoji-datasource-google", "emoji-datasource-twitter", "openmoji"))
-    text = f"""\
-mini-AbC emoji images -- third-party sources and licences
-=========================================================
 
-The images of mini-AbC are derived from three emoji sets, fetched from the npm registry. Every
-image was rasterized (SVGs) and modified: composited on a white background, cropped to its
-visible (non-transparent) bounding box, padded to a square with a white margin and resized. No
-source endorses this use.
-
-1. Google Noto Color Emoji -- npm package {g}
-   Images: img/google/64/*.png of emoji-datasource (https://github.com/iamcal/emoji-data, by Cal
-   Henderson), taken from Noto Emoji v2.048 (https://github.com/googlefonts/noto-emoji), by
-   Google. The package's README states: "Android/Google/Noto images, are available under the
-   Apache License 2.0" (https://www.apache.org/licenses/LICENSE-2.0). The package's LICENSE file (MIT, Copyright (c) 2013 Cal Henderson) covers
-   the emoji-datasource data and code (emoji.json: names, categories), not the images.
-
-2. Twemoji -- npm package {t}
-   Images: img/twitter/64/*.png of emoji-datasource, taken from Twemoji v16.0.1
-   (https://github.com/jdecked/twemoji, the maintained fork of twitter/twemoji). Twemoji
-   graphics: Copyright Twitter, Inc and other contributors, licensed under CC-BY 4.0
-   (https://creativecommons.org/licenses/by/4.0/); the package's README states: "Twitter images
-   are available under the Creative Commons Attribution 4.0 license". The package's LICENSE file
-   (MIT, Copyright (c) 2013 Cal Henderson) covers the emoji-datasource data and code.
-
-3. OpenMoji -- npm package {o} (https://openmoji.org/, https://github.com/hfg-gmuend/openmoji)
-   Images: color/svg/*.svg. "All emojis designed by OpenMoji – the open-source emoji and icon
-   project. License: CC BY-SA 4.0" (https://creativecommons.org/licenses/by-sa/4.0/); the
-   package's LICENSE.txt is the CC BY-SA 4.0 legal code (its code is LGPL-3.0, not used here).
-   Each emoji's designer is listed in the openmoji_author column of the package's
-   data/openmoji.csv. Under ShareAlike, the modified OpenMoji images of mini-AbC are likewise
-   licensed under CC BY-SA 4.0.
-   Citation: Groß, B., Utz, D., & The OpenMoji Contributors. OpenMoji [Dataset].
-   https://openmoji.org
-"""
-    if openmoji_authors is not None:
-        names = sorted({a.strip() for a in openmoji_authors if a and a.strip()})
-        text += "\n   OpenMoji designers of the glyphs used:\n"
-        text += "".join(f"     {n}\n" for n in names)
+def write_notice(path, styles: Iterable[str]) -> None:
+    """Write the NOTICE naming every style set used, its package, version, licence and authors."""
+    styles = [s for s in SETS if s in set(styles)]
+    name, version = DATASOURCE
+    text = (
+        "mini-AbC emoji images -- third-party sources and licences\n"
+        "=========================================================\n\n"
+        "The images of mini-AbC are derived from the emoji sets below, fetched from the npm\n"
+        "registry as Iconify JSON packages (https://iconify.design). Every image was rasterized\n"
+        "from its SVG and modified: composited on a white background, cropped to its visible\n"
+        "(non-transparent) bounding box, padded to a square with a white margin and resized.\n"
+        "No author or source endorses this use.\n\n"
+        + "\n".join(_set_notice(i, s) for i, s in enumerate(styles, 1))
+        + f"\nConcept names and categories: npm package {name}@{version}\n"
+        "(https://github.com/iamcal/emoji-data), MIT licence, Copyright (c) 2013 Cal Henderson;\n"
+        "only its emoji.json data is used, none of its images.\n"
+    )
     Path(path).write_text(text, encoding="utf-8")
