@@ -1,28 +1,35 @@
-"""Build mini-AbC: a CPU-scale Attribution-by-Customization benchmark from real emoji images.
+"""Build mini-AbC (v2): a CPU-scale Attribution-by-Customization benchmark from real emoji, in many styles.
 
 Same on-disk layout and formats as AbC, so the repo's scripts run on it unchanged:
 
-    python data/build_mini_abc.py --out data/mini_abc                 # everything (about 40 min on 2 cores)
-    python data/build_mini_abc.py --out data/mini_abc --stage derive  # only the arrays not committed (seconds)
+    python data/build_mini_abc.py --out data/mini_abc                  # everything (docs/mini_abc.md: time)
+    python data/build_mini_abc.py --out data/mini_abc --stage derive   # only the arrays not committed
+    python data/build_mini_abc.py --out data/mini_abc --device cuda    # train on a GPU (the CPU path is the default)
 
-Design (see README "mini-AbC"):
-* Pretraining set (plays LAION): the Google (Noto) and Twitter (Twemoji) emoji of every concept except a
-  held-out set, 32 px, one caption each from templates that teach every word the prompts below use
-  ("a picture of a cat face in the style of google art", "a cat face, a face", ...).
-* Base model: VAE, CLIP text encoder (real CLIP BPE vocabulary) and UNet trained here from scratch.
-* Four test cases, each with test and validation models (disjoint), customized by Custom Diffusion:
-  - test_artchive (style): exemplars = OpenMoji emoji drawn by one designer (a style never seen);
-    "a picture in the style of <new1> art".
-  - test_bamfg (second style family, "duotone"): exemplars = held-out concepts (Google images) recoloured
-    with one two-colour palette; same prompt.
-  - test_unobserved_imagenet (object): one exemplar, the Google image of a held-out concept;
-    "<new1> {category}".
-  - test_observed_imagenet (object): one exemplar, the OpenMoji image of a concept that IS in pretraining
-    (in a style the base model never saw); "<new1> {category}".
+Design (docs/mini_abc.md):
+* 11 independently designed emoji sets draw the same concepts (data/mini_abc_build/sources.py). Seven are
+  training styles, each named by one word in captions ("a picture of a rocket in the style of twitter art");
+  four are held out of pretraining for the style and observed-object test cases.
+* Concepts: a few hundred everyday emoji (no symbols, no people), each drawn in every training style; a
+  set of them is held out of pretraining entirely (unobserved objects, duotone exemplars).
+* Base model: VAE, CLIP text encoder (CLIP's real BPE vocabulary) and UNet trained here from scratch, with
+  an EMA of the weights; checkpointed, so a stopped build resumes.
+* A judge (a small CNN trained on the pretraining images, concept and style heads) measures two gates:
+  the base model follows prompts (concept and style of its samples) and each customization took (its
+  queries look like its exemplars more than the base model's samples of the same prompts do).
+* Four test cases, test and validation models (disjoint), customized by Custom Diffusion:
+  - test_artchive (style): 8 exemplars drawn in one held-out emoji set; "a picture in the style of <new1> art";
+  - test_bamfg (style, "duotone"): 8 held-out concepts recoloured with one two-colour palette; same prompt;
+  - test_unobserved_imagenet (object): one exemplar, a held-out concept in a training style; "<new1> {category}";
+  - test_observed_imagenet (object): one exemplar, a pretraining concept drawn in a held-out style.
 * Queries: images synthesized by each customized model (DDIM, 50 steps, guidance 3) from AbC-like prompts.
+
+Stages: data (fetch, choose, rasterize; writes plan.json) -> base -> judge (gate 1, base grid) -> models
+(customize, synthesize, gate 2, grids) -> derive (the arrays and Fishers not committed). Each later stage
+reads plan.json, so any subset of stages can be rerun.
 """
 import argparse
-import hashlib
+import json
 import re
 import sys
 import time
@@ -39,66 +46,72 @@ sys.path.insert(0, str(REPO))
 
 from data.mini_abc_build import sources  # noqa: E402
 from data.mini_abc_build.customize import CustomizationConfig, customize  # noqa: E402
+from data.mini_abc_build.judge import JudgeConfig, customization_gate, load_judge, prompt_gate, train_judge  # noqa: E402
 from data.mini_abc_build.sampling import load_pipeline, sample, save_grid  # noqa: E402
 from data.mini_abc_build.tokenizer import build_clip_tokenizer  # noqa: E402
 from data.mini_abc_build.train_base import BaseModelConfig, train_base_model  # noqa: E402
-from utils.io import save_json  # noqa: E402
+from utils.io import load_json, save_json  # noqa: E402
 from utils.transforms import to_model_input  # noqa: E402
 
-CATEGORY_WORDS = {"People & Body": "person", "Objects": "object", "Symbols": "symbol", "Travel & Places": "place",
-                  "Smileys & Emotion": "face", "Food & Drink": "food", "Activities": "activity"}
-VENDORS = ("google", "twitter")
-CAPTIONS = ("a {name}", "a picture of a {name}", "a {name} in the style of {vendor} art",
-            "a picture of a {name} in the style of {vendor} art", "a {name}, a {category}")
+# training style set -> the word captions and prompts call it by. Four sets that differ at 32 px (flat colour,
+# glossy 3D, black outlines, black and white): with seven, most of them flat colour sets, a first build's model
+# ignored the style words (docs/mini_abc.md, "What did not work")
+TRAINING_STYLES = {"noto": "google", "fluent-emoji": "glossy", "openmoji": "outline",
+                   "fluent-emoji-high-contrast": "monochrome"}
+# held out of pretraining: the artist-style test case draws its exemplars from these (the last is validation's)
+HELDOUT_STYLES = ("emojione-monotone", "emojione-v1", "noto-v1", "fxemoji")
+CATEGORY_WORDS = {"Objects": "object", "Travel & Places": "place", "Smileys & Emotion": "face",
+                  "Food & Drink": "food", "Activities": "activity"}
+CAPTIONS_WITH_STYLE = ("a {name} in the style of {style} art", "a picture of a {name} in the style of {style} art")
+CAPTIONS_PLAIN = ("a {name}", "a picture of a {name}", "a {name}, a {category}")
 STYLE_PROMPT = "a picture in the style of <new1> art"
 STYLE_QUERY = "a picture of a {obj} in the style of <new1> art"
 OBJECT_QUERIES = ("a picture of a <new1> {category}", "a <new1> {category} in the style of google art",
-                  "a <new1> {category} in the style of twitter art")
+                  "a <new1> {category} in the style of glossy art")
 DUOTONES = [((40, 20, 90), (250, 200, 60)), ((0, 70, 60), (240, 150, 170)), ((110, 20, 20), (120, 220, 230)),
-            ((20, 40, 110), (250, 120, 40)), ((60, 60, 60), (170, 240, 90)), ((90, 0, 90), (160, 230, 255)),
-            ((30, 80, 20), (255, 230, 180)), ((0, 0, 0), (255, 80, 80))]
+            ((20, 40, 110), (250, 120, 40)), ((60, 60, 60), (170, 240, 90)), ((90, 0, 90), (160, 230, 255))]
+SPLITS = ("test", "test", "test", "val")  # per test case: three test models, one validation model
 
 
 @dataclass
 class BuildConfig:
     size: int = 32
     seed: int = 0
-    n_heldout: int = 60  # concepts kept out of pretraining (unobserved objects, duotone exemplars)
-    models_per_case: Dict[str, int] = field(default_factory=lambda: {"test": 3, "val": 1})
+    n_concepts: int = 400  # drawn in every style set; the held-out ones never appear in pretraining
+    n_heldout: int = 40
     queries_per_model: int = 2
     style_exemplars: int = 8
+    style_caption_share: float = 0.7  # captions that name the style
     base: BaseModelConfig = field(default_factory=lambda: BaseModelConfig(
-        vae_steps=800, vae_lr=2e-3, diffusion_steps=4000, diffusion_lr=1e-3, threads=2))
+        unet_channels=(64, 128), text_layers=3, vae_steps=800, vae_lr=2e-3, diffusion_steps=5000,
+        diffusion_batch_size=128, diffusion_lr=1e-3, diffusion_min_lr=1e-4, warmup_steps=200, ema_decay=0.999,
+        log_every=100, checkpoint_every=250, threads=2))
     customization: CustomizationConfig = field(default_factory=lambda: CustomizationConfig(
         steps=250, batch_size=8, lr=1e-3, token_lr=1e-2))
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    gate_prompts: int = 100  # (concept, style) prompts sampled for gate 1
+    gate_samples: int = 4  # images per prompt
+    sample_steps: int = 50  # DDIM steps of every sample (queries, grids, gates), guidance 3
     fisher_samples: int = 20000
     fisher_samples_all: int = 2000
-    max_concepts: int = 0  # 0 = all; a small number gives the tiny configuration of the tests
-
-
-def category_word(concept) -> str:
-    if concept.category == "Animals & Nature":
-        return "plant" if concept.subcategory.startswith("plant") else "animal"
-    return CATEGORY_WORDS[concept.category]
+    max_concepts: int = 0  # 0 = all usable; a small number gives the tiny configuration of the tests
+    device: str = "cpu"
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def usable_concepts(concepts, max_concepts: int):
-    """Drop flags and skin-tone swatches, and any concept whose picture is byte-identical to another's."""
-    kept = [c for c in concepts if c.category in CATEGORY_WORDS or c.category == "Animals & Nature"]
-    kept = [c for c in kept if c.google_png and c.twitter_png and c.openmoji_svg]
-    seen, unique = {}, []
-    for c in kept:
-        digests = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (c.google_png, c.twitter_png,
-                                                                             c.openmoji_svg)]
-        if any(d in seen for d in digests):
-            continue
-        seen.update({d: c.key for d in digests})
-        unique.append(c)
-    return unique[:max_concepts] if max_concepts else unique
+def display_name(concept) -> str:
+    """The everyday name ("red heart", "pizza"), else emoji-datasource's Unicode name."""
+    return concept.cldr_name or concept.name
+
+
+def usable_concepts(concepts, max_concepts: int = 0):
+    """Concepts drawn by every style set used, in the categories a caption can name (no symbols, flags, people)."""
+    styles = list(TRAINING_STYLES) + list(HELDOUT_STYLES)
+    kept = [c for c in concepts if c.category in CATEGORY_WORDS and all(s in c.svgs for s in styles)]
+    return kept[:max_concepts] if max_concepts else kept
 
 
 def duotone(img: Image.Image, dark, light) -> Image.Image:
@@ -111,61 +124,128 @@ def duotone(img: Image.Image, dark, light) -> Image.Image:
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
+# ---------------------------------------------------------------- the plan (data stage)
+def choose_concepts(concepts, config: BuildConfig, rng: np.random.Generator):
+    """(pretraining concepts, held-out concepts): n_concepts drawn evenly over the categories."""
+    by_category: Dict[str, list] = {}
+    for c in usable_concepts(concepts, config.max_concepts):
+        by_category.setdefault(c.category, []).append(c)
+    total = sum(len(v) for v in by_category.values())
+    n = min(config.n_concepts, total)
+    chosen = []
+    for cat in sorted(by_category):
+        members = by_category[cat]
+        k = max(1, round(n * len(members) / total))
+        chosen += [members[i] for i in sorted(rng.choice(len(members), min(k, len(members)), replace=False))]
+    chosen = sorted(chosen, key=lambda c: c.key)
+    order = rng.permutation(len(chosen))
+    n_held = min(config.n_heldout, len(chosen) // 4)
+    heldout = sorted((chosen[i] for i in order[:n_held]), key=lambda c: c.key)
+    pretrain = sorted((chosen[i] for i in order[n_held:]), key=lambda c: c.key)
+    return pretrain, heldout
+
+
+def caption(concept, style: str, config: BuildConfig, rng: np.random.Generator) -> str:
+    words = dict(name=display_name(concept), style=TRAINING_STYLES[style], category=CATEGORY_WORDS[concept.category])
+    pool = CAPTIONS_WITH_STYLE if rng.random() < config.style_caption_share else CAPTIONS_PLAIN
+    return pool[int(rng.integers(len(pool)))].format(**words)
+
+
+def plan_models(pretrain, heldout, config: BuildConfig, rng: np.random.Generator) -> List[dict]:
+    """Every customized model: test case, split, exemplars (concept key, style, palette), prompts."""
+    specs = []
+    for k, (split, style) in enumerate(zip(SPLITS, HELDOUT_STYLES)):
+        chosen = sorted(rng.choice(len(pretrain), config.style_exemplars, replace=False))
+        specs.append({"test_case": "test_artchive", "family": "artchive", "split": split, "class_id": slug(style),
+                      "train_prompt": STYLE_PROMPT, "category": "art",
+                      "exemplars": [(pretrain[i].key, style, None) for i in chosen]})
+    for k, split in enumerate(SPLITS):
+        chosen = sorted(rng.choice(len(heldout), config.style_exemplars, replace=False))
+        specs.append({"test_case": "test_bamfg", "family": "bamfg", "split": split, "class_id": f"duotone_{k}",
+                      "train_prompt": STYLE_PROMPT, "category": "art",
+                      "exemplars": [(heldout[i].key, "noto", DUOTONES[k % len(DUOTONES)]) for i in chosen]})
+    for test_case, pool, styles in (("test_unobserved_imagenet", heldout, ("noto",) * 4),
+                                    ("test_observed_imagenet", pretrain, HELDOUT_STYLES)):
+        for split, i, style in zip(SPLITS, rng.choice(len(pool), len(SPLITS), replace=False), styles):
+            c = pool[int(i)]
+            word = CATEGORY_WORDS[c.category]
+            specs.append({"test_case": test_case, "family": "imagenet", "split": split,
+                          "class_id": f"{c.key}_{slug(display_name(c))}"[:60], "category": word,
+                          "train_prompt": f"<new1> {word}", "exemplars": [(c.key, style, None)]})
+    for spec in specs:
+        if spec["category"] == "art":
+            objs = [display_name(pretrain[int(i)]) for i in rng.choice(len(pretrain), config.queries_per_model,
+                                                                       replace=False)]
+            spec["prompts"] = [STYLE_QUERY.format(obj=o) for o in objs]
+        else:
+            spec["prompts"] = [OBJECT_QUERIES[i % len(OBJECT_QUERIES)].format(category=spec["category"])
+                               for i in range(config.queries_per_model)]
+    return specs
+
+
+def without_concept_token(prompt: str) -> str:
+    return " ".join(prompt.replace("<new1>", " ").split())
+
+
 class Builder:
     def __init__(self, out: Path, config: BuildConfig, cache: Path):
-        self.out, self.config, self.cache = out, config, cache
-        self.root = out / "abc"
-        self.sd_dir = out / "sd-mini"
-        self.rng = np.random.default_rng(config.seed)
-        self.log: Dict[str, object] = {"config": asdict(config)}
+        self.out, self.config, self.cache = Path(out), config, Path(cache)
+        self.root = self.out / "abc"
+        self.sd_dir = self.out / "sd-mini"
+        self.plan_file = self.out / "plan.json"
 
-    # ---------------------------------------------------------------- concepts and pretraining set
-    def load(self):
-        pkgs = sources.fetch_packages(self.cache / "npm")
-        concepts = sources.load_concepts(pkgs["emoji-datasource-google"], pkgs["emoji-datasource-twitter"],
-                                         pkgs["openmoji"])
-        self.concepts = usable_concepts(concepts, self.config.max_concepts)
-        order = self.rng.permutation(len(self.concepts))
-        n_held = min(self.config.n_heldout, len(self.concepts) // 4)
-        self.heldout = [self.concepts[i] for i in sorted(order[:n_held])]
-        self.pretrain = [self.concepts[i] for i in sorted(order[n_held:])]
-        self.log["concepts"] = {"usable": len(self.concepts), "heldout": len(self.heldout),
-                                "pretraining": len(self.pretrain)}
+    # ---------------------------------------------------------------- data
+    def concepts(self):
+        return {c.key: c for c in sources.load_concepts(sources.fetch_packages(self.cache / "npm"))}
 
-    def picture(self, concept, style: str) -> Image.Image:
-        return sources.rasterize(sources.concept_sources(concept)[style], self.config.size)
-
-    def plan_captions(self) -> List[str]:
-        """One caption per pretraining image (Google then Twitter of each concept); draws from the rng
-        whether or not the data stage runs, so later stages plan the same models in any stage subset."""
-        captions = []
-        for concept in self.pretrain:
-            for vendor in VENDORS:
-                template = CAPTIONS[int(self.rng.integers(len(CAPTIONS)))]
-                captions.append(template.format(name=concept.name, vendor=vendor, category=category_word(concept)))
-        return captions
-
-    def write_pretraining_set(self, captions: List[str]):
+    def data(self) -> None:
+        cfg, rng = self.config, np.random.default_rng(self.config.seed)
+        concepts = self.concepts()
+        pretrain, heldout = choose_concepts(list(concepts.values()), cfg, rng)
         images_dir = self.root / "laion_subset" / "images"
         images_dir.mkdir(parents=True, exist_ok=True)
-        rows = []
-        pairs = [(c, v) for c in self.pretrain for v in VENDORS]
-        for i, (concept, vendor) in enumerate(pairs):
-            self.picture(concept, vendor).save(images_dir / f"{i:06d}.png")
-            rows.append({"key": concept.key, "vendor": vendor})
+        rows, captions = [], []
+        t0 = time.time()
+        for concept in pretrain:  # row order: concept by concept, every training style
+            for style in TRAINING_STYLES:
+                sources.rasterize(concept.svgs[style], cfg.size).save(images_dir / f"{len(rows):06d}.png")
+                captions.append(caption(concept, style, cfg, rng))
+                rows.append({"key": concept.key, "style": style, "name": display_name(concept),
+                             "category": CATEGORY_WORDS[concept.category]})
         (self.root / "laion_subset" / "captions.txt").write_text("\n".join(captions) + "\n")
         save_json(self.root / "laion_subset" / "sources.json", rows)
-        self.log["pretraining_images"] = len(captions)
+        specs = plan_models(pretrain, heldout, cfg, rng)
+        for spec in specs:
+            ex_dir = self.root / "exemplar" / spec["family"] / spec["class_id"]
+            ex_dir.mkdir(parents=True, exist_ok=True)
+            spec["exemplar_paths"] = []
+            for j, (key, style, palette) in enumerate(spec["exemplars"]):
+                img = sources.rasterize(concepts[key].svgs[style], cfg.size)
+                (duotone(img, *palette) if palette else img).save(ex_dir / f"{j:03d}.png")
+                spec["exemplar_paths"].append(f"exemplar/{spec['family']}/{spec['class_id']}/{j:03d}.png")
+        styles_used = list(TRAINING_STYLES) + list(HELDOUT_STYLES)
+        sources.write_notice(self.out / "NOTICE", styles_used)
+        names = {c.key: display_name(c) for c in pretrain + heldout}
+        save_json(self.plan_file, {
+            "config": asdict(cfg), "training_styles": TRAINING_STYLES, "heldout_styles": list(HELDOUT_STYLES),
+            "pretraining_concepts": [c.key for c in pretrain], "heldout_concepts": [c.key for c in heldout],
+            "names": names, "categories": {c.key: CATEGORY_WORDS[c.category] for c in pretrain + heldout},
+            "models": specs, "data_seconds": round(time.time() - t0)})
+        print(f"data: {len(pretrain)} pretraining concepts x {len(TRAINING_STYLES)} styles = {len(rows)} images, "
+              f"{len(heldout)} held-out concepts, {len(specs)} models planned ({time.time() - t0:.0f} s)", flush=True)
 
-    def load_pretraining_set(self):
+    def plan(self) -> dict:
+        return load_json(self.plan_file, "mini-AbC plan (run the data stage first)")
+
+    def pretraining_set(self):
         captions = (self.root / "laion_subset" / "captions.txt").read_text().splitlines()
         paths = sorted((self.root / "laion_subset" / "images").glob("*.png"))
         images = torch.stack([to_model_input(Image.open(p).convert("RGB")) for p in paths])
-        return images, captions
+        return images, captions, load_json(self.root / "laion_subset" / "sources.json", "pretraining sources")
 
     # ---------------------------------------------------------------- base model
-    def train_base(self):
-        images, captions = self.load_pretraining_set()
+    def base(self) -> None:
+        images, captions, _ = self.pretraining_set()
         tokenizer = build_clip_tokenizer(self.cache / "clip", self.cache / "clip" / "vocab")
         start = time.time()
 
@@ -174,143 +254,179 @@ class Builder:
             print(f"  [{time.time() - start:6.0f} s] {log.stage} step {e['step']}: loss {e['loss']:.4f}", flush=True)
 
         result = train_base_model(images, captions, tokenizer, self.sd_dir, self.config.base, progress)
-        self.log["base_training_seconds"] = round(time.time() - start)
-        self.log["scaling_factor"] = result["scaling_factor"]
+        print(f"base model: {result['seconds']} s (this run), scaling factor {result['scaling_factor']}", flush=True)
 
-    # ---------------------------------------------------------------- customized models and queries
-    def plan_models(self) -> List[dict]:
-        """Model specs for every test case and split; deterministic given the seed."""
-        cfg, rng = self.config, self.rng
-        counts = cfg.models_per_case
-        n_each = counts["test"] + counts["val"]
-        splits = ["test"] * counts["test"] + ["val"] * counts["val"]
-        specs = []
-        # artist styles: OpenMoji designers with enough usable concepts
-        by_author: Dict[str, list] = {}
-        for c in self.concepts:
-            by_author.setdefault(c.openmoji_author or "", []).append(c)
-        authors = sorted((a for a, cs in by_author.items() if a and len(cs) >= cfg.style_exemplars),
-                         key=lambda a: (-len(by_author[a]), a))
-        for split, author in zip(splits, authors[:n_each]):
-            chosen = [by_author[author][i] for i in
-                      sorted(rng.choice(len(by_author[author]), cfg.style_exemplars, replace=False))]
-            specs.append({"test_case": "test_artchive", "family": "artchive", "split": split,
-                          "class_id": slug(author), "train_prompt": STYLE_PROMPT, "category": "art",
-                          "exemplars": [(c, "openmoji", None) for c in chosen], "author": author})
-        # duotone styles: held-out concepts recoloured with one palette
-        for k, split in enumerate(splits):
-            chosen = [self.heldout[i] for i in sorted(rng.choice(len(self.heldout), cfg.style_exemplars,
-                                                                 replace=False))]
-            specs.append({"test_case": "test_bamfg", "family": "bamfg", "split": split, "class_id": f"duotone_{k}",
-                          "train_prompt": STYLE_PROMPT, "category": "art",
-                          "exemplars": [(c, "google", DUOTONES[k % len(DUOTONES)]) for c in chosen]})
-        # objects: unobserved (held-out concept, Google image) and observed (pretraining concept, OpenMoji image)
-        for test_case, pool, style in (("test_unobserved_imagenet", self.heldout, "google"),
-                                       ("test_observed_imagenet", self.pretrain, "openmoji")):
-            for split, i in zip(splits, rng.choice(len(pool), n_each, replace=False)):
-                c = pool[int(i)]
-                specs.append({"test_case": test_case, "family": "imagenet", "split": split,
-                              "class_id": f"{c.key}_{slug(c.name)}"[:60], "category": category_word(c),
-                              "train_prompt": f"<new1> {category_word(c)}", "exemplars": [(c, style, None)]})
-        return specs
+    # ---------------------------------------------------------------- judge and gate 1
+    def train_judge(self):
+        """The judge (once: it depends on the data, not on the base model). Its style head learns the pretraining
+        images' styles; its concept head also sees the pretraining concepts drawn by the sets that are not
+        training styles, since three or four drawings a concept are too few to recognize one in a new drawing."""
+        if (self.out / "judge" / "judge.pt").is_file():
+            return load_judge(self.out / "judge"), load_json(self.out / "judge" / "accuracy.json", "judge accuracy")
+        images, _, rows = self.pretraining_set()
+        plan = self.plan()
+        concepts, styles = plan["pretraining_concepts"], list(TRAINING_STYLES)
+        labels = [concepts.index(r["key"]) for r in rows]
+        style_labels = [styles.index(r["style"]) for r in rows]
+        drawn = self.concepts()
+        extra = [(c, s) for c, key in enumerate(concepts) for s in sources.SETS
+                 if s not in TRAINING_STYLES and s in drawn[key].svgs]
+        images = torch.cat([images, torch.stack([to_model_input(sources.rasterize(drawn[concepts[c]].svgs[s],
+                                                                                   self.config.size))
+                                                 for c, s in extra])])
+        labels = torch.tensor(labels + [c for c, _ in extra])
+        style_labels = torch.tensor(style_labels + [-1] * len(extra))
+        t0 = time.time()
+        judge, accuracy = train_judge(images, labels, style_labels, len(concepts), len(styles), self.config.judge,
+                                      self.out / "judge", render=self.vae_render)
+        accuracy["seconds"] = round(time.time() - t0)
+        save_json(self.out / "judge" / "accuracy.json", accuracy)
+        return judge, accuracy
 
-    def query_prompts(self, spec) -> List[str]:
-        n = self.config.queries_per_model
-        if spec["category"] == "art":
-            objs = [self.pretrain[int(i)].name for i in self.rng.choice(len(self.pretrain), n, replace=False)]
-            return [STYLE_QUERY.format(obj=o) for o in objs]
-        return [OBJECT_QUERIES[i % len(OBJECT_QUERIES)].format(category=spec["category"]) for i in range(n)]
+    @torch.no_grad()
+    def vae_render(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Images encoded and decoded by the base model's VAE (posterior mode): how samples come out of it."""
+        from diffusers import AutoencoderKL
 
-    def exemplar_image(self, concept, style, palette) -> Image.Image:
-        img = self.picture(concept, style)
-        return duotone(img, *palette) if palette else img
+        vae = AutoencoderKL.from_pretrained(self.sd_dir, subfolder="vae").eval()
+        return torch.cat([vae.decode(vae.encode(images[i:i + batch_size]).latent_dist.mode()).sample.clamp(-1, 1)
+                          for i in range(0, len(images), batch_size)])
 
-    def prior_set(self, spec, images, captions, n=64):
-        """Prior-preservation images: pretraining images of the same category (objects) or any (styles)."""
-        n = min(n, len(captions))
-        if spec["category"] == "art":
-            idx = self.rng.choice(len(captions), n, replace=False)
-        else:
-            same = [i for i, c in enumerate(captions) if c.endswith(f", a {spec['category']}")
-                    or f" {spec['category']}" in c]
-            idx = self.rng.choice(same, min(n, len(same)), replace=False) if len(same) >= 8 else \
-                self.rng.choice(len(captions), n, replace=False)
-        return images[idx], [captions[int(i)] for i in idx]
+    def judge(self) -> None:
+        judge, accuracy = self.train_judge()
+        plan = self.plan()
+        report = {"judge": accuracy}
+        pipe = load_pipeline(self.sd_dir)
+        report["prompts"] = prompt_gate(pipe, judge, plan, self.config)
+        self.base_grid(pipe, plan)
+        save_json(self.out / "gates_base.json", report)
+        print(json.dumps(report, indent=1), flush=True)
 
-    def customize_and_synthesize(self):
-        from utils.models import load_base_model
+    def base_grid(self, pipe, plan) -> None:
+        rng = np.random.default_rng(self.config.seed + 7)
+        keys = [plan["pretraining_concepts"][int(i)] for i in rng.choice(len(plan["pretraining_concepts"]), 8,
+                                                                            replace=False)]
+        rows, labels = [], []
+        for style, word in TRAINING_STYLES.items():
+            prompts = [f"a picture of a {plan['names'][k]} in the style of {word} art" for k in keys]
+            rows.append(sample(pipe, prompts, seed=self.config.seed, steps=self.config.sample_steps))
+            labels.append(f"... in the style of {word} art")
+        rows.append(sample(pipe, [f"a picture of a {plan['names'][k]}" for k in keys], seed=self.config.seed,
+                           steps=self.config.sample_steps))
+        labels.append("a picture of a ... (no style)")
+        save_grid(self.out / "grids" / "base_model_samples.png", rows, labels)
+        (self.out / "grids" / "base_model_samples.txt").write_text(
+            "columns: " + " | ".join(plan["names"][k] for k in keys) + "\n")
 
-        images, captions = self.load_pretraining_set()
+    # ---------------------------------------------------------------- customized models, queries, gate 2
+    def models(self) -> None:
+        """Customize every planned model, synthesize its queries, and keep it when gate 2 says it took.
+
+        The validation models go first and set the threshold: half the median of their gains (utils in
+        judge.customization_gate). A test model under it is customized again with another seed, twice at most,
+        and dropped if it still falls short (gates_models.json records every attempt)."""
+        plan = self.plan()
+        judge = load_judge(self.out / "judge")
+        pipe = load_pipeline(self.sd_dir)
+        pretraining = self.pretraining_set()
+        specs = plan["models"]
+        order = [i for i, s in enumerate(specs) if s["split"] == "val"] + \
+                [i for i, s in enumerate(specs) if s["split"] != "val"]
+        made, threshold, log = {}, None, []
+        for i in order:
+            spec = specs[i]
+            for attempt in range(3 if spec["split"] != "val" else 1):
+                made[i] = self.customize_model(spec, i, attempt, pipe, judge, pretraining)
+                gain = made[i]["gate"]["gain"]
+                log.append({"model": spec["class_id"], "test_case": spec["test_case"], "split": spec["split"],
+                            "attempt": attempt, **made[i]["gate"], "seconds": made[i]["seconds"]})
+                print(f"  {spec['test_case']}/{spec['class_id']} ({spec['split']}, attempt {attempt}): "
+                      f"{made[i]['gate']} in {made[i]['seconds']} s", flush=True)
+                if threshold is None or gain >= threshold:
+                    break
+            made[i]["kept"] = threshold is None or made[i]["gate"]["gain"] >= threshold
+            if threshold is None and all(j in made for j in order if specs[j]["split"] == "val"):
+                threshold = 0.5 * float(np.median([made[j]["gate"]["gain"] for j in made]))
+        self.write_models(specs, made)
+        save_json(self.out / "gates_models.json", {"threshold": threshold, "attempts": log,
+                                                   "dropped": [specs[i]["class_id"] for i in made
+                                                               if not made[i]["kept"]]})
+
+    def customize_model(self, spec, i: int, attempt: int, pipe, judge, pretraining) -> dict:
+        """Train one model (seeded by its index and attempt), sample its queries and, from the base model, the
+        same prompts without <new1> (same seeds); score gate 2."""
+        from utils.models import PristineWeights, apply_customization, load_base_model
+
+        images, captions, rows = pretraining
+        ex_imgs = [Image.open(self.root / p).convert("RGB") for p in spec["exemplar_paths"]]
+        prior_imgs, prior_caps = self.prior_set(spec, images, captions, rows, i)
+        model_dir = self.root / "models" / spec["family"] / spec["class_id"]
+        t0 = time.time()
+        base = load_base_model(str(self.sd_dir), self.config.device)
+        seed = self.config.seed + i + 100 * attempt
+        result = customize(base, torch.stack([to_model_input(img) for img in ex_imgs]), spec["train_prompt"],
+                           prior_imgs, prior_caps, model_dir, CustomizationConfig(
+                               **{**asdict(self.config.customization), "seed": seed, "device": self.config.device}))
+        pristine = PristineWeights(pipe.unet)
+        steps = self.config.sample_steps
+        plain = sample(pipe, [without_concept_token(p) for p in spec["prompts"]], seed=self.config.seed + 1000 * i,
+                       steps=steps)
+        apply_customization(_PipeAsBase(pipe), pristine, model_dir)
+        queries = sample(pipe, spec["prompts"], seed=self.config.seed + 1000 * i, steps=steps)
+        pristine.restore()
+        return {"exemplars": ex_imgs, "queries": queries, "plain": plain, "seconds": round(time.time() - t0),
+                "gate": customization_gate(judge, ex_imgs, queries, plain),
+                "loss": [float(np.mean(result["losses"][:20])), float(np.mean(result["losses"][-20:]))]}
+
+    def write_models(self, specs, made) -> None:
+        """The kept models' queries, ground-truth json, task files and the grid of every model."""
         tests = {tc: [] for tc in ("test_artchive", "test_bamfg", "test_observed_imagenet",
                                    "test_unobserved_imagenet")}
         tasks = {"test": [], "val": []}
         grids, labels = [], []
-        for spec in self.plan_models():
-            family, cls = spec["family"], spec["class_id"]
-            ex_dir = self.root / "exemplar" / family / cls
-            ex_dir.mkdir(parents=True, exist_ok=True)
-            ex_rel, ex_imgs = [], []
-            for j, (concept, style, palette) in enumerate(spec["exemplars"]):
-                img = self.exemplar_image(concept, style, palette)
-                img.save(ex_dir / f"{j:03d}.png")
-                ex_rel.append(f"dataset/exemplar/{family}/{cls}/{j:03d}.png")
-                ex_imgs.append(img)
-            base = load_base_model(str(self.sd_dir), "cpu")
-            prior_imgs, prior_caps = self.prior_set(spec, images, captions)
-            model_dir = self.root / "models" / family / cls
-            ex_tensor = torch.stack([to_model_input(i) for i in ex_imgs])
-            t0 = time.time()
-            result = customize(base, ex_tensor, spec["train_prompt"], prior_imgs, prior_caps, model_dir,
-                               CustomizationConfig(**{**asdict(self.config.customization),
-                                                      "seed": self.config.seed + len(labels)}))
-            print(f"  customized {spec['test_case']}/{cls} ({spec['split']}) in {time.time() - t0:.0f} s: "
-                  f"exemplar loss {np.mean(result['losses'][:20]):.3f} -> {np.mean(result['losses'][-20:]):.3f}",
-                  flush=True)
-            pipe = load_pipeline(self.sd_dir)
-            from utils.models import PristineWeights, apply_customization
-
-            apply_customization(_PipeAsBase(pipe), PristineWeights(pipe.unet), model_dir)
-            prompts = self.query_prompts(spec)
-            synth_dir = self.root / "synth" / family / "gpt" / cls / "samples"
-            synth_dir.mkdir(parents=True, exist_ok=True)
-            queries = sample(pipe, prompts, seed=self.config.seed + 1000 * len(labels))
-            synth_rel = []
-            entry_index = len(tests[spec["test_case"]])
-            for q, (prompt, img) in enumerate(zip(prompts, queries)):
-                rel = f"synth/{family}/gpt/{cls}/samples/{q:05d}.png"
-                img.save(self.root / rel)
-                synth_rel.append(f"dataset/{rel}")
-                tasks[spec["split"]].append({
-                    "synth_image_path": rel, "prompt": prompt, "test_case": spec["test_case"],
-                    "test_case_ind": entry_index, "model_path": f"models/{family}/{cls}",
-                    "train_prompt": spec["train_prompt"], "category": spec["category"]})
-            tests[spec["test_case"]].append({"exemplar": ex_rel, "synth": {"gpt": synth_rel}, "class_id": cls,
-                                             "category": None if spec["category"] == "art" else spec["category"],
-                                             "split": spec["split"], "author": spec.get("author")})
-            grids.append(ex_imgs[:4] + [Image.new("RGB", (self.config.size,) * 2, "white")] + queries)
-            labels.append(f"{spec['split']} {spec['test_case'][5:]} {cls[:24]}")
+        for i, spec in enumerate(specs):
+            m = made[i]
+            if m["kept"]:
+                self.write_queries(spec, m["queries"], tests, tasks)
+            blank = Image.new("RGB", (self.config.size,) * 2, "white")
+            grids.append(m["exemplars"][:4] + [blank] + m["queries"] + [blank] + m["plain"])
+            labels.append(f"{spec['split']} {spec['test_case'][5:]} {spec['class_id'][:24]}"
+                          + ("" if m["kept"] else " (dropped)"))
         for name, entries in tests.items():
             save_json(self.root / "json" / f"{name}.json", entries)
         for split, entries in tasks.items():
             save_json(self.out / "tasks" / f"{split}.json", entries)
-        # the demo: the first unobserved-object test query (README: where AbU works on mini-AbC, and where not)
         save_json(self.out / "tasks" / "demo.json",
                   [t for t in tasks["test"] if t["test_case"] == "test_unobserved_imagenet"][:1])
         save_grid(self.out / "grids" / "customized_models.png", grids, labels)
 
-    def plan_grid_names(self) -> List[str]:
-        return [self.pretrain[int(i)].name for i in self.rng.choice(len(self.pretrain), 6, replace=False)]
+    def write_queries(self, spec, queries, tests, tasks) -> None:
+        synth_dir = self.root / "synth" / spec["family"] / "gpt" / spec["class_id"] / "samples"
+        synth_dir.mkdir(parents=True, exist_ok=True)
+        entry_index = len(tests[spec["test_case"]])
+        synth_rel = []
+        for q, (prompt, img) in enumerate(zip(spec["prompts"], queries)):
+            rel = f"synth/{spec['family']}/gpt/{spec['class_id']}/samples/{q:05d}.png"
+            img.save(self.root / rel)
+            synth_rel.append(f"dataset/{rel}")
+            tasks[spec["split"]].append({
+                "synth_image_path": rel, "prompt": prompt, "test_case": spec["test_case"],
+                "test_case_ind": entry_index, "model_path": f"models/{spec['family']}/{spec['class_id']}",
+                "train_prompt": spec["train_prompt"], "category": spec["category"]})
+        tests[spec["test_case"]].append({
+            "exemplar": [f"dataset/{p}" for p in spec["exemplar_paths"]], "synth": {"gpt": synth_rel},
+            "class_id": spec["class_id"], "category": None if spec["category"] == "art" else spec["category"],
+            "split": spec["split"]})
 
-    def base_samples_grid(self, names: List[str]):
-        pipe = load_pipeline(self.sd_dir)
-        rows, labels = [], []
-        for template in ("a {name}", "a picture of a {name} in the style of google art",
-                         "a picture of a {name} in the style of twitter art"):
-            prompts = [template.format(name=n) for n in names]
-            rows.append(sample(pipe, prompts, seed=self.config.seed))
-            labels.append(template.replace("{name}", "..."))
-        save_grid(self.out / "grids" / "base_model_samples.png", rows, labels)
-        (self.out / "grids" / "base_model_samples.txt").write_text("columns: " + " | ".join(names) + "\n")
+    def prior_set(self, spec, images, captions, rows, m: int, n: int = 64):
+        """Prior-preservation images: pretraining images of the same category (objects) or any (styles)."""
+        rng = np.random.default_rng(self.config.seed + 100 + m)
+        if spec["category"] == "art":
+            pool = np.arange(len(captions))
+        else:
+            pool = np.array([i for i, r in enumerate(rows) if r["category"] == spec["category"]])
+        idx = rng.choice(pool, min(n, len(pool)), replace=False)
+        return images[idx], [captions[int(i)] for i in idx]
 
 
 class _PipeAsBase:
@@ -331,42 +447,40 @@ def derive(out: Path, config: BuildConfig, all_weights_fisher: bool = True, over
     from utils.models import load_base_model
 
     root = out / "abc"
-    base = load_base_model(str(out / "sd-mini"), "cpu")
+    base = load_base_model(str(out / "sd-mini"), config.device)
     encode_candidates(base, root / "laion_subset" / "images", root / "laion_subset" / "captions.txt", root,
                       seed=config.seed, batch_size=256, overwrite=overwrite)
     laion = LaionCandidates(root, LaionCandidates(root, 1).total)
     write_fisher(base, laion, root / "sd_fisher.pt", FisherConfig(
         laion_subset_size=len(laion) // 2, num_samples=config.fisher_samples, batch_size=64, seed=config.seed),
-        "cpu", overwrite=overwrite)
+        config.device, overwrite=overwrite)
     if all_weights_fisher:  # every weight, for the "all weights" ablation (one sample per backward: fewer samples)
         write_fisher(base, laion, root / "sd_fisher_all.pt", FisherConfig(
             laion_subset_size=len(laion) // 2, num_samples=config.fisher_samples_all, weight_selection="all",
-            seed=config.seed), "cpu", overwrite=overwrite)
+            seed=config.seed), config.device, overwrite=overwrite)
 
 
-STAGES = ("data", "base", "models", "derive")
+STAGES = ("data", "base", "judge", "models", "derive")  # the judge trains before the base model if asked
 
 
 def build(out, config: BuildConfig, stages=STAGES, cache=None, overwrite: bool = False,
           all_weights_fisher: bool = True):
     out = Path(out)
     builder = Builder(out, config, Path(cache or REPO / "data" / ".cache"))
-    if {"data", "base", "models"} & set(stages):
-        builder.load()
-        captions = builder.plan_captions()  # the rng is drawn in the same order whatever stages run
-        grid_names = builder.plan_grid_names()
-    if "data" in stages:
-        builder.write_pretraining_set(captions)
-        sources.write_notice(out / "NOTICE", {c.openmoji_author for c in builder.concepts})
-    if "base" in stages:
-        builder.train_base()
-    if "models" in stages:
-        builder.base_samples_grid(grid_names)
-        builder.customize_and_synthesize()
-    if {"data", "base", "models"} & set(stages):
-        save_json(out / f"build_log_{'_'.join(s for s in stages if s != 'derive')}.json", builder.log)
-    if "derive" in stages:
-        derive(out, config, all_weights_fisher=all_weights_fisher, overwrite=overwrite)
+    times = {}
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        t0 = time.time()
+        if stage == "derive":
+            derive(out, config, all_weights_fisher=all_weights_fisher, overwrite=overwrite)
+        else:
+            getattr(builder, stage)()
+        times[stage] = round(time.time() - t0)
+    if set(stages) - {"derive"}:
+        log = out / "build_log.json"
+        previous = json.loads(log.read_text()) if log.is_file() else {}
+        save_json(log, {"config": asdict(config), "seconds": {**previous.get("seconds", {}), **times}})
     return out
 
 
@@ -374,17 +488,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/mini_abc")
     p.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
+    p.add_argument("--device", default="cpu", help="where to train and sample (cpu or cuda)")
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the base model's training steps")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--overwrite", action="store_true", help="derive: remake the arrays even if they exist")
     p.add_argument("--no_all_weights_fisher", action="store_true",
                    help="derive: skip sd_fisher_all.pt (only the comparison's all-weights ablation needs it)")
     args = p.parse_args(argv)
-    config = BuildConfig()
+    config = BuildConfig(device=args.device)
+    config.base.device = args.device
     if args.diffusion_steps:
         config.base.diffusion_steps = args.diffusion_steps
     if args.threads:
         torch.set_num_threads(args.threads)
+        config.base.threads = args.threads
     build(args.out, config, args.stage or STAGES, overwrite=args.overwrite,
           all_weights_fisher=not args.no_all_weights_fisher)
 

@@ -8,54 +8,68 @@ import pytest
 from PIL import Image
 
 import compute_training_loss
-from data.build_mini_abc import BuildConfig, build, duotone, usable_concepts
+from data.build_mini_abc import (HELDOUT_STYLES, TRAINING_STYLES, BuildConfig, build, choose_concepts, duotone,
+                                 usable_concepts)
+from data.mini_abc_build import sources
 from data.mini_abc_build.customize import CustomizationConfig
-from data.mini_abc_build.sources import PACKAGES, load_concepts
+from data.mini_abc_build.judge import JudgeConfig
 from data.mini_abc_build.train_base import BaseModelConfig
 from utils.tasks import exemplar_paths, load_tasks
 
-CATEGORIES = [("Smileys & Emotion", "face-smiling"), ("Animals & Nature", "animal-mammal"),
-              ("Food & Drink", "food-fruit"), ("Objects", "tool"), ("Flags", "country-flag")]
-AUTHORS = ["Ada Designer", "Ben Drawer", "Cleo Painter"]
+CATEGORIES = [("Smileys & Emotion", "face-smiling"), ("Food & Drink", "food-fruit"), ("Objects", "tool"),
+              ("Travel & Places", "transport-ground"), ("Activities", "sport"), ("Symbols", "arrow")]
 
 
-def fake_packages(cache: Path, n: int = 40) -> None:
-    """emoji-datasource-google/-twitter and openmoji folders with n concepts, each picture distinct."""
+def fake_packages(cache: Path, n: int = 36) -> None:
+    """emoji-datasource and every Iconify set of the registry, each drawing n concepts as distinct shapes."""
     rng = np.random.default_rng(0)
     nm = cache / "npm" / "node_modules"
     entries = []
     for i in range(n):
         category, sub = CATEGORIES[i % len(CATEGORIES)]
-        code = f"1F{600 + i:03X}"
-        entries.append({"name": f"THING {chr(65 + i % 26)}{i}", "unified": code, "non_qualified": None,
-                         "image": f"{code.lower()}.png", "short_name": f"thing{i}", "category": category,
-                         "subcategory": sub, "has_img_google": True, "has_img_twitter": True})
-    for pkg, style in (("emoji-datasource-google", "google"), ("emoji-datasource-twitter", "twitter")):
-        d = nm / pkg
-        (d / "img" / style / "64").mkdir(parents=True)
-        (d / "package.json").write_text(json.dumps({"version": PACKAGES[pkg]}))
-        (d / "emoji.json").write_text(json.dumps(entries))
+        entries.append({"name": f"THING {chr(65 + i % 26)}{i}", "unified": f"1F{600 + i:03X}", "short_name": f"t{i}",
+                        "short_names": [f"t{i}"], "category": category, "subcategory": sub, "image": "x.png"})
+    packages = {sources.DATASOURCE[0]: ({"emoji.json": entries}, "MIT")}
+    for style, s in sources.SETS.items():
+        icons, chars = {}, {}
         for e in entries:
-            arr = np.zeros((64, 64, 4), np.uint8)
-            x, y = rng.integers(0, 30, 2)
-            arr[y:y + 30, x:x + 30] = [*rng.integers(0, 255, 3), 255]
-            Image.fromarray(arr, "RGBA").save(d / "img" / style / "64" / e["image"])
-    om = nm / "openmoji"
-    (om / "color" / "svg").mkdir(parents=True)
-    (om / "data").mkdir()
-    (om / "package.json").write_text(json.dumps({"version": PACKAGES["openmoji"]}))
-    rows = ["emoji,hexcode,group,subgroups,annotation,tags,openmoji_tags,openmoji_author,openmoji_date,skintone"]
-    for i, e in enumerate(entries):
-        c = rng.integers(0, 255, 3)
-        (om / "color" / "svg" / f"{e['unified']}.svg").write_text(
-            f'<svg viewBox="0 0 72 72" xmlns="http://www.w3.org/2000/svg"><circle cx="36" cy="36" r="{10 + i % 20}" '
-            f'fill="rgb({c[0]},{c[1]},{c[2]})"/></svg>')
-        rows.append(f"x,{e['unified']},g,{e['subcategory']},thing {i},,,{AUTHORS[i % 3]},2020-01-01,")
-    (om / "data" / "openmoji.csv").write_text("\n".join(rows) + "\n")
-    # a tiny stand-in for CLIP's merge list, so no wheel is downloaded
-    (cache / "clip").mkdir(parents=True)
+            name = f"thing-{e['unified'].lower()}"
+            c, (x, y), r = rng.integers(0, 255, 3), rng.integers(10, 40, 2), int(rng.integers(10, 30))
+            icons[name] = {"body": f'<circle cx="{x}" cy="{y}" r="{r}" fill="rgb({c[0]},{c[1]},{c[2]})"/>'}
+            chars[e["unified"].lower()] = name
+        info = {"name": s.title, "author": {"name": s.author, "url": s.source_url},
+                "license": {"title": s.licence, "spdx": s.licence}}
+        packages[s.package] = ({"icons.json": {"prefix": style, "width": 64, "height": 64, "icons": icons},
+                                "chars.json": chars, "info.json": info}, s.licence)
+    for package, (files, licence) in packages.items():
+        folder = nm / package
+        folder.mkdir(parents=True)
+        (folder / "package.json").write_text(json.dumps({"name": package, "version": sources.PACKAGES[package],
+                                                         "license": licence}))
+        for name, content in files.items():
+            (folder / name).write_text(json.dumps(content))
+    (cache / "clip").mkdir(parents=True)  # a tiny stand-in for CLIP's merge list, so no wheel is downloaded
     with gzip.open(cache / "clip" / "bpe_simple_vocab_16e6.txt.gz", "wt") as f:
         f.write("#version\np i\nt h\na r\nth e</w>\n")
+
+
+def tiny_config() -> BuildConfig:
+    return BuildConfig(
+        n_concepts=30, n_heldout=6, style_exemplars=3, gate_prompts=4, gate_samples=1, sample_steps=4,
+        base=BaseModelConfig(vae_steps=10, diffusion_steps=12, log_every=5, vae_channels=(16, 16, 16),
+                             unet_channels=(32, 32), text_hidden=32, text_heads=2, text_layers=1, ema_decay=0.9,
+                             checkpoint_every=5, diffusion_batch_size=16),
+        customization=CustomizationConfig(steps=3, batch_size=2), judge=JudgeConfig(width=8, epochs=2),
+        fisher_samples=16, fisher_samples_all=4)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    fake_packages(cache)
+    out = tmp_path_factory.mktemp("mini") / "mini_abc"
+    build(out, tiny_config(), cache=cache)
+    return out, cache
 
 
 def test_duotone_keeps_white_background():
@@ -65,71 +79,67 @@ def test_duotone_keeps_white_background():
     assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [10, 20, 30]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    fake_packages(cache)
-    config = BuildConfig(n_heldout=8, models_per_case={"test": 1, "val": 1}, style_exemplars=3,
-                         base=BaseModelConfig(vae_steps=10, diffusion_steps=10, log_every=5, vae_channels=(16, 16, 16),
-                                              unet_channels=(32, 32), text_hidden=32, text_heads=2, text_layers=1),
-                         customization=CustomizationConfig(steps=3, batch_size=2), fisher_samples=16, fisher_samples_all=4)
-    out = tmp_path_factory.mktemp("mini") / "mini_abc"
-    build(out, config, cache=cache)
-    return out, cache
-
-
-def test_usable_concepts_drop_flags_and_duplicates(built):
+def test_concepts_are_drawn_in_every_style_and_split_without_overlap(built):
     _, cache = built
-    nm = cache / "npm" / "node_modules"
-    concepts = load_concepts(nm / "emoji-datasource-google", nm / "emoji-datasource-twitter", nm / "openmoji")
-    assert len(concepts) == 40
-    kept = usable_concepts(concepts, 0)
-    assert len(kept) == 32 and all(c.category != "Flags" for c in kept)
-    dup = nm / "emoji-datasource-twitter" / "img" / "twitter" / "64"
-    (dup / concepts[1].twitter_png.name).write_bytes(concepts[0].google_png.read_bytes())
-    assert concepts[1].key not in {c.key for c in usable_concepts(concepts, 0)}
+    concepts = sources.load_concepts(sources.fetch_packages(cache / "npm"))
+    usable = usable_concepts(concepts)
+    assert len(usable) == 30 and all(c.category != "Symbols" for c in usable)  # 36 minus the 6 symbols
+    pretrain, heldout = choose_concepts(concepts, tiny_config(), np.random.default_rng(0))
+    assert len(heldout) == 6 and not {c.key for c in pretrain} & {c.key for c in heldout}
 
 
-def test_built_benchmark_has_the_abc_layout(built):
+def test_built_benchmark_has_the_abc_layout_and_its_design(built):
     out, _ = built
-    root = out / "abc"
+    root, plan = out / "abc", json.loads((out / "plan.json").read_text())
     captions = (root / "laion_subset" / "captions.txt").read_text().splitlines()
-    images = sorted((root / "laion_subset" / "images").glob("*.png"))
-    assert len(captions) == len(images) == 2 * (32 - 8)  # pretraining concepts x (google, twitter)
-    assert np.load(root / "laion_latents.npy").shape == (2 * len(images), 4, 8, 8)
-    assert np.load(root / "laion_text_embeddings.npy").shape == (len(images), 77, 32)
-    assert (root / "sd_fisher.pt").is_file() and (root / "sd_fisher_all.pt").is_file() and (out / "NOTICE").is_file()
-    for split, n in (("test", 4), ("val", 4)):  # one model per test case and split, as configured
-        tasks = load_tasks(out / "tasks" / f"{split}.json")
-        assert len({t.model_path for t in tasks}) == n and len(tasks) == 2 * n
-        for t in tasks:
-            assert (root / t.synth_image_path).is_file()
-            assert (root / t.model_path / "<new1>.bin").is_file()
-            assert exemplar_paths(root, t)
-    test_models = {t.model_path for t in load_tasks(out / "tasks" / "test.json")}
-    assert test_models.isdisjoint({t.model_path for t in load_tasks(out / "tasks" / "val.json")})
+    rows = json.loads((root / "laion_subset" / "sources.json").read_text())
+    assert len(captions) == len(rows) == 24 * len(TRAINING_STYLES)  # pretraining concepts x training styles
+    assert {r["style"] for r in rows} == set(TRAINING_STYLES) and not {r["style"] for r in rows} & set(HELDOUT_STYLES)
+    heldout = set(plan["heldout_concepts"])
+    assert not heldout & {r["key"] for r in rows}  # held-out concepts never reach pretraining
+    style_words = set(TRAINING_STYLES.values())
+    assert sum(any(f"style of {w} art" in c for w in style_words) for c in captions) > len(captions) / 2
+    assert np.load(root / "laion_latents.npy").shape == (2 * len(captions), 4, 8, 8)
+    assert (root / "sd_fisher.pt").is_file() and (root / "sd_fisher_all.pt").is_file()
+    assert "CC BY-SA 4.0" in (out / "NOTICE").read_text()
+    for spec in plan["models"]:  # exemplars: held-out styles for artchive / observed objects, held-out concepts else
+        styles = {style for _, style, _ in spec["exemplars"]}
+        keys = {key for key, _, _ in spec["exemplars"]}
+        if spec["test_case"] in ("test_artchive", "test_observed_imagenet"):
+            assert styles <= set(HELDOUT_STYLES) and not keys & heldout
+        else:
+            assert styles <= set(TRAINING_STYLES) and keys <= heldout
+    gates = json.loads((out / "gates_models.json").read_text())
+    kept = {t.model_path for split in ("test", "val") for t in load_tasks(out / "tasks" / f"{split}.json")}
+    assert len(kept) == 16 - len(gates["dropped"])
+    for split in ("test", "val"):
+        for t in load_tasks(out / "tasks" / f"{split}.json"):
+            assert (root / t.synth_image_path).is_file() and exemplar_paths(root, t)
+    base = json.loads((out / "gates_base.json").read_text())
+    assert 0 <= base["judge"]["concept_top1"] <= 1 and base["prompts"]["samples"] == 4
     log = json.loads((out / "sd-mini" / "training_log.json").read_text())
-    assert len(log["diffusion"]) == 2 and log["scaling_factor"] > 0
-    assert Image.open(out / "grids" / "customized_models.png").size[1] > 8 * 32
+    assert [e["step"] for e in log["diffusion"]] == [5, 10, 12] and not (out / "sd-mini" / ".checkpoint").exists()
+    assert Image.open(out / "grids" / "customized_models.png").size[1] > 16 * 32
 
 
 def test_repo_scripts_run_unchanged_on_it(built, tmp_path):
     out, _ = built
     compute_training_loss.main(["--sd_version", str(out / "sd-mini"), "--dataroot", str(out / "abc"),
-                                "--task_json", str(out / "tasks" / "demo.json"), "--result_dir", str(tmp_path),
+                                "--task_json", str(out / "tasks" / "val.json"), "--result_dir", str(tmp_path),
                                 "--laion_subset_size", "48", "--device", "cpu"])
-    assert len(list((tmp_path / "orig_loss").rglob("settings.json"))) == 1
+    assert len(list((tmp_path / "orig_loss").rglob("settings.json"))) >= 1
 
 
 def test_comparison_runner_end_to_end(built, tmp_path):
-    """benchmarks/mini_abc_comparison.py on the built miniature: AbU, its wrong-image control, three baselines."""
+    """benchmarks/mini_abc_comparison.py on the built miniature: AbU, its two controls, three baselines."""
     import csv
     import subprocess
     import sys
 
     out, _ = built
     repo = Path(__file__).resolve().parent.parent
-    methods = ["AbU", "AbU, wrong-image control", "random", "pixel cosine", "gradient similarity (Fisher-whitened, K/V)"]
+    methods = ["AbU", "AbU, wrong-image control", "AbU, noise-image control", "random", "pixel cosine",
+               "gradient similarity (Fisher-whitened, K/V)"]
     flags = ["--bench", str(out), "--split", "val", "--out", str(tmp_path), "--unlearn_steps", "2",
              "--fisher_dataset_size", "1000", "--laion_subset_size", "0", "--methods"] + methods
     proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "mini_abc_comparison.py")] + flags,
@@ -137,16 +147,25 @@ def test_comparison_runner_end_to_end(built, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
     assert [r["method"] for r in rows] == methods
+    n = len(load_tasks(out / "tasks" / "val.json"))
     for r in rows:
-        assert 0 <= float(r["all ap"]) <= 1 and int(r["n"]) == 8
-    assert float(rows[0]["collateral"]) == float(rows[0]["collateral"])  # a number for AbU rows
+        assert 0 <= float(r["all ap"]) <= 1 and int(r["n"]) == n
     swapped = json.loads((tmp_path / "wrong_image_tasks.json").read_text())
     original = json.loads((out / "tasks" / "val.json").read_text())
     assert all(a["synth_image_path"] != b["synth_image_path"] and a["prompt"] == b["prompt"]
                for a, b in zip(swapped, original))
+    noise = pickle_load(tmp_path / "abu_noise_image_control" / "influence" / original[0]["synth_image_path"][6:]
+                        / "influence.pkl")
+    assert noise["settings"]["noise_image"] is True
     assert Image.open(tmp_path / "comparison.png").size == (1000, 620)
     md = (tmp_path / "comparison.md").read_text()
     assert "| AbU |" in md and "| method | artchive | bamfg | unobserved_imagenet | observed_imagenet |" in md
+
+
+def pickle_load(path):
+    import pickle
+
+    return pickle.loads(Path(path).read_bytes())
 
 
 def test_object_match_counts_top_candidates_whose_caption_names_the_object():

@@ -28,6 +28,7 @@ class CustomizationConfig:
     prior_weight: float = 1.0
     init_token: Optional[str] = None  # word whose embedding <new1> starts from (default: the mean embedding)
     seed: int = 0
+    device: str = "cpu"  # where `base` lives; random draws stay on the CPU, so results repeat across devices
 
 
 def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: torch.Tensor, prior_captions: List[str],
@@ -56,8 +57,10 @@ def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: to
     prior_latents = encode_images(base.vae, prior_images, g, batch_size=len(prior_images))
     ids = lambda prompts: tokenizer(prompts, max_length=tokenizer.model_max_length, padding="max_length",  # noqa: E731
                                     truncation=True, return_tensors="pt").input_ids
-    ex_ids = ids([train_prompt])
-    prior_ids = ids(prior_captions)
+    device = torch.device(config.device)
+    ex_latents, prior_latents = ex_latents.to(device), prior_latents.to(device)
+    ex_ids = ids([train_prompt]).to(device)
+    prior_ids = ids(prior_captions).to(device)
 
     names = select_parameter_names(unet, "cross-attn-kv")  # what Custom Diffusion trains
     params = dict(unet.named_parameters())
@@ -68,11 +71,11 @@ def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: to
     opt = torch.optim.AdamW([{"params": [params[n] for n in names], "lr": config.lr},
                              {"params": [table], "lr": config.token_lr}], weight_decay=0.0)
     frozen_rows = table.detach().clone()
-    alphas = scheduler.alphas_cumprod
+    alphas = scheduler.alphas_cumprod.to(device)
 
     def loss_of(latents, token_ids):
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, len(alphas), (len(latents),), generator=g)
+        noise = torch.randn(latents.shape, generator=g).to(device)
+        t = torch.randint(0, len(alphas), (len(latents),), generator=g).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         x = latents.flip(-1) if rng.random() < 0.5 else latents
         pred = unet(a.sqrt() * x + (1 - a).sqrt() * noise, t, text_encoder(token_ids)[0]).sample
@@ -88,7 +91,7 @@ def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: to
         (ex_loss + config.prior_weight * pr_loss).backward()
         opt.step()
         with torch.no_grad():  # only the <new1> row of the embedding table may move
-            keep = torch.ones(len(table), dtype=torch.bool)
+            keep = torch.ones(len(table), dtype=torch.bool, device=table.device)
             keep[token_id] = False
             table[keep] = frozen_rows[keep]
         losses.append(ex_loss.item())
@@ -97,6 +100,6 @@ def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: to
     table.requires_grad_(False)
 
     out_dir = Path(out_dir)
-    save_torch(out_dir / CUSTOM_WEIGHTS_FILE, {n: params[n].detach().clone() for n in names})
-    save_torch(out_dir / CONCEPT_FILE, {CONCEPT_TOKEN: table[token_id].detach().clone()})
+    save_torch(out_dir / CUSTOM_WEIGHTS_FILE, {n: params[n].detach().cpu().clone() for n in names})
+    save_torch(out_dir / CONCEPT_FILE, {CONCEPT_TOKEN: table[token_id].detach().cpu().clone()})
     return {"losses": losses, "prior_losses": prior_losses}

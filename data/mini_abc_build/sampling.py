@@ -19,14 +19,18 @@ def load_pipeline(sd_dir):
 
 
 @torch.no_grad()
-def sample(pipe, prompts: Sequence[str], seed: int, steps: int = 50, guidance_scale: float = 3.0) -> List[Image.Image]:
-    """One image per prompt; image i uses a generator seeded with seed + i, so a prompt list can grow."""
+def sample(pipe, prompts: Sequence[str], seed: int, steps: int = 50, guidance_scale: float = 3.0,
+           batch_size: int = 32) -> List[Image.Image]:
+    """One image per prompt; image i starts from the noise of a generator seeded with seed + i (so a prompt
+    list can grow, and batching does not change which noise an image gets). DDIM with eta 0 adds no noise
+    after the start, so an image depends on its prompt and seed alone."""
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     out = []
-    for i, prompt in enumerate(prompts):
-        g = torch.Generator().manual_seed(seed + i)
-        out += pipe(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
-                    generator=g, output_type="pil").images
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start:start + batch_size])
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(batch))]
+        out += pipe(batch, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    generator=generators, output_type="pil").images
     return out
 
 
