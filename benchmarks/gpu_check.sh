@@ -55,6 +55,7 @@ if [[ -z "${SKIP_CLI:-}" ]]; then
 echo "== 4. the CLIs on a random SD v1.4-shaped model"
 SD=/tmp/sd_shaped
 python3 benchmarks/sd_shaped.py --out $SD --images ${CLI_IMAGES:-200} > "$OUT/sd_shaped.log" 2>&1 || { echo "sd_shaped.py failed"; tail -20 "$OUT/sd_shaped.log"; }
-python3 benchmarks/cli_timing.py --bench $SD --images ${CLI_IMAGES:-200} --unlearn_steps ${CLI_STEPS:-10} \
-  ${CLI_ARGS:-} 2>&1 | tee "$OUT/cli_timing.md"
+python3 benchmarks/cli_timing.py --bench $SD --images ${CLI_IMAGES:-200} --unlearn_steps ${CLI_STEPS:-5} \
+  --runs "${CLI_RUNS:-1:fp32,1:bf16,2:bf16:exact,2:bf16:coarse,2:bf16:first-order,1:bf16 + compile}" 2>&1 \
+  | tee "$OUT/cli_timing.md"
 fi
