@@ -90,7 +90,8 @@ def model_fingerprint(unet, vae, text_encoder, tokenizer, scheduler, samples_per
     for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         for name, tensor in module.state_dict().items():
             flat = tensor.detach().reshape(-1)
-            index = torch.linspace(0, max(len(flat) - 1, 0), min(samples_per_tensor, len(flat))).round().long()
+            k = min(samples_per_tensor, len(flat))  # integer spacing: float linspace rounds past the end
+            index = torch.arange(k, dtype=torch.int64) * max(len(flat) - 1, 0) // max(k - 1, 1)
             h.update(f"{part}.{name}{tuple(tensor.shape)}".encode())
             h.update(flat[index].to("cpu", torch.float64).numpy().tobytes())
     schedule = {k: scheduler.config.get(k) for k in ("num_train_timesteps", "beta_start", "beta_end",
