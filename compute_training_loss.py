@@ -3,11 +3,13 @@
     python compute_training_loss.py --task_json tasks/demo_task.json
 
 For each distinct model of the task file, writes <result_dir>/orig_loss/<model>/ with exemplar_loss.npy,
-laion_loss.npy, exemplar_latents.npy (the VAE samples, reused by stage 2) and, last, settings.json: what
-made the losses (utils/loss_cache.py). A finished cache is skipped, after checking it was made with this
+laion_loss.npy (each row's mean over the T timesteps), the same per timestep (*_loss_by_t.npy),
+exemplar_latents.npy (the VAE samples, reused by stage 2) and, last, settings.json: what made the losses
+(utils/loss_cache.py). A finished cache is skipped, after checking it was made with this
 run's settings; --overwrite recomputes it.
 """
 import argparse
+import time
 
 import torch
 from tqdm.auto import tqdm
@@ -15,7 +17,8 @@ from tqdm.auto import tqdm
 from utils.cli import add_common_args, check_dataroot, run
 from utils.data import ExemplarCandidates, LaionCandidates, load_exemplar_images
 from utils.host_memory import bound_heap_growth
-from utils.layout import ResultsLayout
+from utils.io import check_writable, claim
+from utils.layout import SETTINGS, ResultsLayout
 from utils.loss_cache import cache_is_complete, check_loss_cache, loss_settings, save_loss_cache
 from utils.losses import collect_losses, validate_batch_layout
 from utils.models import (PristineWeights, apply_customization, check_candidates_fit, encode_images, encode_prompt,
@@ -49,6 +52,7 @@ def main(argv=None):
     bound_heap_growth()  # host memory that follows the batch size, not the number of candidates
     validate_batch_layout(args.batch_size, args.time_samples)
     dataroot = check_dataroot(args.dataroot)
+    check_writable(args.result_dir)
     layout = ResultsLayout(args.result_dir)
     models = unique_models(load_tasks(args.task_json))
     laion = LaionCandidates(dataroot, args.laion_subset_size)
@@ -72,19 +76,29 @@ def main(argv=None):
     configure_unet(base.unet, device, args.precision)
     tracker = loss_tracker(base.unet, args.compile)
     pristine = PristineWeights(base.unet)
+    started = time.time()
     for task in tqdm(todo_here, desc="models", unit="model"):
-        loaded = apply_customization(base, pristine, dataroot / task.model_path)
-        generator = torch.Generator().manual_seed(args.seed)
-        exemplars = exemplar_candidates(base, dataroot, task, args.vae_batch_size, generator)
-        collect = dict(batch_size=args.batch_size, time_samples=args.time_samples, seed=args.seed, device=device,
-                       precision=args.precision)
-        exemplar_loss = collect_losses(tracker, base.scheduler, exemplars, desc="exemplar losses", **collect)
-        laion_loss = collect_losses(tracker, base.scheduler, laion, desc="LAION losses", **collect)
-        cache_dir = layout.loss_cache(task)
-        save_loss_cache(cache_dir, exemplar_loss, laion_loss, exemplars.latents.numpy(),
-                        settings_of(task, len(exemplars)), args.sd_version)
-        tqdm.write(f"{task.model_path}: {len(loaded)} customized tensors, {len(exemplars) // 2} exemplars, "
-                   f"mean loss exemplar {exemplar_loss.mean():.4f} / LAION {laion_loss.mean():.4f} -> {cache_dir}")
+        with claim(layout.cache_claim(task), f"the loss cache of {task.model_path}") as mine:
+            cache = layout.loss_cache(task)  # finished, or with --overwrite finished by a sibling during this run
+            done = cache_is_complete(cache) and (not args.overwrite or (cache / SETTINGS).stat().st_mtime >= started)
+            if mine and not done:
+                cache_model(args, task, base, tracker, pristine, laion, dataroot, layout, device, settings_of)
+
+
+def cache_model(args, task, base, tracker, pristine, laion, dataroot, layout, device, settings_of) -> None:
+    """Customize the base model as `task`'s model, measure its exemplars' and the LAION rows' losses, save."""
+    loaded = apply_customization(base, pristine, dataroot / task.model_path)
+    generator = torch.Generator().manual_seed(args.seed)
+    exemplars = exemplar_candidates(base, dataroot, task, args.vae_batch_size, generator)
+    collect = dict(batch_size=args.batch_size, time_samples=args.time_samples, seed=args.seed, device=device,
+                   precision=args.precision, per_timestep=True)
+    exemplar_by_t = collect_losses(tracker, base.scheduler, exemplars, desc="exemplar losses", **collect)
+    laion_by_t = collect_losses(tracker, base.scheduler, laion, desc="LAION losses", **collect)
+    cache_dir = layout.loss_cache(task)
+    save_loss_cache(cache_dir, exemplar_by_t, laion_by_t, exemplars.latents.numpy(),
+                    settings_of(task, len(exemplars)), args.sd_version)
+    tqdm.write(f"{task.model_path}: {len(loaded)} customized tensors, {len(exemplars) // 2} exemplars, "
+               f"mean loss exemplar {exemplar_by_t.mean():.4f} / LAION {laion_by_t.mean():.4f} -> {cache_dir}")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ That is a Newton step of max_theta L(z; theta) - (N / 2) sum F (theta - theta0)^
 consolidation): forget z while staying close to the pretrained weights in the Fisher metric
 (docs/method.md, section 4). Which parameters move is the caller's choice (utils.models.WEIGHT_SELECTIONS).
 """
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from utils.faults import checkpoint
 from utils.speed import FP16_LOSS_SCALE, autocast
 
 LAION_400M = 400_000_000  # N, the pretraining-set size the authors hard-code
@@ -44,11 +45,13 @@ def fisher_preconditioned_step(params: Dict[str, torch.nn.Parameter], fisher: Di
 def unlearn(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, params: Dict[str, torch.nn.Parameter],
             fisher: Dict[str, torch.Tensor], steps: int = 100, grad_accum_steps: int = 10, lr: float = 0.1,
             dataset_size: int = LAION_400M, generator: torch.Generator = None, progress: bool = True,
-            precision: str = "fp32") -> List[float]:
+            precision: str = "fp32", should_stop: Optional[Callable[[int], bool]] = None) -> List[float]:
     """Run the unlearning loop in place on `params` (the only parameters that get gradients).
 
-    The UNet's forward runs at `precision` (utils.speed); the update stays float64. Returns the mean
-    query loss of each step, measured before that step's update.
+    The UNet's forward runs at `precision` (utils.speed); the update stays float64. `should_stop(done)`, asked
+    before each step with the number of steps done (0 before the first), ends the loop early when it returns
+    True (a per-query stopping rule); the paper's schedule has none. Returns the mean query loss of each step
+    taken, measured before that step's update: its length is the number of steps taken.
     """
     scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -57,7 +60,9 @@ def unlearn(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, params: 
         p.requires_grad_(n in trainable)
     history = []
     try:
-        for _ in tqdm(range(steps), desc="unlearning", unit="step", disable=not progress, leave=False):
+        for done in tqdm(range(steps), desc="unlearning", unit="step", disable=not progress, leave=False):
+            if should_stop is not None and should_stop(done):
+                break
             for p in params.values():
                 p.grad = None
             total = 0.0
@@ -67,6 +72,7 @@ def unlearn(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, params: 
                 total += loss.item()
             fisher_preconditioned_step(params, fisher, lr / scale, dataset_size, grad_accum_steps)
             history.append(total / grad_accum_steps)
+            checkpoint("unlearning-step")
     finally:
         for p in unet.parameters():
             p.grad = None

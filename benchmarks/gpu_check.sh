@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The prepared GPU run (one device call): (1) both stages on CUDA over the tiny benchmark in fp32, compared
 # with the CPU results made here by `BENCH=tiny bash run_demo.sh`; (2) the loss-tracking benchmark on SD v1.4's UNet;
-# (3) the precision agreement of AbU on mini-AbC's validation split on CUDA (fp32 against bf16 and fp16).
-# Carry data/tiny_abc, results/tiny and .whl (diffusers wheel); see README "Performance".
+# (3) the precision agreement of AbU on mini-AbC's validation split on CUDA (fp32 against bf16 and fp16);
+# (4) the CLIs themselves on a random model of SD v1.4's shapes: both stages, exact and two-stage, fp32 / bf16 /
+# bf16 + compile (benchmarks/cli_timing.py). SKIP_DEMO, SKIP_TRACKING, SKIP_AGREEMENT, SKIP_CLI skip a part.
+# Carry data/tiny_abc, results/tiny (part 1) and .whl (diffusers wheel); see docs/performance.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -41,8 +43,19 @@ echo "== 2. loss-tracking benchmark, SD v1.4 UNet (random weights)"
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 benchmarks/loss_tracking.py --model sd14 --device cuda ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/benchmark_sd14.txt"
 fi
 
+if [[ -z "${SKIP_AGREEMENT:-}" ]]; then
 echo "== 3. precision agreement on mini-AbC (val), CUDA"
 python3 data/build_mini_abc.py --out data/mini_abc --stage derive --no_all_weights_fisher > "$OUT/derive.log" 2>&1
 python3 benchmarks/precision_agreement.py --split val --precisions bf16,fp16 --device cuda > "$OUT/agreement.log" 2>&1
 echo "precision_agreement.py: exit $?"; tail -8 "$OUT/agreement.log"
 cp results/mini_abc/val/precision/agreement.md "$OUT/agreement_cuda_val.md" 2>/dev/null
+fi
+
+if [[ -z "${SKIP_CLI:-}" ]]; then
+echo "== 4. the CLIs on a random SD v1.4-shaped model"
+SD=/tmp/sd_shaped
+python3 benchmarks/sd_shaped.py --out $SD --images ${CLI_IMAGES:-200} > "$OUT/sd_shaped.log" 2>&1 || { echo "sd_shaped.py failed"; tail -20 "$OUT/sd_shaped.log"; }
+python3 benchmarks/cli_timing.py --bench $SD --images ${CLI_IMAGES:-200} --unlearn_steps ${CLI_STEPS:-5} \
+  --runs "${CLI_RUNS:-1:fp32,1:bf16,2:bf16:exact,2:bf16:coarse,2:bf16:first-order,1:bf16 + compile}" 2>&1 \
+  | tee "$OUT/cli_timing.md"
+fi

@@ -10,7 +10,10 @@ text embedding): what is measured is the data path, whose memory is the question
 weights and activations, which depend on B alone. Prints the peak anonymous
 memory (the process's own footprint: model, batches, outputs) and the peak file-backed resident memory
 (pages of the memory-mapped arrays; page cache that the kernel drops under pressure), with glibc's default
-allocator and with the bound that both stages apply (utils.host_memory.bound_heap_growth). Linux only.
+allocator and with fixed mmap thresholds (utils.host_memory.bound_heap_growth; both stages set the default
+one). Linux only.
+
+    python benchmarks/memory_scaling.py --allocators default,64KiB,32MiB
 """
 import argparse
 import json
@@ -60,9 +63,12 @@ class StandInUNet:
         return (self.conv(noisy) + self.text(text.mean(1))[:, :, None, None],)
 
 
-def measure(dataroot: str, n: int, batch_size: int, bounded: bool) -> dict:
-    """Runs in the child process: one pass of collect_losses over the 2n rows, sampling memory; `bounded`
-    applies utils.host_memory.bound_heap_growth first, as both stages do."""
+ALLOCATORS = {"default": None, "64KiB": 64 * 1024, "1MiB": 2**20, "32MiB": 32 * 2**20}
+
+
+def measure(dataroot: str, n: int, batch_size: int, allocator: str) -> dict:
+    """Runs in the child process: one pass of collect_losses over the 2n rows, sampling memory; an allocator
+    other than "default" fixes glibc's mmap threshold (utils.host_memory.bound_heap_growth) first."""
     import torch
     from diffusers import DDPMScheduler
 
@@ -71,8 +77,8 @@ def measure(dataroot: str, n: int, batch_size: int, bounded: bool) -> dict:
     from utils.losses import collect_losses
     from utils.host_memory import bound_heap_growth
 
-    if bounded:
-        bound_heap_growth()
+    if ALLOCATORS[allocator] is not None:
+        bound_heap_growth(ALLOCATORS[allocator])
 
     torch.manual_seed(0)
     unet = StandInUNet(torch)
@@ -93,7 +99,7 @@ def measure(dataroot: str, n: int, batch_size: int, bounded: bool) -> dict:
     done.set()
     thread.join()
     return {"n_images": n, "rows": len(losses), "batch_size": batch_size, "seconds": round(time.time() - t0, 1),
-            "allocator": "bounded (the scripts)" if bounded else "glibc default",
+            "allocator": "glibc default" if allocator == "default" else f"mmap threshold {allocator}",
             "peak_anon_MiB": round(peak["RssAnon"] / 1024), "peak_file_MiB": round(peak["RssFile"] / 1024)}
 
 
@@ -101,13 +107,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,8000", help="LAION subset sizes (images)")
     p.add_argument("--batch_sizes", default="100,400")
+    p.add_argument("--allocators", default="default,64KiB,32MiB", help="subset of: " + ", ".join(ALLOCATORS))
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3] == "1")))
+        print(json.dumps(measure(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"{'allocator':<22} {'images':>7} {'rows':>7} {'B':>5} {'seconds':>8} {'peak anon MiB':>14} "
+    print(f"{'allocator':<24} {'images':>7} {'rows':>7} {'B':>5} {'seconds':>8} {'peak anon MiB':>14} "
           f"{'peak file MiB':>14} {'arrays MiB':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
@@ -115,13 +122,13 @@ def main():
             root.mkdir()
             write_arrays(root, n)
             arrays = sum(f.stat().st_size for f in root.iterdir()) / 2**20
-            for bounded in ("1", "0"):
+            for allocator in args.allocators.split(","):
                 for b in (int(x) for x in args.batch_sizes.split(",")):
-                    out = subprocess.run([sys.executable, __file__, "--child", str(root), str(n), str(b), bounded],
+                    out = subprocess.run([sys.executable, __file__, "--child", str(root), str(n), str(b), allocator],
                                          capture_output=True, text=True, check=True,
                                          env={**os.environ, "TQDM_DISABLE": "1"})
                     r = json.loads(out.stdout.strip().splitlines()[-1])
-                    print(f"{r['allocator']:<22} {r['n_images']:>7} {r['rows']:>7} {r['batch_size']:>5} "
+                    print(f"{r['allocator']:<24} {r['n_images']:>7} {r['rows']:>7} {r['batch_size']:>5} "
                           f"{r['seconds']:>8} {r['peak_anon_MiB']:>14} {r['peak_file_MiB']:>14} {arrays:>11.0f}",
                           flush=True)
             for f in root.iterdir():

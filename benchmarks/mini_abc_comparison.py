@@ -9,8 +9,6 @@ errors per family, wall time, collateral forgetting, image specificity) and comp
 (Recall@10 against mAP, like the paper's Figure 6). Reruns reuse finished queries.
 """
 import argparse
-import csv
-import io
 import json
 import re
 import sys
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, run, timed  # puts the repo on sys.path
+from runner import BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, run, timed, write_table  # repo on sys.path
 from utils.evaluation import load_result, mean_metric, overlap, score_queries  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
 from utils.layout import LAION_LOSS, VISUALIZATION, ResultsLayout  # noqa: E402
@@ -34,6 +32,8 @@ METHODS = {  # name: (kind, extra flags)
     "AbU, prompt without <new1>": ("abu", ["--drop_concept_token"]),
     "AbU, unscaled synth latent (authors)": ("abu", ["--unscaled_synth_latent"]),
     "AbU, wrong-image control": ("abu-wrong-image", []),
+    # the prompt alone: the query's image replaced by Gaussian noise in latent space
+    "AbU, noise-image control": ("abu", ["--noise_image"]),
     "random": ("baseline", ["--method", "random"]),
     "pixel cosine": ("baseline", ["--method", "pixel"]),
     "VAE-latent cosine": ("baseline", ["--method", "vae"]),
@@ -276,12 +276,7 @@ def write_outputs(out: Path, table, stage1: float) -> None:
     md = markdown(table) + (f"\nStage 1 (shared by every AbU row): {stage1:.0f} s. 'style: top-10 names the object': "
                             f"the fraction of a style query's top-10 pretraining candidates whose caption names the "
                             f"query's object (chance, over all candidates: {chance:.3f}).\n")
-    atomic_write(out / "comparison.md", lambda fh: fh.write(md), binary=False)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(table[0]))
-    writer.writeheader()
-    writer.writerows(table)
-    atomic_write(out / "comparison.csv", lambda fh: fh.write(buf.getvalue()), binary=False)
+    write_table(out, "comparison", md, table)
     plot(table, out / "comparison.png")
 
 

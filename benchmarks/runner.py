@@ -1,5 +1,7 @@
 """What the mini-AbC benchmark scripts share: the benchmark's place, its CPU sizing and validation-tuned values,
 the flags every run of the CLIs gets, and running a CLI with its time recorded beside its results."""
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -10,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from utils.io import save_json  # noqa: E402
+from utils.io import atomic_write, save_json  # noqa: E402
 
 BENCH = REPO / "data" / "mini_abc"
 # Hyperparameters that do not transfer from SD scale, chosen on the validation split (docs/mini_abc.md).
@@ -53,3 +55,13 @@ def timed(result_dir: Path, marker: str, fn):
         seconds = round(seconds + time.time() - t0, 1)
         save_json(path, {"seconds": seconds})
     return ok, seconds
+
+
+def write_table(out: Path, stem: str, markdown: str, rows) -> None:
+    """<out>/<stem>.md (the text) and <out>/<stem>.csv (the rows, one dict each), both atomically."""
+    atomic_write(out / f"{stem}.md", lambda f: f.write(markdown), binary=False)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / f"{stem}.csv", lambda f: f.write(buf.getvalue()), binary=False)

@@ -10,11 +10,9 @@ import compute_influence
 import compute_training_loss
 from utils.io import InputError
 from utils.models import load_base_model
+from helpers import STAGE1, stage2_flags
 
-STAGE1 = ["--laion_subset_size", "12", "--batch_size", "20", "--time_samples", "5", "--device", "cpu"]
-STAGE2 = ["--laion_subset_size", "12", "--loss_batch_size", "20", "--loss_time_samples", "5", "--device", "cpu",
-          "--unlearn_steps", "2", "--unlearn_grad_accum_steps", "1", "--unlearn_batch_size", "2",
-          "--fisher_dataset_size", "1000"]
+STAGE2 = stage2_flags(steps=2, accum=1, batch=2)
 
 
 def args(sd_version, bench, results):

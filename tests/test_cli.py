@@ -14,20 +14,13 @@ import compute_influence
 import compute_training_loss
 import evaluate
 from utils.io import InputError
+from helpers import STAGE1, paths, stage2_flags
 
 REPO = Path(__file__).resolve().parent.parent
-STAGE1 = ["--laion_subset_size", "12", "--batch_size", "20", "--time_samples", "5", "--device", "cpu"]
-STAGE2 = ["--laion_subset_size", "12", "--loss_batch_size", "20", "--loss_time_samples", "5", "--device", "cpu",
-          "--unlearn_steps", "3", "--unlearn_grad_accum_steps", "2", "--unlearn_batch_size", "4",
-          "--fisher_dataset_size", "1000"]
+STAGE2 = stage2_flags()
 MODELS = ["imagenet/n01440764_0000", "artchive/tinyartist"]
 QUERIES = ["imagenet/gpt/n01440764_0000/samples/00000.png", "imagenet/gpt/n01440764_0000/samples/00001.png",
            "artchive/gpt/tinyartist/samples/00000.png", "artchive/gpt/tinyartist/samples/00001.png"]
-
-
-def paths(bench, results):
-    return ["--sd_version", bench["sd_version"], "--dataroot", bench["dataroot"], "--task_json", bench["task_json"],
-            "--result_dir", str(results)]
 
 
 @pytest.fixture(scope="module")

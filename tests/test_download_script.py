@@ -223,3 +223,74 @@ def test_failed_extract_keeps_parts(tmp_path):
     assert "synth_test.7z.001" in proc.output
     assert part.exists()
     assert not (root / ".download_done_extract").exists()
+
+
+# ---------------------------------------------------------------- interrupted downloads and extractions
+RESUMABLE_HUB = """
+import os
+from pathlib import Path
+
+FILES = {"GenDataAttribution": ["json/test_bamfg.json", "exemplar/a.png", "exemplar/b.png"],
+         "AttributeByUnlearning": ["abc/sd_fisher.pt", "abc/laion_latents_text_embeddings/part"]}
+
+fetched = []
+
+
+def snapshot_download(repo_id, repo_type, local_dir, allow_patterns, cache_dir):
+    # as the real one: files already present are kept, the missing ones fetched; FAKE_HUB_DIE_AFTER stops
+    # the process for good (os._exit, as a kill would) after that many new files, counted over both repositories
+    for rel in FILES[repo_id.split("/")[1]]:
+        target = Path(local_dir) / rel
+        if target.exists():
+            continue
+        if len(fetched) == int(os.environ.get("FAKE_HUB_DIE_AFTER", "-1")):
+            os._exit(137)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(repo_id + ":" + rel)
+        fetched.append(rel)
+"""
+
+
+def tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("die_after", [1, 4])  # in the first repository, in the second
+def test_an_interrupted_download_resumes_to_the_same_files(tmp_path, die_after):
+    fake = tmp_path / "fake"
+    (fake / "huggingface_hub").mkdir(parents=True)
+    (fake / "huggingface_hub" / "__init__.py").write_text(RESUMABLE_HUB)
+    whole, cut = tmp_path / "whole" / "abc", tmp_path / "cut" / "abc"
+    assert run_script("--dataroot", str(whole), "--only", "hub", env_extra={"PYTHONPATH": str(fake)}).returncode == 0
+    proc = run_script("--dataroot", str(cut), "--only", "hub",
+                      env_extra={"PYTHONPATH": str(fake), "FAKE_HUB_DIE_AFTER": str(die_after)})
+    assert proc.returncode != 0 and not (cut / ".download_done_hub").exists()
+    assert run_script("--dataroot", str(cut), "--only", "hub", env_extra={"PYTHONPATH": str(fake)}).returncode == 0
+    assert tree(cut) == tree(whole)
+
+
+@needs_7z
+def test_an_interrupted_extraction_resumes_to_the_same_files(tmp_path):
+    payloads = {"exemplar": os.urandom(3000), "models_test": os.urandom(3000)}  # incompressible: several parts
+
+    def archives(root):
+        for name, payload in payloads.items():
+            folder = name.replace("_test", "")
+            staging = tmp_path / "staging" / root.parent.name / name
+            (staging / folder).mkdir(parents=True)
+            (staging / folder / "f.bin").write_bytes(payload)
+            (root / name).mkdir(parents=True)
+            subprocess.run(["7z", "a", "-v1k", str(root / name / f"{name}.7z"), folder], cwd=staging, check=True,
+                           capture_output=True)
+
+    whole, cut = tmp_path / "whole" / "abc", tmp_path / "cut" / "abc"
+    archives(whole)
+    archives(cut)
+    assert run_script("--dataroot", str(whole), "--only", "extract").returncode == 0
+    killer = tmp_path / "7z_killed"  # a 7z killed right after unpacking, before the script deletes any part
+    killer.write_text('#!/usr/bin/env bash\n7z "$@"\nkill -9 $$\n')
+    killer.chmod(0o755)
+    proc = run_script("--dataroot", str(cut), "--only", "extract", env_extra={"SEVEN_ZIP": str(killer)})
+    assert proc.returncode != 0 and not (cut / ".download_done_extract").exists()
+    assert run_script("--dataroot", str(cut), "--only", "extract").returncode == 0
+    assert tree(cut) == tree(whole) and (cut / "exemplar" / "f.bin").read_bytes() == payloads["exemplar"]

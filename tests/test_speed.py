@@ -16,17 +16,10 @@ from utils.data import LaionCandidates
 from utils.io import InputError
 from utils.losses import collect_losses
 from utils.models import select_parameter_names
+from helpers import STAGE1, paths, stage2_flags
 
 REPO = Path(__file__).resolve().parent.parent
-STAGE1 = ["--laion_subset_size", "12", "--batch_size", "20", "--time_samples", "5", "--device", "cpu"]
-STAGE2 = ["--laion_subset_size", "12", "--loss_batch_size", "20", "--loss_time_samples", "5", "--device", "cpu",
-          "--unlearn_steps", "3", "--unlearn_grad_accum_steps", "2", "--unlearn_batch_size", "4",
-          "--fisher_dataset_size", "1000"]
-
-
-def paths(bench, results):
-    return ["--sd_version", bench["sd_version"], "--dataroot", bench["dataroot"], "--task_json", bench["task_json"],
-            "--result_dir", str(results)]
+STAGE2 = stage2_flags()
 
 
 def test_low_precision_losses_are_close_to_fp32_but_not_equal(base_model, tiny_abc):
@@ -108,7 +101,7 @@ def test_two_processes_give_the_single_process_outputs(tiny_abc, tmp_path):
     out2 = launch_two_processes("compute_influence.py", paths(tiny_abc, multi) + STAGE2)
     assert "process 0 of 2 takes 2" in out2 and "process 1 of 2 takes 2" in out2
     files = sorted(p.relative_to(single) for p in single.rglob("*") if p.suffix in (".npy", ".pkl"))
-    assert len(files) == 2 * 3 + 4 * 3  # per model: 2 losses + latents; per query: 2 losses + influence.pkl
+    assert len(files) == 2 * 5 + 4 * 3  # per model: 2 losses, 2 per timestep, latents; per query: 2 losses, pkl
     for rel in files:
         if rel.suffix == ".npy":
             assert np.array_equal(np.load(single / rel), np.load(multi / rel)), rel

@@ -49,6 +49,7 @@ class LaionCandidates:
 
     def __init__(self, dataroot, subset_size: int):
         dataroot = Path(dataroot)
+        self.dataroot = dataroot
         self.latents = _open_array(dataroot / LAION_LATENTS)
         self.text_embeddings = _open_array(dataroot / LAION_TEXT_EMBEDDINGS)
         if self.latents.ndim != 4 or self.latents.shape[0] % 2:
@@ -69,10 +70,15 @@ class LaionCandidates:
 
     def batch(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
         rows = np.arange(start, min(stop, len(self)))
-        latents = torch.from_numpy(np.ascontiguousarray(self.latents[self._latent_rows(rows)], dtype=np.float32))
-        texts = torch.from_numpy(np.ascontiguousarray(self.text_embeddings[rows % self.subset_size],
-                                                      dtype=np.float32))
-        return latents, texts
+        latents = np.ascontiguousarray(self.latents[self._latent_rows(rows)], dtype=np.float32)
+        texts = np.ascontiguousarray(self.text_embeddings[rows % self.subset_size], dtype=np.float32)
+        for name, values, index in ((LAION_LATENTS, latents, self._latent_rows(rows)),
+                                    (LAION_TEXT_EMBEDDINGS, texts, rows % self.subset_size)):
+            if not np.isfinite(values).all():  # one damaged row would make every influence of its batch noise
+                bad = index[~np.isfinite(values.reshape(len(values), -1)).all(axis=1)]
+                raise InputError(f"{self.dataroot / name}: row(s) {bad[:5].tolist()} hold NaN or inf; re-encode the "
+                                 f"candidates (python data/encode_candidates.py --overwrite) or download them again")
+        return torch.from_numpy(latents), torch.from_numpy(texts)
 
     def _latent_rows(self, rows: np.ndarray) -> np.ndarray:
         return np.where(rows < self.subset_size, rows, rows - self.subset_size + self.total)

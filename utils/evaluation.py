@@ -20,14 +20,15 @@ METRICS = ("recall@5", "recall@10", "recall@100", "ap")
 
 
 def load_result(layout: ResultsLayout, task: Task) -> dict:
-    """A query's influence.pkl, with `rank` recomputed from its influence (ties against the exemplars)."""
+    """A query's influence.pkl, with `rank` recomputed from its influence (ties against the exemplars; a two-stage
+    result's candidates that were not re-scored are ordered by its screen)."""
     path = layout.influence_file(task)
     with open(path, "rb") as f:
         result = pickle.load(f)
     if not isinstance(result, dict) or "n_exemplar" not in result or "influence" not in result:
         raise InputError(f"{path} has no 'influence' or 'n_exemplar' (written by another tool?); "
                          f"rerun compute_influence.py for this query")
-    result["rank"] = rank_candidates(result["influence"], result["n_exemplar"])
+    result["rank"] = rank_candidates(result["influence"], result["n_exemplar"], result.get("screen"))
     return result
 
 

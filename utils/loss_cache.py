@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .io import InputError, load_json, save_json, save_npy
-from .layout import EXEMPLAR_LATENTS, EXEMPLAR_LOSS, LAION_LOSS, SETTINGS
-from .losses import NOISE_GENERATOR_DEVICE
+from .layout import EXEMPLAR_LATENTS, EXEMPLAR_LOSS, EXEMPLAR_LOSS_BY_T, LAION_LOSS, LAION_LOSS_BY_T, SETTINGS
+from .losses import NOISE_GENERATOR_DEVICE, mean_over_timesteps
 from .models import customization_fingerprint
 from .speed import kernel_device
 
@@ -52,25 +52,41 @@ def loss_settings(task, base, laion, dataroot, n_exemplar_rows: int, *, batch_si
         n_laion_rows=len(laion))
 
 
+CACHE_FILES = (EXEMPLAR_LOSS, LAION_LOSS, EXEMPLAR_LOSS_BY_T, LAION_LOSS_BY_T, EXEMPLAR_LATENTS, SETTINGS)
+
+
 def cache_is_complete(cache_dir) -> bool:
-    """The settings file is written last, so its presence marks a finished cache."""
-    cache_dir = Path(cache_dir)
-    return all((cache_dir / f).is_file() for f in (EXEMPLAR_LOSS, LAION_LOSS, EXEMPLAR_LATENTS, SETTINGS))
+    """The settings file is written last, so its presence (with the others) marks a finished cache."""
+    return all((Path(cache_dir) / f).is_file() for f in CACHE_FILES)
 
 
-def save_loss_cache(cache_dir, exemplar_loss, laion_loss, exemplar_latents, settings: LossSettings,
+def save_loss_cache(cache_dir, exemplar_by_t, laion_by_t, exemplar_latents, settings: LossSettings,
                     sd_version: str) -> None:
+    """Per-timestep losses [rows, T], their means (the losses stage 2 subtracts from), the exemplar latents,
+    and last the settings."""
     cache_dir = Path(cache_dir)
-    save_npy(cache_dir / EXEMPLAR_LOSS, exemplar_loss)
-    save_npy(cache_dir / LAION_LOSS, laion_loss)
+    save_npy(cache_dir / EXEMPLAR_LOSS_BY_T, exemplar_by_t)
+    save_npy(cache_dir / LAION_LOSS_BY_T, laion_by_t)
+    save_npy(cache_dir / EXEMPLAR_LOSS, mean_over_timesteps(exemplar_by_t).numpy())
+    save_npy(cache_dir / LAION_LOSS, mean_over_timesteps(laion_by_t).numpy())
     save_npy(cache_dir / EXEMPLAR_LATENTS, exemplar_latents)
     save_json(cache_dir / SETTINGS, {**asdict(settings), "sd_version": sd_version})  # last: marks it finished
+
+
+def load_losses_by_timestep(cache_dir):
+    """(exemplar, LAION) per-timestep losses [rows, T] of a finished cache (check it first)."""
+    cache_dir = Path(cache_dir)
+    return np.load(cache_dir / EXEMPLAR_LOSS_BY_T), np.load(cache_dir / LAION_LOSS_BY_T)
 
 
 def check_loss_cache(cache_dir, expected: LossSettings) -> dict:
     """The cached settings, after checking that the cache is finished and made with `expected`."""
     cache_dir = Path(cache_dir)
     if not cache_is_complete(cache_dir):
+        if (cache_dir / SETTINGS).is_file():
+            missing = [f for f in CACHE_FILES if not (cache_dir / f).is_file()]
+            raise InputError(f"the loss cache in {cache_dir} lacks {', '.join(missing)} (made by an older version of "
+                             f"this repo); rerun compute_training_loss.py with --overwrite")
         raise InputError(f"no finished pre-unlearning loss cache in {cache_dir}; "
                          f"run compute_training_loss.py with the same task file first")
     cached = load_json(cache_dir / SETTINGS, "loss-cache settings")

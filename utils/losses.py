@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .faults import checkpoint
 from .io import InputError
 from .speed import autocast
 
@@ -25,29 +26,40 @@ def validate_batch_layout(batch_size: int, time_samples: int, num_train_timestep
         raise InputError(f"time samples ({time_samples}) exceed the scheduler's {num_train_timesteps} steps")
 
 
+def layout_of(scheduler, batch_size: int, time_samples: int):
+    """(candidates per batch, the T-step timestep grid) of docs/method.md, section 3."""
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    validate_batch_layout(batch_size, time_samples, num_train_timesteps)
+    stride = num_train_timesteps // time_samples
+    return batch_size // time_samples, torch.arange(0, num_train_timesteps, stride)[:time_samples]
+
+
+def expanded_batch(candidates, b: int, per_batch: int, step_grid: torch.Tensor, seed: int):
+    """Batch b of the layout, on the CPU: n candidates, each repeated T times (candidate-major) at the grid's
+    timesteps, and the noise of the whole expanded batch from one generator seeded with seed + b.
+    Returns (n, latents, text, timesteps, noise), each with n * T rows."""
+    latents, text = candidates.batch(b * per_batch, (b + 1) * per_batch)
+    n, time_samples = len(latents), len(step_grid)
+    latents = latents.repeat_interleave(time_samples, dim=0)
+    text = text.repeat_interleave(time_samples, dim=0)
+    generator = torch.Generator(device=NOISE_GENERATOR_DEVICE).manual_seed(seed + b)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    return n, latents, text, step_grid.repeat(n), noise
+
+
 def noised_batches(scheduler, candidates, batch_size: int = 200, time_samples: int = 10, seed: int = 0,
-                   device="cpu", desc: str = "losses"):
+                   device="cpu", desc: str = "losses", first_batch: int = 0):
     """Yield (n, noisy, timesteps, text, noise) per batch: the layout and seeded noise of docs/method.md, section 3.
 
     Batch b holds n = B / T candidates, each repeated T times (candidate-major) at the evenly spaced
     timesteps 0, s, 2s, ... (s = 1000 // T); its noise for the whole expanded batch comes from one
-    generator seeded with seed + b.
+    generator seeded with seed + b. `candidates` starting at batch `first_batch` of a longer layout get
+    that layout's noise.
     """
-    num_train_timesteps = scheduler.config.num_train_timesteps
-    validate_batch_layout(batch_size, time_samples, num_train_timesteps)
-    per_batch = batch_size // time_samples
-    stride = num_train_timesteps // time_samples
-    step_grid = torch.arange(0, num_train_timesteps, stride)[:time_samples]
-    starts = range(0, len(candidates), per_batch)
-    for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", leave=False)):
-        latents, text = candidates.batch(start, start + per_batch)
-        n = len(latents)
-        latents = latents.repeat_interleave(time_samples, dim=0)
-        text = text.repeat_interleave(time_samples, dim=0).to(device)
-        timesteps = step_grid.repeat(n)
-        generator = torch.Generator(device=NOISE_GENERATOR_DEVICE).manual_seed(seed + b)
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+    per_batch, step_grid = layout_of(scheduler, batch_size, time_samples)
+    for b in tqdm(range(-(-len(candidates) // per_batch)), desc=desc, unit="batch", leave=False):
+        n, latents, text, timesteps, noise = expanded_batch(candidates, b, per_batch, step_grid, seed + first_batch)
+        latents, noise, timesteps, text = latents.to(device), noise.to(device), timesteps.to(device), text.to(device)
         yield n, scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise
 
 
@@ -57,15 +69,59 @@ def per_row_loss(unet, noisy, timesteps, text, noise) -> torch.Tensor:
     return F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
 
 
+def selected_rows(candidates, rows, timestep_index, per_batch: int, step_grid: torch.Tensor, seed: int,
+                  chunk: int, desc: str = "losses"):
+    """Yield (positions, latents, text, timesteps, noise) in chunks of `chunk` expanded rows: the chosen
+    candidate rows at the chosen grid timesteps, each with exactly the noise the full layout gives it.
+    `positions` index the flattened [len(rows), len(timestep_index)] output. With every row and timestep
+    chosen and chunk = B, the chunks are the layout's batches, row for row."""
+    time_samples = len(step_grid)
+    buffers, taken = [], 0
+    for b in tqdm(np.unique(rows // per_batch), desc=desc, unit="batch", leave=False):
+        in_batch = np.arange(*np.searchsorted(rows, [b * per_batch, (b + 1) * per_batch]))  # rows are sorted
+        _, latents, text, timesteps, noise = expanded_batch(candidates, int(b), per_batch, step_grid, seed)
+        pick = torch.from_numpy(((rows[in_batch] - b * per_batch)[:, None] * time_samples
+                                 + timestep_index[None, :]).reshape(-1))
+        positions = (in_batch[:, None] * len(timestep_index) + np.arange(len(timestep_index))[None, :]).reshape(-1)
+        buffers.append((torch.from_numpy(positions), latents[pick], text[pick], timesteps[pick], noise[pick]))
+        taken += len(pick)
+        while taken >= chunk:
+            parts = [torch.cat(x) for x in zip(*buffers)]
+            yield tuple(x[:chunk] for x in parts)
+            buffers, taken = ([tuple(x[chunk:] for x in parts)], taken - chunk) if taken > chunk else ([], 0)
+    if taken:
+        yield tuple(torch.cat(x) for x in zip(*buffers))
+
+
 @torch.no_grad()
-def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samples: int = 10,
-                   seed: int = 0, device="cpu", desc: str = "losses", precision: str = "fp32") -> np.ndarray:
-    """Mean diffusion loss of every candidate row over the T timesteps of `noised_batches`; the UNet runs
-    at `precision` (utils.speed), the noise and the loss stay fp32."""
-    losses = []
-    for n, noisy, timesteps, text, noise in noised_batches(scheduler, candidates, batch_size, time_samples, seed,
-                                                           device, desc):
+def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samples: int = 10, seed: int = 0,
+                   device="cpu", desc: str = "losses", precision: str = "fp32", rows=None, timestep_index=None,
+                   per_timestep: bool = False) -> np.ndarray:
+    """Diffusion loss of candidate rows under the layout's seeded noise; the UNet runs at `precision`
+    (utils.speed), the noise and the loss stay fp32.
+
+    Default: every row's mean over the T timesteps, [rows]. `rows` / `timestep_index` restrict it to some
+    candidate rows and some grid timesteps, each measured under the very noise the full pass gives it;
+    `per_timestep` returns [rows, timesteps] instead of the mean (stage 1 keeps both).
+    """
+    per_batch, step_grid = layout_of(scheduler, batch_size, time_samples)
+    rows = np.arange(len(candidates)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+    timestep_index = np.arange(time_samples) if timestep_index is None else np.asarray(timestep_index)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= len(candidates)) or \
+            len(timestep_index) and (timestep_index.min() < 0 or timestep_index.max() >= time_samples):
+        raise ValueError(f"rows must lie in [0, {len(candidates)}) and timestep indices in [0, {time_samples})")
+    out = torch.empty(len(rows) * len(timestep_index), dtype=torch.float32)
+    for positions, latents, text, timesteps, noise in selected_rows(candidates, rows, timestep_index, per_batch,
+                                                                    step_grid, seed, batch_size, desc):
+        latents, text, timesteps, noise = (x.to(device) for x in (latents, text, timesteps, noise))
         with autocast(device, precision):
-            loss = per_row_loss(unet, noisy, timesteps, text, noise)
-        losses.append(loss.view(n, time_samples).mean(dim=1).cpu())
-    return torch.cat(losses).numpy().astype(np.float32)
+            loss = per_row_loss(unet, scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
+        out[positions] = loss.cpu()
+        checkpoint("loss-batch")
+    by_t = out.view(len(rows), len(timestep_index))
+    return (by_t if per_timestep else mean_over_timesteps(by_t)).numpy()
+
+
+def mean_over_timesteps(by_t) -> torch.Tensor:
+    """[rows, T] -> [rows]: the one reduction both stages apply, so their means agree to the bit."""
+    return torch.as_tensor(by_t, dtype=torch.float32).mean(dim=1)

@@ -1,5 +1,5 @@
 """From losses to a ranking, and the AbC benchmark's Recall@K and average precision (docs/method.md, section 6)."""
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
@@ -13,26 +13,33 @@ def fold_flips(row_influence: np.ndarray) -> np.ndarray:
     return np.maximum(row_influence[:n], row_influence[n:])
 
 
-def rank_candidates(influence: np.ndarray, n_exemplar: int) -> np.ndarray:
+def rank_candidates(influence: np.ndarray, n_exemplar: int, screen: Optional[np.ndarray] = None) -> np.ndarray:
     """Candidate indices (exemplars 0..n_exemplar-1, then LAION) by descending influence.
 
     Ties go against the ground truth, as in AbC's evaluation, which lists LAION before the exemplars: a
     LAION candidate tied with an exemplar ranks above it, so a run that changes nothing (all influences
-    equal) puts every exemplar last instead of first. NaN ranks below everything. Otherwise ties keep
-    candidate order, so the ranking is reproducible.
+    equal) puts every exemplar last instead of first. NaN ranks below everything; with a `screen` (the
+    two-stage mode's estimate for every candidate), the NaN block (not re-scored) is ordered by it.
+    Otherwise ties keep candidate order, so the ranking is reproducible.
     """
     influence = np.asarray(influence, dtype=np.float64)
     is_exemplar = np.arange(len(influence)) < n_exemplar
-    key = np.where(np.isnan(influence), np.inf, -influence)
-    return np.lexsort((np.arange(len(influence)), is_exemplar, key))  # last key is the primary one
+    missing = np.isnan(influence)
+    key = np.where(missing, 0.0, -influence)
+    below = np.zeros(len(influence)) if screen is None else np.where(missing, -np.asarray(screen, np.float64), 0.0)
+    below = np.where(np.isnan(below), np.inf, below)
+    # np.lexsort sorts by the last key first: measured before not, then influence, then screen, then AbC's order
+    return np.lexsort((np.arange(len(influence)), is_exemplar, below, key, missing))
 
 
-def influence_and_rank(exemplar_before, exemplar_after, laion_before, laion_after) -> Tuple[np.ndarray, np.ndarray]:
-    """Influence = loss increase, flips folded, exemplars first then LAION; rank from `rank_candidates`."""
+def influence_and_rank(exemplar_before, exemplar_after, laion_before, laion_after,
+                       screen: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Influence = loss increase, flips folded, exemplars first then LAION; rank from `rank_candidates`.
+    Rows without an after-loss (NaN) have no influence; `screen` orders them."""
     exemplar = fold_flips(np.asarray(exemplar_after, np.float64) - np.asarray(exemplar_before, np.float64))
     laion = fold_flips(np.asarray(laion_after, np.float64) - np.asarray(laion_before, np.float64))
     influence = np.concatenate([exemplar, laion])
-    return influence, rank_candidates(influence, len(exemplar))
+    return influence, rank_candidates(influence, len(exemplar), screen)
 
 
 def recall_at_k(rank: np.ndarray, n_exemplar: int, k: int) -> float:

@@ -90,7 +90,8 @@ def model_fingerprint(unet, vae, text_encoder, tokenizer, scheduler, samples_per
     for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         for name, tensor in module.state_dict().items():
             flat = tensor.detach().reshape(-1)
-            index = torch.linspace(0, max(len(flat) - 1, 0), min(samples_per_tensor, len(flat))).round().long()
+            k = min(samples_per_tensor, len(flat))  # integer spacing: float linspace rounds past the end
+            index = torch.arange(k, dtype=torch.int64) * max(len(flat) - 1, 0) // max(k - 1, 1)
             h.update(f"{part}.{name}{tuple(tensor.shape)}".encode())
             h.update(flat[index].to("cpu", torch.float64).numpy().tobytes())
     schedule = {k: scheduler.config.get(k) for k in ("num_train_timesteps", "beta_start", "beta_end",
@@ -176,6 +177,9 @@ def load_custom_diffusion_weights(unet: torch.nn.Module, model_dir,
             unknown.append(key)
         elif tuple(params[name].shape) != tuple(value.shape):
             bad_shape.append(f"{key}: file {tuple(value.shape)} vs UNet {tuple(params[name].shape)}")
+        elif not torch.isfinite(value).all():
+            raise InputError(f"{path}: tensor {key!r} holds NaN or inf; the customized model is damaged "
+                             f"(train or download it again)")
         else:
             mapped[name] = value
     if bad_shape:
@@ -207,6 +211,8 @@ def load_concept_embedding(tokenizer, text_encoder, model_dir, token: str = CONC
         keys = list(data) if isinstance(data, dict) else type(data).__name__
         raise InputError(f"{path}: expected a dict with key {token!r}, found {keys}")
     embedding = data[token].reshape(-1)
+    if not torch.isfinite(embedding).all():
+        raise InputError(f"{path}: the {token} embedding holds NaN or inf; the customized model is damaged")
     table = text_encoder.get_input_embeddings()
     if embedding.numel() != table.weight.shape[1]:
         raise InputError(f"{path}: embedding has {embedding.numel()} values, the text encoder expects "

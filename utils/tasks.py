@@ -81,6 +81,12 @@ def load_tasks(path) -> List[Task]:
             raise InputError(f"{where}: test_case_ind must be >= 0, got {entry['test_case_ind']}")
         tasks.append(Task(**{k: v for k, v in entry.items() if k in known}))
     _check_models_agree(tasks, path)
+    seen = {}
+    for i, t in enumerate(tasks):  # one output folder per query image: a second entry would overwrite the first
+        if t.query_key in seen:
+            raise InputError(f"task file {path}: entries {seen[t.query_key]} and {i} name the same query "
+                             f"{t.synth_image_path!r}; remove one (results are kept per query image)")
+        seen[t.query_key] = i
     return tasks
 
 

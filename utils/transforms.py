@@ -14,14 +14,33 @@ from .io import InputError
 
 
 def load_rgb(path) -> Image.Image:
+    """An image as 8-bit RGB. Grayscale, palette, CMYK and 16-bit images are converted; transparent pixels
+    are composited on white (as the emoji of mini-AbC are); an empty or unreadable file is an InputError."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise InputError(f"image {path} is an empty file (0 bytes); copy or download it again")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
-    except OSError as e:
-        raise InputError(f"cannot read image {path}: {e}") from e
+            img.load()
+            return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot read image {path}: {e}; is it a complete image file?") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16- or 32-bit grayscale: scale to 8 bits, not clip
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:

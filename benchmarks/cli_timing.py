@@ -1,0 +1,105 @@
+"""Time the CLIs themselves (both stages, exact and two-stage, at each precision) on an SD-shaped benchmark.
+
+    python benchmarks/sd_shaped.py --out /tmp/sd --images 200 && python benchmarks/cli_timing.py --bench /tmp/sd
+
+Every run is a fresh process of compute_training_loss.py or compute_influence.py, as a user runs them. A run
+that finds every output finished measures the fixed cost (imports, loading the model, checks), which is
+subtracted: stage 1's rate is its forwards (rows x T) per second of the rest; stage 2's unlearning seconds per
+step are what remains of a query after its loss tracking (at stage 1's rate of the same setting). The per-query
+figures for AbC (100K candidates, T = 10, 100 unlearning steps) are projections from these rates and say so.
+Writes cli_timing.md beside the runs.
+"""
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ABC_ROWS, ABC_T, ABC_STEPS = 200_000, 10, 100
+SETTINGS = {"fp32": ["--precision", "fp32"], "bf16": ["--precision", "bf16"],
+            "bf16 + compile": ["--precision", "bf16", "--compile"]}
+
+
+def timed_run(script: str, args) -> float:
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(REPO / script)] + [str(a) for a in args], cwd=REPO,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{script} {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
+    return time.time() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", required=True, help="made by benchmarks/sd_shaped.py")
+    p.add_argument("--out", default=None, help="default <bench>/timing (emptied first)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--unlearn_steps", type=int, default=10)
+    p.add_argument("--runs", default="1:fp32,1:bf16,2:bf16:exact,2:bf16:coarse,2:bf16:first-order,1:bf16 + compile",
+                   help="in order: 1:<setting> times stage 1, 2:<setting>:<exact|coarse|first-order> stage 2 (after "
+                        "stage 1 of that setting)")
+    args = p.parse_args()
+    bench, out = Path(args.bench), Path(args.out or Path(args.bench) / "timing")
+    shutil.rmtree(out, ignore_errors=True)
+    common = ["--sd_version", bench / "sd", "--dataroot", bench / "abc", "--task_json", bench / "tasks.json",
+              "--laion_subset_size", args.images, "--device", args.device]
+    stage1 = common + ["--batch_size", 200, "--time_samples", 10]
+    stage2 = common + ["--loss_batch_size", 200, "--loss_time_samples", 10, "--unlearn_steps", args.unlearn_steps]
+    forwards = 2 * (args.images + 3) * 10  # every row (3 exemplars and the images, each flipped) at T = 10
+    table = Table(out / "cli_timing.md")
+    rates, steps, fixed = {}, {}, None
+    for run in args.runs.split(","):
+        stage, name, *mode = run.split(":")
+        result = out / slug(name)
+        if stage == "1":
+            wall = timed_run("compute_training_loss.py", stage1 + SETTINGS[name] + ["--result_dir", result])
+            if fixed is None:  # a rerun that finds every cache finished: imports, loading the model, the checks
+                fixed = timed_run("compute_training_loss.py", stage1 + SETTINGS[name] + ["--result_dir", result])
+                table.add(f"| fixed cost of a run (rerun, all done) | {fixed:.1f} | - | - | - |")
+            rates[name] = forwards / max(wall - fixed, 1e-9)
+            table.add(f"| stage 1, {name} | {wall:.1f} | {forwards:,} forwards | {rates[name]:.1f} forwards/s | "
+                      f"{ABC_ROWS * ABC_T / rates[name] / 3600:.2f} h of loss tracking |")
+            continue
+        mode = mode[0]
+        flags = ["--mode", "exact"] if mode == "exact" else ["--mode", "two-stage", "--screen", mode,
+                                                             "--rescore_top", "20"]
+        wall = timed_run("compute_influence.py", stage2 + SETTINGS[name] + flags + [
+            "--result_dir", result / slug(mode), "--loss_cache_dir", result / "orig_loss"])
+        per_query = (wall - fixed) / 2
+        if mode == "exact":  # what is left of a query after its loss tracking is its unlearning
+            steps[name] = max(per_query - forwards / rates[name], 0) / args.unlearn_steps
+            table.add(f"| stage 2, {name}, exact | {wall:.1f} | {per_query:.1f} s a query | "
+                      f"{steps[name]:.2f} s / unlearning step | {ABC_STEPS * steps[name] / 3600:.2f} h of unlearning |")
+        else:  # the screen and the re-scoring, beyond the same unlearning
+            extra = max(per_query - args.unlearn_steps * steps.get(name, 0.0), 0)
+            table.add(f"| stage 2, {name}, two-stage {mode} (top 20) | {wall:.1f} | {per_query:.1f} s a query | "
+                      f"{extra:.1f} s screen + re-scoring | - |")
+    print(table.text())
+
+
+def slug(name: str) -> str:
+    return name.replace(" + ", "_").replace(" ", "_")
+
+
+class Table:
+    """The markdown table, rewritten after every row so that a run cut short keeps what it measured."""
+
+    def __init__(self, path: Path):
+        self.path, self.rows = path, []
+
+    def add(self, row: str) -> None:
+        self.rows.append(row)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(self.text())
+        print(row, flush=True)
+
+    def text(self) -> str:
+        return ("| run | wall s | work | rate | per AbC query (projection) |\n|---|---|---|---|---|\n"
+                + "\n".join(self.rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

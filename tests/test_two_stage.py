@@ -1,0 +1,125 @@
+"""The two-stage mode (utils/screening.py): subset losses keep the exact pass's noise, the first-order screen is a
+directional derivative, and re-scoring every candidate reproduces exact AbU bit for bit."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import compute_influence
+import compute_training_loss
+from utils.data import LaionCandidates
+from utils.io import InputError
+from utils.losses import collect_losses
+from utils.models import select_parameter_names
+from utils.screening import first_order_screen, screen_timesteps
+from helpers import STAGE1, paths, stage2_flags
+
+STAGE2 = stage2_flags()
+QUERY = "imagenet/gpt/n01440764_0000/samples/00000.png"
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_abc, tmp_path_factory):
+    results = tmp_path_factory.mktemp("two_stage")
+    compute_training_loss.main(paths(tiny_abc, results) + STAGE1)
+    return results
+
+
+def load(results, query=QUERY):
+    return pickle.loads((results / "influence" / query / "influence.pkl").read_bytes())
+
+
+def test_subset_losses_keep_the_noise_of_the_full_pass(base_model, tiny_abc):
+    laion = LaionCandidates(tiny_abc["dataroot"], subset_size=12)
+    run = dict(batch_size=20, time_samples=5, seed=0)
+    full = collect_losses(base_model.unet, base_model.scheduler, laion, per_timestep=True, **run)
+    assert full.shape == (24, 5)
+    np.testing.assert_array_equal(collect_losses(base_model.unet, base_model.scheduler, laion, **run),
+                                  torch.from_numpy(full).mean(1).numpy())
+    rows, steps = np.array([3, 4, 17, 23]), np.array([1, 3])  # rows of different batches, 2 of the 5 timesteps
+    part = collect_losses(base_model.unet, base_model.scheduler, laion, rows=rows, timestep_index=steps,
+                          per_timestep=True, **run)
+    np.testing.assert_allclose(part, full[rows][:, steps], rtol=1e-5)  # other batch mates: only the last bits move
+
+
+def test_screen_timesteps_spread_over_the_grid():
+    assert screen_timesteps(10, 1).tolist() == [5] and screen_timesteps(10, 2).tolist() == [2, 7]
+    assert screen_timesteps(5, 5).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="between 1 and"):
+        screen_timesteps(5, 6)
+
+
+def test_first_order_screen_is_the_directional_derivative(base_model, tiny_abc):
+    """Against a central finite difference of each row's loss along each query's weight change."""
+    laion = LaionCandidates(tiny_abc["dataroot"], subset_size=3)
+    names = select_parameter_names(base_model.unet, "cross-attn-kv")
+    params = dict(base_model.unet.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    deltas = [{n: 0.5 * params[n].detach().std() * torch.randn(params[n].shape, generator=g) for n in names}
+              for _ in range(2)]
+    run = dict(batch_size=10, time_samples=5, seed=0)
+    steps = np.array([1, 3])
+    screen = first_order_screen(base_model.unet, base_model.scheduler, laion, deltas, timestep_index=steps,
+                                device="cpu", precision="fp32", **run)
+    assert screen.shape == (6, 2)
+    eps = 1e-2
+    for q, delta in enumerate(deltas):
+        losses = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                for n in names:
+                    params[n].add_(sign * eps * delta[n])
+            losses.append(collect_losses(base_model.unet, base_model.scheduler, laion, timestep_index=steps,
+                                         per_timestep=True, **run).astype(np.float64).mean(1))
+            with torch.no_grad():
+                for n in names:
+                    params[n].sub_(sign * eps * delta[n])
+        finite = (losses[0] - losses[1]) / (2 * eps)
+        np.testing.assert_allclose(screen[:, q], finite, rtol=0.02, atol=1e-5)
+        assert np.abs(finite).max() > 1e-3  # the check is not vacuous
+
+
+@pytest.mark.parametrize("screen", ["coarse", "first-order"])
+def test_rescoring_every_candidate_is_exact_abu(tiny_abc, cache, tmp_path, screen):
+    exact, two = tmp_path / "exact", tmp_path / "two"
+    shared = ["--loss_cache_dir", str(cache / "orig_loss")]
+    compute_influence.main(paths(tiny_abc, exact) + STAGE2 + shared)
+    compute_influence.main(paths(tiny_abc, two) + STAGE2 + shared + ["--mode", "two-stage", "--screen", screen,
+                                                                      "--rescore_top", "15"])
+    for query in (QUERY, "artchive/gpt/tinyartist/samples/00001.png"):
+        a, b = load(exact, query), load(two, query)
+        assert np.array_equal(a["influence"], b["influence"]) and np.array_equal(a["rank"], b["rank"])
+        assert a["query_loss"] == b["query_loss"] and b["mode"] == "two-stage" and b["rescored"] == 15
+        assert b["screen"].shape == (15,) and np.isfinite(b["screen"]).all()
+        cost_a, cost_b = a["forward_equivalents"], b["forward_equivalents"]
+        assert cost_a["loss tracking"] == 30 * 5 == cost_b["re-scoring"]  # 15 candidates x 2 flips x T
+
+
+def test_two_stage_ranks_the_rest_by_the_screen(tiny_abc, cache, tmp_path):
+    out = tmp_path / "top4"
+    compute_influence.main(paths(tiny_abc, out) + STAGE2 + ["--loss_cache_dir", str(cache / "orig_loss"),
+                                                             "--mode", "two-stage", "--rescore_top", "4",
+                                                             "--screen_time_samples", "2"])
+    r = load(out)
+    measured = np.flatnonzero(~np.isnan(r["influence"]))
+    assert len(measured) == 4 and sorted(r["rank"].tolist()) == list(range(15))
+    top4 = set(np.argsort(-r["screen"], kind="stable")[:4].tolist())
+    assert set(measured.tolist()) == top4  # the screen's top 4 were re-measured (no ties in this screen)
+    assert set(r["rank"][:4].tolist()) == top4  # and rank first, by their exact influence
+    rest = r["rank"][4:]
+    assert np.all(np.diff(r["screen"][rest]) <= 0)  # the others follow by the screen
+    assert r["forward_equivalents"]["screen"] == 30 * 2 and r["forward_equivalents"]["re-scoring"] == 8 * 5
+    after = np.load(out / "influence" / QUERY / "laion_loss.npy")
+    assert np.isnan(after).sum() == 24 - 2 * len([i for i in measured if i >= 3])
+
+
+def test_a_finished_query_of_other_settings_is_not_skipped(tiny_abc, cache, tmp_path):
+    out = tmp_path / "r"
+    flags = STAGE2 + ["--loss_cache_dir", str(cache / "orig_loss"), "--mode", "two-stage", "--rescore_top", "4"]
+    compute_influence.main(paths(tiny_abc, out) + flags)
+    compute_influence.main(paths(tiny_abc, out) + flags)  # the same settings: skipped
+    with pytest.raises(InputError, match="rescore_top: result has 4, this run uses 5"):
+        compute_influence.main(paths(tiny_abc, out) + flags[:-1] + ["5"])
+    with pytest.raises(InputError, match="mode: result has 'two-stage', this run uses 'exact'"):
+        compute_influence.main(paths(tiny_abc, out) + STAGE2 + ["--loss_cache_dir", str(cache / "orig_loss")])

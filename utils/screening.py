@@ -1,0 +1,132 @@
+"""Two-stage AbU: screen every candidate cheaply for a model's queries, then re-score only the top exactly.
+
+Exact AbU re-measures every candidate row at T timesteps after unlearning each query (docs/method.md,
+section 4): for AbC that is 2M UNet forwards a query, about 98% of its cost. Only the candidates near
+the top of a ranking decide Recall@K and mAP, so the two-stage mode first estimates every candidate's
+loss rise cheaply (a *screen*), then measures the top M exactly, under the very noise the exact pass would
+give them (utils.losses.collect_losses with `rows`).
+
+Screens (`--screen`):
+* `coarse`: the exact rise at T' of the T grid timesteps (`--screen_time_samples`), same rows, same noise,
+  minus the stage-1 losses at those timesteps: T'/T of the exact cost per query.
+* `first-order`: the rise of row r for query q is about <grad L_r(theta_0), delta_q>, the directional
+  derivative of its loss along the query's weight change. One forward and one backward pass per row and
+  screen timestep at the customized weights serves every query of the model: for an nn.Linear weight the
+  inner product needs only the layer's input x and output gradient g, sum_t g_t^T delta x_t, which hooks
+  compute without forming per-row gradients.
+
+Ranking: the re-scored candidates by their exact influence, then the others by their screen (ties against
+the exemplars throughout, utils.metrics.rank_candidates). A candidate the screen drops can only move down,
+so a two-stage setting is judged by its agreement with exact AbU (benchmarks/two_stage.py).
+"""
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from .losses import layout_of, per_row_loss, selected_rows
+from .speed import FP16_LOSS_SCALE, autocast
+
+SCREENS = ("coarse", "first-order")
+
+
+def screen_timesteps(time_samples: int, screen_time_samples: int) -> np.ndarray:
+    """Indices of T' grid timesteps spread over the T of the exact grid, centred in each of T' equal parts
+    (T = 10, T' = 1: index 5, t = 500; T' = 2: t = 200 and 700)."""
+    if not 1 <= screen_time_samples <= time_samples:  # compute_influence.py refuses this before any work
+        raise ValueError(f"--screen_time_samples must be between 1 and --loss_time_samples ({time_samples}), "
+                         f"got {screen_time_samples}")
+    k = np.arange(screen_time_samples)
+    return np.floor((k + 0.5) * time_samples / screen_time_samples).astype(np.int64)
+
+
+class DirectionalDerivatives:
+    """Forward / backward hooks on the nn.Linear modules owning `deltas`' parameters.
+
+    After `per_row_loss(...).sum().backward()`, `values` is [rows, Q]: each row's directional derivative
+    <d loss_row / d theta, delta_q> for every query q. For y = x W^T + b with x [rows, tokens, in] and
+    g = d loss / d y, row r's term is sum_t g_rt . (delta_W x_rt) + sum_t g_rt . delta_b.
+    """
+
+    def __init__(self, model: torch.nn.Module, deltas: Dict[str, torch.Tensor], query_chunk: int = 4):
+        self.deltas, self.query_chunk = deltas, query_chunk
+        self.values = None
+        modules = dict(model.named_modules())
+        owners = {name.rsplit(".", 1)[0] for name in deltas}
+        for owner in owners:
+            if not isinstance(modules.get(owner), torch.nn.Linear):
+                raise ValueError(f"first-order screening needs nn.Linear parameters; {owner} is not one")
+        self.handles = [modules[o].register_forward_hook(self._forward_hook(o)) for o in sorted(owners)]
+
+    def _forward_hook(self, owner: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach()
+            output.register_hook(lambda g: self._add(owner, x, g.detach()))
+        return hook
+
+    def _add(self, owner: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        rows = x.shape[0]
+        x, g = x.reshape(rows, -1, x.shape[-1]).float(), g.reshape(rows, -1, g.shape[-1]).float()
+        total = 0
+        weight = self.deltas.get(f"{owner}.weight")
+        if weight is not None:  # chunks of queries keep the [rows, q, tokens, out] product small
+            total = torch.cat([torch.einsum("rqto,rto->rq", torch.einsum("rti,qoi->rqto", x, weight[q:q + self.query_chunk]), g)
+                               for q in range(0, len(weight), self.query_chunk)], dim=1)
+        bias = self.deltas.get(f"{owner}.bias")
+        if bias is not None:
+            total = total + g.sum(1) @ bias.T
+        self.values = total if self.values is None else self.values + total
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def first_order_screen(unet, scheduler, candidates, deltas: List[Dict[str, torch.Tensor]], batch_size: int,
+                       time_samples: int, seed: int, timestep_index: Sequence[int], device, precision: str,
+                       chunk: int = 16, desc: str = "first-order screen") -> np.ndarray:
+    """[rows, Q]: each candidate row's first-order loss rise for each query (mean over the screen timesteps),
+    under the noise of the exact pass (the layout of `batch_size`), at the UNet's current (customized, not
+    unlearned) weights. `chunk` rows go through each forward + backward pass: memory, not results."""
+    names = list(deltas[0])
+    stacked = {n: torch.stack([d[n] for d in deltas]).to(device, torch.float32) for n in names}
+    params = dict(unet.named_parameters())
+    was = {n: params[n].requires_grad for n in names}
+    scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0  # keeps fp16 output gradients from underflowing
+    per_batch, step_grid = layout_of(scheduler, batch_size, time_samples)
+    rows = np.arange(len(candidates))
+    timestep_index = np.asarray(timestep_index)
+    out = torch.empty(len(rows) * len(timestep_index), len(deltas), dtype=torch.float64)
+    for n in names:  # the graph must reach the K/V outputs; their own .grad is discarded
+        params[n].requires_grad_(True)
+    try:
+        for positions, latents, text, timesteps, noise in selected_rows(candidates, rows, timestep_index, per_batch,
+                                                                        step_grid, seed, chunk, desc):
+            latents, text, timesteps, noise = (x.to(device) for x in (latents, text, timesteps, noise))
+            hooks = DirectionalDerivatives(unet, stacked)
+            try:
+                with torch.enable_grad(), autocast(device, precision):
+                    loss = per_row_loss(unet, scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
+                (loss.sum() * scale).backward()
+            finally:
+                hooks.remove()
+                for n in names:
+                    params[n].grad = None
+            out[positions] = hooks.values.double().cpu() / scale
+    finally:
+        for n in names:
+            params[n].requires_grad_(was[n])
+    return out.view(len(rows), len(timestep_index), len(deltas)).mean(dim=1).numpy()
+
+
+def rescore_rows(candidate_index: np.ndarray, n_candidates: int) -> np.ndarray:
+    """The rows (unflipped i, flipped n + i) of the chosen candidates of one set of n candidates."""
+    candidate_index = np.asarray(candidate_index, dtype=np.int64)
+    return np.sort(np.concatenate([candidate_index, candidate_index + n_candidates]))
+
+
+def scatter_rows(values: np.ndarray, rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """Full [n_rows] array of the values' type (float32 losses): `values` at `rows`, NaN elsewhere (not re-scored)."""
+    out = np.full(n_rows, np.nan, dtype=np.asarray(values).dtype)
+    out[rows] = values
+    return out
