@@ -18,6 +18,7 @@ import numpy as np
 
 from runner import BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, run, timed, write_table  # repo on sys.path
 from utils.evaluation import load_result, mean_metric, overlap, score_queries  # noqa: E402
+from utils.metrics import mean_and_stderr  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
 from utils.layout import LAION_LOSS, VISUALIZATION, ResultsLayout  # noqa: E402
 from utils.tasks import FAMILIES, load_tasks  # noqa: E402
@@ -39,6 +40,11 @@ METHODS = {  # name: (kind, extra flags)
     "VAE-latent cosine": ("baseline", ["--method", "vae"]),
     "gradient similarity (Fisher-whitened, K/V)": ("baseline", ["--method", "gradient"]),
 }
+
+
+# the table's rows; the authors' unscaled latent is left out by default: this VAE's scaling factor is 0.99, so the
+# row would repeat AbU's (docs/mini_abc.md)
+DEFAULT_METHODS = [m for m in METHODS if m != "AbU, unscaled synth latent (authors)"]
 
 
 def slug(name: str) -> str:
@@ -86,7 +92,7 @@ def score(layout: ResultsLayout, tasks, captions):
     found = [(t, load_result(layout, t)) for t in tasks]
     rows = score_queries(found)
     for row, (t, r) in zip(rows, found):
-        row.update(task=t, rank=r["rank"], query_loss=r.get("query_loss"))
+        row.update(task=t, rank=r["rank"], query_loss=r.get("query_loss"), steps=r.get("unlearn_steps_taken"))
         row["object_match"], row["object_chance"] = object_match(r["rank"], r["n_exemplar"], t.prompt,
                                                                  captions[:len(r["rank"]) - r["n_exemplar"]])
     return rows
@@ -123,7 +129,9 @@ TEST_CASES = ("test_artchive", "test_bamfg", "test_unobserved_imagenet", "test_o
 
 
 def summarize(name, rows, seconds, extra):
-    out = {"method": name, "n": len(rows), "seconds": round(seconds, 1), **extra}
+    steps = [r["steps"] for r in rows if r.get("steps") is not None]
+    out = {"method": name, "n": len(rows), "seconds": round(seconds, 1),
+           "mean steps": float(np.mean(steps)) if steps else float("nan"), **extra}
     groups = [("style", [r for r in rows if r["family"] == "style"]),
               ("object", [r for r in rows if r["family"] == "object"]), ("all", rows)]
     groups += [(tc[5:], [r for r in rows if r["test_case"] == tc]) for tc in TEST_CASES]
@@ -135,20 +143,44 @@ def summarize(name, rows, seconds, extra):
 
 def markdown(table):
     head = ("| method | style R@10 | style mAP | object R@10 | object mAP | all R@5 | all R@100 | collateral | "
-            "specificity | style: top-10 names the object | time (s) |")
-    lines = [head, "|" + "---|" * 11]
+            "specificity | style: top-10 names the object | unlearning steps | time (s) |")
+    lines = [head, "|" + "---|" * 12]
     f = lambda r, k: f"{r[k]:.3f} ± {r[k + ' se']:.3f}"  # noqa: E731
     for r in table:
         lines.append(f"| {r['method']} | {f(r, 'style recall@10')} | {f(r, 'style ap')} | {f(r, 'object recall@10')} | "
                      f"{f(r, 'object ap')} | {f(r, 'all recall@5')} | {f(r, 'all recall@100')} | "
                      f"{r['collateral']:.3f} | {r['specificity']:.2f} | {r['style top-10 object match']:.2f} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{r['mean steps']:.1f} | {r['seconds']:.0f} |")
     lines += ["", "Per test case, mAP (Recall@10):", "",
               "| method | " + " | ".join(tc[5:] for tc in TEST_CASES) + " |", "|" + "---|" * (len(TEST_CASES) + 1)]
     for r in table:
         lines.append(f"| {r['method']} | " + " | ".join(
             f"{r[tc[5:] + ' ap']:.3f} ± {r[tc[5:] + ' ap se']:.3f} ({r[tc[5:] + ' recall@10']:.2f})"
             for tc in TEST_CASES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CONTROLS = ("AbU, wrong-image control", "AbU, noise-image control")
+
+
+def margins(per_query) -> str:
+    """Each AbU row's mAP minus each control's, per family: the mean and standard error of the paired
+    per-query difference (the control's query i is query i with its image swapped or replaced by noise)."""
+    controls = [c for c in CONTROLS if c in per_query]
+    rows = [m for m in per_query if m.startswith("AbU") and m not in controls]
+    if not controls or not rows:
+        return ""
+    lines = ["", "AbU minus its controls, mAP, paired by query (mean ± standard error of the difference):", "",
+             "| method | " + " | ".join(f"{c[5:]}: {fam}" for c in controls for fam in ("style", "object")) + " |",
+             "|" + "---|" * (1 + 2 * len(controls))]
+    for m in rows:
+        cells = []
+        for c in controls:
+            for fam in ("style", "object"):
+                d = [a - b for (fa, a), (fb, b) in zip(per_query[m], per_query[c]) if fa == fb == fam]
+                mean, se = mean_and_stderr(d) if d else (float("nan"), float("nan"))
+                cells.append(f"{mean:+.3f} ± {se:.3f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -203,7 +235,7 @@ def example_figure(layout: ResultsLayout, tasks, path: Path, width: int = 1400) 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), help="subset of: " + "; ".join(METHODS))
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="subset of: " + "; ".join(METHODS))
     p.add_argument("--bench", default=str(BENCH))
     p.add_argument("--out", default=None, help="default results/mini_abc/<split>")
     p.add_argument("--fisher_dataset_size", type=float, default=TUNED["fisher_dataset_size"])
@@ -217,6 +249,8 @@ def main():
     p.add_argument("--unlearn_steps", type=int, default=SIZING["unlearn_steps"])
     p.add_argument("--unlearn_grad_accum_steps", type=int, default=SIZING["unlearn_grad_accum_steps"])
     p.add_argument("--tag", default="", help="suffix for the method folders (tuning runs)")
+    p.add_argument("--abu_extra", default="", help="extra compute_influence.py flags for every AbU row (tuning runs), "
+                                                    "e.g. '--stop_rule rise --stop_target 2'")
     args = p.parse_args()
     bench = Path(args.bench)
     out = Path(args.out or REPO / "results" / "mini_abc" / args.split)
@@ -237,10 +271,10 @@ def main():
         sys.exit("stage 1 failed; see the error above")
     values = {"sgd_lr": args.sgd_lr, "one_step_lr": args.unlearn_steps * args.unlearn_lr,
               "fisher_all": bench / "abc" / "sd_fisher_all.pt", "all_weights_n": int(args.all_weights_n)}
-    table = []
+    table, per_query = [], {}
     for name in args.methods:
         kind, extra = METHODS[name]
-        extra = [e.format(**values) for e in extra]
+        extra = [e.format(**values) for e in extra] + (args.abu_extra.split() if kind.startswith("abu") else [])
         result_dir = out / (slug(name) + args.tag)
         if kind.startswith("abu"):
             tj = wrong_image_tasks(task_json, out / "wrong_image_tasks.json") if kind == "abu-wrong-image" else task_json
@@ -255,7 +289,7 @@ def main():
             table.append({**summarize(f"{name}{args.tag} (failed: see log)", [], seconds, {}),
                           "collateral": float("nan"), "specificity": float("nan"),
                           "style top-10 object match": float("nan"), "object match chance": float("nan")})
-            write_outputs(out, table, stage1)
+            write_outputs(out, table, stage1, per_query)
             continue
         layout = ResultsLayout(result_dir, cache)
         rows = score(layout, load_tasks(tj), captions)
@@ -264,18 +298,20 @@ def main():
                       "specificity": specificity(rows), "style top-10 object match": match,
                       "object match chance": chance}
         table.append(summarize(name + args.tag, rows, seconds, extra_cols))
+        per_query[name + args.tag] = [(r["family"], r["ap"]) for r in rows]
         if name == "AbU":
             example_figure(layout, load_tasks(tj), out / f"examples{args.tag}.png")
-        write_outputs(out, table, stage1)  # after every method, so a failure later loses nothing
+        write_outputs(out, table, stage1, per_query)  # after every method, so a failure later loses nothing
     print(markdown(table))
 
 
-def write_outputs(out: Path, table, stage1: float) -> None:
+def write_outputs(out: Path, table, stage1: float, per_query) -> None:
     chance = next((r["object match chance"] for r in table if r["object match chance"] == r["object match chance"]),
                   float("nan"))
     md = markdown(table) + (f"\nStage 1 (shared by every AbU row): {stage1:.0f} s. 'style: top-10 names the object': "
                             f"the fraction of a style query's top-10 pretraining candidates whose caption names the "
-                            f"query's object (chance, over all candidates: {chance:.3f}).\n")
+                            f"query's object (chance, over all candidates: {chance:.3f}). 'unlearning steps': the "
+                            f"mean steps a query took.\n") + margins(per_query)
     write_table(out, "comparison", md, table)
     plot(table, out / "comparison.png")
 

@@ -297,7 +297,7 @@ class Builder:
         plan = self.plan()
         report = {"judge": accuracy}
         pipe = load_pipeline(self.sd_dir)
-        report["prompts"] = prompt_gate(pipe, judge, plan, self.config)
+        report["prompts"] = prompt_gate(pipe, judge, plan, self.config, list(TRAINING_STYLES))
         self.base_grid(pipe, plan)
         save_json(self.out / "gates_base.json", report)
         print(json.dumps(report, indent=1), flush=True)

@@ -149,13 +149,15 @@ def _topk(logits: torch.Tensor, labels, k: int) -> float:
     return float((logits.topk(k, dim=1).indices == labels.view(-1, 1)).any(dim=1).float().mean())
 
 
-def prompt_gate(pipe, judge: JudgeNet, plan: dict, config) -> Dict[str, float]:
+def prompt_gate(pipe, judge: JudgeNet, plan: dict, config, styles: List[str]) -> Dict[str, float]:
     """Gate 1: sample `gate_samples` images for each of `gate_prompts` (pretraining concept, training style)
-    prompts and score the judge's reading of them against what the prompt asked for."""
+    prompts and score the judge's reading of them against what the prompt asked for. `styles`: the style
+    sets in the order of the judge's style head (not plan.json's order: JSON files are written with sorted
+    keys, and a first gate read against that order scored the styles below chance)."""
     from data.mini_abc_build.sampling import sample
 
     rng = np.random.default_rng(config.seed + 11)
-    concepts, styles = plan["pretraining_concepts"], list(plan["training_styles"])
+    concepts = plan["pretraining_concepts"]
     pairs = [(int(rng.integers(len(concepts))), int(rng.integers(len(styles)))) for _ in range(config.gate_prompts)]
     prompts, c_true, s_true = [], [], []
     for c, s in pairs:
