@@ -316,4 +316,6 @@ def train_base_model(images: torch.Tensor, captions: List[str], tokenizer, out_d
     for f in (vae_file, _checkpoint_path(out_dir)):
         if f.exists():
             f.unlink()
+    if vae_file.parent.is_dir() and not any(vae_file.parent.iterdir()):
+        vae_file.parent.rmdir()
     return {"vae": vae_log, "diffusion": diffusion_log, "scaling_factor": scaling, "seconds": seconds}
