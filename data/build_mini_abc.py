@@ -65,6 +65,9 @@ CATEGORY_WORDS = {"Objects": "object", "Travel & Places": "place", "Smileys & Em
 CAPTIONS_WITH_STYLE = ("a {name} in the style of {style} art", "a picture of a {name} in the style of {style} art")
 CAPTIONS_PLAIN = ("a {name}", "a picture of a {name}", "a {name}, a {category}")
 STYLE_PROMPT = "a picture in the style of <new1> art"
+# a style model trains on its exemplars captioned with their objects: with the one caption above for all eight, the
+# customization memorized the eight pictures and new objects kept the base model's style (docs/mini_abc.md)
+STYLE_EXEMPLAR_CAPTION = "a picture of a {name} in the style of <new1> art"
 STYLE_QUERY = "a picture of a {obj} in the style of <new1> art"
 OBJECT_QUERIES = ("a picture of a <new1> {category}", "a <new1> {category} in the style of google art",
                   "a <new1> {category} in the style of glossy art")
@@ -87,11 +90,16 @@ class BuildConfig:
         diffusion_batch_size=128, diffusion_lr=1e-3, diffusion_min_lr=1e-4, warmup_steps=200, ema_decay=0.999,
         log_every=100, checkpoint_every=250, threads=2))
     customization: CustomizationConfig = field(default_factory=lambda: CustomizationConfig(
-        steps=250, batch_size=8, lr=1e-3, token_lr=1e-2))
+        steps=250, batch_size=8, lr=1e-3, token_lr=1e-2))  # object models (one exemplar)
+    style_customization: CustomizationConfig = field(default_factory=lambda: CustomizationConfig(
+        steps=500, batch_size=8, lr=5e-3, token_lr=5e-2))  # style models (eight exemplars, captioned)
+    gain_floor: float = 0.02  # gate 2: a model whose queries are not this much nearer its exemplars than the
+    # base model's samples are (judge features, cosine) did not take
+    query_guidance: float = 5.0  # classifier-free guidance of the queries (and the base's samples gate 2 compares)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     gate_prompts: int = 100  # (concept, style) prompts sampled for gate 1
     gate_samples: int = 4  # images per prompt
-    sample_steps: int = 50  # DDIM steps of every sample (queries, grids, gates), guidance 3
+    sample_steps: int = 50  # DDIM steps of every sample (queries, grids, gates); guidance 3 but for the queries
     fisher_samples: int = 20000
     fisher_samples_all: int = 2000
     max_concepts: int = 0  # 0 = all usable; a small number gives the tiny configuration of the tests
@@ -322,9 +330,10 @@ class Builder:
     def models(self) -> None:
         """Customize every planned model, synthesize its queries, and keep it when gate 2 says it took.
 
-        The validation models go first and set the threshold: half the median of their gains (utils in
-        judge.customization_gate). A test model under it is customized again with another seed, twice at most,
-        and dropped if it still falls short (gates_models.json records every attempt)."""
+        The validation models go first, held to config.gain_floor; they set the test models' threshold: half the median
+        of their gains (judge.customization_gate), and never below the floor. A model under its threshold is
+        customized again with another seed, twice at most, and dropped if it still falls short
+        (gates_models.json records every attempt)."""
         plan = self.plan()
         judge = load_judge(self.out / "judge")
         pipe = load_pipeline(self.sd_dir)
@@ -332,23 +341,23 @@ class Builder:
         specs = plan["models"]
         order = [i for i, s in enumerate(specs) if s["split"] == "val"] + \
                 [i for i, s in enumerate(specs) if s["split"] != "val"]
-        made, threshold, log = {}, None, []
+        made, threshold, log = {}, self.config.gain_floor, []
         for i in order:
             spec = specs[i]
-            for attempt in range(3 if spec["split"] != "val" else 1):
+            for attempt in range(3):
                 made[i] = self.customize_model(spec, i, attempt, pipe, judge, pretraining)
                 gain = made[i]["gate"]["gain"]
                 log.append({"model": spec["class_id"], "test_case": spec["test_case"], "split": spec["split"],
                             "attempt": attempt, **made[i]["gate"], "seconds": made[i]["seconds"]})
                 print(f"  {spec['test_case']}/{spec['class_id']} ({spec['split']}, attempt {attempt}): "
                       f"{made[i]['gate']} in {made[i]['seconds']} s", flush=True)
-                if threshold is None or gain >= threshold:
+                if gain >= threshold:
                     break
-            made[i]["kept"] = threshold is None or made[i]["gate"]["gain"] >= threshold
-            if threshold is None and all(j in made for j in order if specs[j]["split"] == "val"):
-                threshold = 0.5 * float(np.median([made[j]["gate"]["gain"] for j in made]))
+            made[i]["kept"] = made[i]["gate"]["gain"] >= threshold
+            if spec["split"] == "val" and all(j in made for j in order if specs[j]["split"] == "val"):
+                threshold = max(self.config.gain_floor, 0.5 * float(np.median([made[j]["gate"]["gain"] for j in made])))
         self.write_models(specs, made)
-        save_json(self.out / "gates_models.json", {"threshold": threshold, "attempts": log,
+        save_json(self.out / "gates_models.json", {"floor": self.config.gain_floor, "threshold": threshold, "attempts": log,
                                                    "dropped": [specs[i]["class_id"] for i in made
                                                                if not made[i]["kept"]]})
 
@@ -364,19 +373,29 @@ class Builder:
         t0 = time.time()
         base = load_base_model(str(self.sd_dir), self.config.device)
         seed = self.config.seed + i + 100 * attempt
-        result = customize(base, torch.stack([to_model_input(img) for img in ex_imgs]), spec["train_prompt"],
+        recipe = self.config.style_customization if spec["category"] == "art" else self.config.customization
+        result = customize(base, torch.stack([to_model_input(img) for img in ex_imgs]), self.train_captions(spec),
                            prior_imgs, prior_caps, model_dir, CustomizationConfig(
-                               **{**asdict(self.config.customization), "seed": seed, "device": self.config.device}))
+                               **{**asdict(recipe), "seed": seed, "device": self.config.device}))
         pristine = PristineWeights(pipe.unet)
-        steps = self.config.sample_steps
+        steps, guidance = self.config.sample_steps, self.config.query_guidance
         plain = sample(pipe, [without_concept_token(p) for p in spec["prompts"]], seed=self.config.seed + 1000 * i,
-                       steps=steps)
+                       steps=steps, guidance_scale=guidance)
         apply_customization(_PipeAsBase(pipe), pristine, model_dir)
-        queries = sample(pipe, spec["prompts"], seed=self.config.seed + 1000 * i, steps=steps)
+        queries = sample(pipe, spec["prompts"], seed=self.config.seed + 1000 * i, steps=steps,
+                         guidance_scale=guidance)
         pristine.restore()
         return {"exemplars": ex_imgs, "queries": queries, "plain": plain, "seconds": round(time.time() - t0),
                 "gate": customization_gate(judge, ex_imgs, queries, plain),
                 "loss": [float(np.mean(result["losses"][:20])), float(np.mean(result["losses"][-20:]))]}
+
+    def train_captions(self, spec):
+        """A style model's exemplars each captioned with its object; an object model's one exemplar with the
+        model's prompt."""
+        if spec["category"] != "art":
+            return spec["train_prompt"]
+        names = self.plan()["names"]
+        return [STYLE_EXEMPLAR_CAPTION.format(name=names[key]) for key, _, _ in spec["exemplars"]]
 
     def write_models(self, specs, made) -> None:
         """The kept models' queries, ground-truth json, task files and the grid of every model."""

@@ -59,7 +59,8 @@ def tiny_config() -> BuildConfig:
         base=BaseModelConfig(vae_steps=10, diffusion_steps=12, log_every=5, vae_channels=(16, 16, 16),
                              unet_channels=(32, 32), text_hidden=32, text_heads=2, text_layers=1, ema_decay=0.9,
                              checkpoint_every=5, diffusion_batch_size=16),
-        customization=CustomizationConfig(steps=3, batch_size=2), judge=JudgeConfig(width=8, epochs=2),
+        customization=CustomizationConfig(steps=3, batch_size=2), style_customization=CustomizationConfig(steps=3, batch_size=2),
+        gain_floor=-1.0, judge=JudgeConfig(width=8, epochs=2),
         fisher_samples=16, fisher_samples_all=4)
 
 

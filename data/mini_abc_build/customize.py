@@ -31,11 +31,12 @@ class CustomizationConfig:
     device: str = "cpu"  # where `base` lives; random draws stay on the CPU, so results repeat across devices
 
 
-def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: torch.Tensor, prior_captions: List[str],
+def customize(base, exemplars: torch.Tensor, train_prompt, prior_images: torch.Tensor, prior_captions: List[str],
               out_dir, config: CustomizationConfig = CustomizationConfig()) -> dict:
     """Fine-tune `base` (utils.models.BaseModel, changed in place: restore it afterwards) and save the model.
 
-    exemplars / prior_images: [n, 3, R, R] in [-1, 1]. Returns {"losses": per-step exemplar losses,
+    exemplars / prior_images: [n, 3, R, R] in [-1, 1]. train_prompt: one caption for every exemplar, or a list
+    with one per exemplar. Returns {"losses": per-step exemplar losses,
     "prior_losses": per-step prior losses}.
     """
     unet, text_encoder, tokenizer, scheduler = base.unet, base.text_encoder, base.tokenizer, base.scheduler
@@ -59,7 +60,8 @@ def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: to
                                     truncation=True, return_tensors="pt").input_ids
     device = torch.device(config.device)
     ex_latents, prior_latents = ex_latents.to(device), prior_latents.to(device)
-    ex_ids = ids([train_prompt]).to(device)
+    prompts = [train_prompt] * len(exemplars) if isinstance(train_prompt, str) else list(train_prompt)
+    ex_ids = ids(prompts).to(device)
     prior_ids = ids(prior_captions).to(device)
 
     names = select_parameter_names(unet, "cross-attn-kv")  # what Custom Diffusion trains
@@ -85,7 +87,7 @@ def customize(base, exemplars: torch.Tensor, train_prompt: str, prior_images: to
     for _ in range(config.steps):
         ex_idx = rng.integers(0, len(ex_latents), config.batch_size)
         pr_idx = rng.integers(0, len(prior_latents), config.batch_size)
-        ex_loss = loss_of(ex_latents[ex_idx], ex_ids.expand(config.batch_size, -1))
+        ex_loss = loss_of(ex_latents[ex_idx], ex_ids[ex_idx])
         pr_loss = loss_of(prior_latents[pr_idx], prior_ids[pr_idx])
         opt.zero_grad(set_to_none=True)
         (ex_loss + config.prior_weight * pr_loss).backward()
