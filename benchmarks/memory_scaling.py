@@ -13,7 +13,7 @@ memory (the process's own footprint: model, batches, outputs) and the peak file-
 allocator and with fixed mmap thresholds (utils.host_memory.bound_heap_growth; both stages set the default
 one). Linux only.
 
-    python benchmarks/memory_scaling.py --allocators default,64KiB,32MiB
+    python benchmarks/memory_scaling.py --allocators default,1MiB
 """
 import argparse
 import json
@@ -107,7 +107,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,8000", help="LAION subset sizes (images)")
     p.add_argument("--batch_sizes", default="100,400")
-    p.add_argument("--allocators", default="default,64KiB,32MiB", help="subset of: " + ", ".join(ALLOCATORS))
+    p.add_argument("--allocators", default="default,64KiB,1MiB,32MiB", help="subset of: " + ", ".join(ALLOCATORS))
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
