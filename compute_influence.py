@@ -77,8 +77,10 @@ def build_parser():
                         help="two-stage: the estimate of each candidate's loss rise (utils/screening.py)")
     parser.add_argument("--screen_time_samples", type=int, default=1,
                         help="two-stage: grid timesteps the screen measures (of --loss_time_samples)")
-    parser.add_argument("--rescore_top", type=int, default=1000,
-                        help="two-stage: candidates re-measured exactly per query; the rest are ranked by the screen")
+    parser.add_argument("--rescore_top", type=int, default=5000,
+                        help="two-stage: candidates re-measured exactly per query; the rest are ranked by the screen "
+                             "(default: 5%% of AbC's 100K, the fraction chosen on mini-AbC's validation split, "
+                             "docs/performance.md)")
     parser.add_argument("--screen_batch_size", type=int, default=16,
                         help="two-stage, first-order: rows per forward + backward pass (memory only; the noise "
                              "follows --loss_batch_size's layout)")

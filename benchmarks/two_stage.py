@@ -72,6 +72,9 @@ def main():
     flags = common_flags(bench, n_laion) + ["--device", "cpu"]
     root = REPO / "results" / "mini_abc" / args.split
     cache = root / "orig_loss"
+    # the arrays a fresh clone lacks (LAION-like latents, caption embeddings, the Fisher); kept when present
+    if not run(["data/build_mini_abc.py", "--out", bench, "--stage", "derive", "--no_all_weights_fisher"]):
+        sys.exit("deriving the mini-AbC arrays failed; see the error above")
     ok1, _ = timed(cache, "settings.json", lambda: run(
         ["compute_training_loss.py", "--task_json", task_json, "--result_dir", root, "--batch_size",
          str(sizing.batch_size), "--time_samples", str(sizing.time_samples)] + flags))
