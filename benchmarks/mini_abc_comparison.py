@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, run, timed, write_table  # repo on sys.path
+from runner import (BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, derive_arrays, run, stage1,  # repo on sys.path
+                    timed, write_table)
 from utils.evaluation import load_result, mean_metric, overlap, score_queries  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
 from utils.layout import LAION_LOSS, VISUALIZATION, ResultsLayout  # noqa: E402
@@ -227,12 +228,8 @@ def main():
     flags = common_flags(bench, n_laion)
     device = ["--device", "cpu"]
     cache = out / "orig_loss"
-    # the arrays a fresh clone lacks (LAION-like latents, caption embeddings, both Fishers); kept when present
-    if not run(["data/build_mini_abc.py", "--out", bench, "--stage", "derive"]):
-        sys.exit("deriving the mini-AbC arrays failed; see the error above")
-    ok, stage1 = timed(cache, "settings.json", lambda: run(
-        ["compute_training_loss.py", "--task_json", task_json, "--result_dir", out, "--batch_size",
-         str(args.batch_size), "--time_samples", str(args.time_samples)] + flags + device))
+    derive_arrays(bench)  # both Fishers: the all-weights ablation has its own
+    ok, stage1_seconds = stage1(task_json, out, args, flags + device)
     if not ok:
         sys.exit("stage 1 failed; see the error above")
     values = {"sgd_lr": args.sgd_lr, "one_step_lr": args.unlearn_steps * args.unlearn_lr,
@@ -255,7 +252,7 @@ def main():
             table.append({**summarize(f"{name}{args.tag} (failed: see log)", [], seconds, {}),
                           "collateral": float("nan"), "specificity": float("nan"),
                           "style top-10 object match": float("nan"), "object match chance": float("nan")})
-            write_outputs(out, table, stage1)
+            write_outputs(out, table, stage1_seconds)
             continue
         layout = ResultsLayout(result_dir, cache)
         rows = score(layout, load_tasks(tj), captions)
@@ -266,7 +263,7 @@ def main():
         table.append(summarize(name + args.tag, rows, seconds, extra_cols))
         if name == "AbU":
             example_figure(layout, load_tasks(tj), out / f"examples{args.tag}.png")
-        write_outputs(out, table, stage1)  # after every method, so a failure later loses nothing
+        write_outputs(out, table, stage1_seconds)  # after every method, so a failure later loses nothing
     print(markdown(table))
 
 

@@ -4,7 +4,11 @@ import ctypes.util
 import sys
 
 
-def bound_heap_growth(threshold: int = 2**20) -> bool:
+# glibc mmap thresholds compared by benchmarks/memory_scaling.py and benchmarks/unlearning_step.py
+MMAP_THRESHOLDS = {"64KiB": 64 * 1024, "1MiB": 2**20, "32MiB": 32 * 2**20}
+
+
+def bound_heap_growth(threshold: int = MMAP_THRESHOLDS["1MiB"]) -> bool:
     """Have glibc return every buffer larger than `threshold` (1 MiB) to the system when freed.
 
     By default glibc raises its mmap threshold after large frees and then serves the per-batch buffers
