@@ -33,7 +33,7 @@ from utils.metrics import fold_flips, rank_candidates
 from utils.models import (PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model,
                           select_parameter_names)
 from utils.per_sample_grads import PerSampleLinearGrads
-from utils.tasks import exemplar_paths, load_tasks
+from utils.tasks import exemplar_paths, load_tasks, tasks_by_model
 from utils.transforms import load_image_tensor
 from utils.visualize import laion_image_paths
 
@@ -107,11 +107,8 @@ def gradient_influences(args, tasks, dataroot, laion, layout: ResultsLayout) -> 
     params = {n: p for n, p in base.unet.named_parameters() if n in names}
     fisher = load_fisher(args.fisher_path or dataroot / "sd_fisher.pt", params)
     inv_sqrt_fisher = torch.cat([fisher[n].rsqrt().flatten() for n in names]).float()
-    by_model = {}
-    for task in tasks:
-        by_model.setdefault(task.model_path, []).append(task)
     influences = {}
-    for model_path, model_tasks in by_model.items():
+    for model_path, model_tasks in tasks_by_model(tasks).items():
         cache = layout.loss_cache(model_tasks[0])
         if not (cache / SETTINGS).is_file():
             raise InputError(f"{cache / SETTINGS} not found: run compute_training_loss.py first (--loss_cache_dir)")

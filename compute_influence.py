@@ -22,7 +22,7 @@ from utils.cli import add_common_args, check_dataroot, run
 from utils.data import ExemplarCandidates, LaionCandidates
 from utils.fisher import load_fisher
 from utils.host_memory import bound_heap_growth
-from utils.io import InputError, check_writable, claim, save_npy, save_pickle
+from utils.io import InputError, check_writable, claim, finished_since, save_npy, save_pickle
 from utils.layout import EXEMPLAR_LOSS, LAION_LOSS, VISUALIZATION, ResultsLayout
 from utils.loss_cache import check_loss_cache, load_loss_cache, load_losses_by_timestep, loss_settings
 from utils.losses import collect_losses, validate_batch_layout
@@ -32,7 +32,7 @@ from utils.models import (CONCEPT_TOKEN, WEIGHT_SELECTIONS, PristineWeights, app
 from utils.processes import process_share
 from utils.screening import SCREENS, first_order_screen, rescore_rows, scatter_rows, screen_timesteps
 from utils.speed import configure_unet, loss_tracker, resolve_precision
-from utils.tasks import exemplar_paths, load_tasks
+from utils.tasks import exemplar_paths, load_tasks, tasks_by_model
 from utils.transforms import load_image_tensor, load_rgb
 from utils.visualize import laion_image_paths, save_top_k_figure
 
@@ -77,8 +77,10 @@ def build_parser():
                         help="two-stage: the estimate of each candidate's loss rise (utils/screening.py)")
     parser.add_argument("--screen_time_samples", type=int, default=1,
                         help="two-stage: grid timesteps the screen measures (of --loss_time_samples)")
-    parser.add_argument("--rescore_top", type=int, default=1000,
-                        help="two-stage: candidates re-measured exactly per query; the rest are ranked by the screen")
+    parser.add_argument("--rescore_top", type=int, default=5000,
+                        help="two-stage: candidates re-measured exactly per query; the rest are ranked by the screen "
+                             "(default: 5%% of AbC's 100K, the fraction chosen on mini-AbC's validation split, "
+                             "docs/performance.md)")
     parser.add_argument("--screen_batch_size", type=int, default=16,
                         help="two-stage, first-order: rows per forward + backward pass (memory only; the noise "
                              "follows --loss_batch_size's layout)")
@@ -220,7 +222,7 @@ def main(argv=None):
     todo = [t for t in tasks if args.overwrite or not layout.influence_file(t).is_file()]
     check_finished_queries(args, layout, [t for t in tasks if t not in todo])
     # two-stage screens all of a model's queries in one pass: processes share models, not queries
-    units = [[t] for t in todo] if args.mode == "exact" else list(group_by_model(todo).values())
+    units = [[t] for t in todo] if args.mode == "exact" else list(tasks_by_model(todo).values())
     units, args.device, rank, world = process_share(units, args.device)
     print(f"{len(tasks)} query(ies) in {args.task_json}; {len(tasks) - len(todo)} done, {len(todo)} to do"
           + (f"; process {rank} of {world} takes {sum(map(len, units))}" if world > 1 else ""))
@@ -245,20 +247,6 @@ def main(argv=None):
                 attribute_query(ctx, unit[0])
             elif unit:
                 attribute_model_two_stage(ctx, unit)
-
-
-def finished_since(marker, started: float, overwrite: bool) -> bool:
-    """Is this output done: finished at all, or with --overwrite, finished during this run (by a sibling
-    process started on the same task file)?"""
-    marker = Path(marker)
-    return marker.is_file() and (not overwrite or marker.stat().st_mtime >= started)
-
-
-def group_by_model(tasks):
-    groups = {}
-    for t in tasks:
-        groups.setdefault(t.model_path, []).append(t)
-    return groups
 
 
 def unlearn_query(ctx: Context, task, laion_before: np.ndarray) -> dict:
@@ -398,8 +386,7 @@ def screen_model(ctx: Context, task, exemplars, start, weights, t_index) -> dict
     if args.screen == "first-order":
         deltas = [{n: w[n] - start[n] for n in start} for w in weights]
         kw = dict(batch_size=args.loss_batch_size, time_samples=args.loss_time_samples, seed=args.seed,
-                  timestep_index=t_index, device=args.device, precision=args.precision)
-        kw["chunk"] = args.screen_batch_size
+                  timestep_index=t_index, device=args.device, precision=args.precision, chunk=args.screen_batch_size)
         return {"exemplar": first_order_screen(ctx.base.unet, ctx.base.scheduler, exemplars, deltas, **kw),
                 "laion": first_order_screen(ctx.base.unet, ctx.base.scheduler, ctx.laion, deltas, **kw)}
     ex_before_t, laion_before_t = load_losses_by_timestep(ctx.layout.loss_cache(task))

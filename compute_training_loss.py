@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from utils.cli import add_common_args, check_dataroot, run
 from utils.data import ExemplarCandidates, LaionCandidates, load_exemplar_images
 from utils.host_memory import bound_heap_growth
-from utils.io import check_writable, claim
+from utils.io import check_writable, claim, finished_since
 from utils.layout import SETTINGS, ResultsLayout
 from utils.loss_cache import cache_is_complete, check_loss_cache, loss_settings, save_loss_cache
 from utils.losses import collect_losses, validate_batch_layout
@@ -80,7 +80,7 @@ def main(argv=None):
     for task in tqdm(todo_here, desc="models", unit="model"):
         with claim(layout.cache_claim(task), f"the loss cache of {task.model_path}") as mine:
             cache = layout.loss_cache(task)  # finished, or with --overwrite finished by a sibling during this run
-            done = cache_is_complete(cache) and (not args.overwrite or (cache / SETTINGS).stat().st_mtime >= started)
+            done = cache_is_complete(cache) and finished_since(cache / SETTINGS, started, args.overwrite)
             if mine and not done:
                 cache_model(args, task, base, tracker, pristine, laion, dataroot, layout, device, settings_of)
 

@@ -13,7 +13,7 @@ memory (the process's own footprint: model, batches, outputs) and the peak file-
 allocator and with fixed mmap thresholds (utils.host_memory.bound_heap_growth; both stages set the default
 one). Linux only.
 
-    python benchmarks/memory_scaling.py --allocators default,64KiB,32MiB
+    python benchmarks/memory_scaling.py --allocators default,1MiB
 """
 import argparse
 import json
@@ -28,21 +28,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-
-def write_arrays(root: Path, n: int) -> None:
-    """Random arrays of SD v1.4's shapes, written in chunks (never whole in memory)."""
-    rng = np.random.default_rng(0)
-    lat = np.lib.format.open_memmap(root / "laion_latents.npy", mode="w+", dtype=np.float32, shape=(2 * n, 4, 64, 64))
-    txt = np.lib.format.open_memmap(root / "laion_text_embeddings.npy", mode="w+", dtype=np.float32,
-                                    shape=(n, 77, 768))
-    for s in range(0, n, 500):
-        e = min(s + 500, n)
-        lat[s:e] = lat[n + s:n + e] = rng.standard_normal((e - s, 4, 64, 64), dtype=np.float32)
-        txt[s:e] = rng.standard_normal((e - s, 77, 768), dtype=np.float32)
-    lat.flush()
-    txt.flush()
-    del lat, txt
+from runner import write_random_candidates  # noqa: E402
+from utils.host_memory import MMAP_THRESHOLDS  # noqa: E402
 
 
 def status_kb(field: str) -> int:
@@ -63,7 +52,7 @@ class StandInUNet:
         return (self.conv(noisy) + self.text(text.mean(1))[:, :, None, None],)
 
 
-ALLOCATORS = {"default": None, "64KiB": 64 * 1024, "1MiB": 2**20, "32MiB": 32 * 2**20}
+ALLOCATORS = {"default": None, **MMAP_THRESHOLDS}  # default: glibc's own, no bound
 
 
 def measure(dataroot: str, n: int, batch_size: int, allocator: str) -> dict:
@@ -72,7 +61,6 @@ def measure(dataroot: str, n: int, batch_size: int, allocator: str) -> dict:
     import torch
     from diffusers import DDPMScheduler
 
-    sys.path.insert(0, str(REPO))
     from utils.data import LaionCandidates
     from utils.losses import collect_losses
     from utils.host_memory import bound_heap_growth
@@ -107,7 +95,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,8000", help="LAION subset sizes (images)")
     p.add_argument("--batch_sizes", default="100,400")
-    p.add_argument("--allocators", default="default,64KiB,32MiB", help="subset of: " + ", ".join(ALLOCATORS))
+    p.add_argument("--allocators", default="default,64KiB,1MiB,32MiB", help="subset of: " + ", ".join(ALLOCATORS))
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -120,7 +108,7 @@ def main():
         for n in sizes:
             root = Path(tmp) / str(n)
             root.mkdir()
-            write_arrays(root, n)
+            write_random_candidates(root, n, 64, 768, np.random.default_rng(0), chunk=500)  # SD v1.4's shapes
             arrays = sum(f.stat().st_size for f in root.iterdir()) / 2**20
             for allocator in args.allocators.split(","):
                 for b in (int(x) for x in args.batch_sizes.split(",")):

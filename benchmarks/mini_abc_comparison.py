@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, run, timed, write_table  # repo on sys.path
+from runner import (BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, derive_arrays, run, stage1,  # repo on sys.path
+                    timed, write_table)
 from utils.evaluation import load_result, mean_metric, overlap, score_queries  # noqa: E402
 from utils.metrics import mean_and_stderr  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
@@ -261,12 +262,8 @@ def main():
     flags = common_flags(bench, n_laion)
     device = ["--device", "cpu"]
     cache = out / "orig_loss"
-    # the arrays a fresh clone lacks (LAION-like latents, caption embeddings, both Fishers); kept when present
-    if not run(["data/build_mini_abc.py", "--out", bench, "--stage", "derive"]):
-        sys.exit("deriving the mini-AbC arrays failed; see the error above")
-    ok, stage1 = timed(cache, "settings.json", lambda: run(
-        ["compute_training_loss.py", "--task_json", task_json, "--result_dir", out, "--batch_size",
-         str(args.batch_size), "--time_samples", str(args.time_samples)] + flags + device))
+    derive_arrays(bench)  # both Fishers: the all-weights ablation has its own
+    ok, stage1_seconds = stage1(task_json, out, args, flags + device)
     if not ok:
         sys.exit("stage 1 failed; see the error above")
     values = {"sgd_lr": args.sgd_lr, "one_step_lr": args.unlearn_steps * args.unlearn_lr,
@@ -289,7 +286,7 @@ def main():
             table.append({**summarize(f"{name}{args.tag} (failed: see log)", [], seconds, {}),
                           "collateral": float("nan"), "specificity": float("nan"),
                           "style top-10 object match": float("nan"), "object match chance": float("nan")})
-            write_outputs(out, table, stage1, per_query)
+            write_outputs(out, table, stage1_seconds, per_query)
             continue
         layout = ResultsLayout(result_dir, cache)
         rows = score(layout, load_tasks(tj), captions)
@@ -301,7 +298,7 @@ def main():
         per_query[name + args.tag] = [(r["family"], r["ap"]) for r in rows]
         if name == "AbU":
             example_figure(layout, load_tasks(tj), out / f"examples{args.tag}.png")
-        write_outputs(out, table, stage1, per_query)  # after every method, so a failure later loses nothing
+        write_outputs(out, table, stage1_seconds, per_query)  # after every method, so a failure later loses nothing
     print(markdown(table))
 
 

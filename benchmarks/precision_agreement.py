@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, run, timed  # puts the repo on sys.path
+from runner import BENCH, REPO, abu_flags, common_flags, run, stage1, timed, tuned_sizing  # puts the repo on sys.path
 from utils.evaluation import load_result, overlap  # noqa: E402
 from utils.io import atomic_write  # noqa: E402
 from utils.layout import ResultsLayout  # noqa: E402
@@ -54,8 +54,7 @@ def main():
     task_json = bench / "tasks" / f"{args.split}.json"
     tasks = load_tasks(task_json)
     out = REPO / "results" / "mini_abc" / args.split / "precision"
-    sizing = argparse.Namespace(**SIZING, fisher_dataset_size=TUNED["fisher_dataset_size"],
-                                unlearn_lr=TUNED["unlearn_lr"])
+    sizing = tuned_sizing()
     flags = common_flags(bench, sizing.laion_subset_size) + ["--device", args.device]
     seconds, stage2_dirs = {}, {}
     for precision in ["fp32"] + [x for x in args.precisions.split(",") if x != "fp32"]:
@@ -63,9 +62,7 @@ def main():
         root = out.parent if precision == "fp32" else out / precision
         stage2_dirs[precision] = root / "abu" if precision == "fp32" else root
         cache = root / "orig_loss"
-        ok1, s1 = timed(cache, "settings.json", lambda: run(
-            ["compute_training_loss.py", "--task_json", task_json, "--result_dir", root, "--batch_size",
-             str(sizing.batch_size), "--time_samples", str(sizing.time_samples), "--precision", precision] + flags))
+        ok1, s1 = stage1(task_json, root, sizing, ["--precision", precision] + flags)
         ok2, s2 = timed(stage2_dirs[precision], "influence.pkl", lambda: ok1 and run(
             ["compute_influence.py", "--task_json", task_json, "--result_dir", stage2_dirs[precision],
              "--loss_cache_dir", cache, "--precision", precision] + abu_flags(sizing) + flags))

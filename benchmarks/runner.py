@@ -1,5 +1,6 @@
 """What the mini-AbC benchmark scripts share: the benchmark's place, its CPU sizing and validation-tuned values,
 the flags every run of the CLIs gets, and running a CLI with its time recorded beside its results."""
+import argparse
 import csv
 import io
 import json
@@ -12,6 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+
 from utils.io import atomic_write, save_json  # noqa: E402
 
 BENCH = REPO / "data" / "mini_abc"
@@ -21,6 +24,11 @@ TUNED = {"fisher_dataset_size": 1e6, "unlearn_lr": 0.1, "sgd_lr": 1.0, "all_weig
 # candidates, T = 5 timesteps, 25 unlearning steps of 4 micro-batches; about 20 s a query.
 SIZING = {"laion_subset_size": 1000, "time_samples": 5, "batch_size": 200, "unlearn_steps": 25,
           "unlearn_grad_accum_steps": 4}
+
+
+def tuned_sizing() -> argparse.Namespace:
+    """SIZING with the validation-tuned N and step size: everything abu_flags reads."""
+    return argparse.Namespace(**SIZING, fisher_dataset_size=TUNED["fisher_dataset_size"], unlearn_lr=TUNED["unlearn_lr"])
 
 
 def common_flags(bench: Path, n_laion: int):
@@ -40,6 +48,22 @@ def run(cmd) -> bool:
     """Run one of the repo's scripts with this Python; True when it exits 0."""
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
     return subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO).returncode == 0
+
+
+def derive_arrays(bench: Path, all_weights_fisher: bool = True) -> None:
+    """The mini-AbC arrays a fresh clone lacks (LAION-like latents, caption embeddings, the Fisher, and for the
+    all-weights ablation its own Fisher); kept when present. Exits when the builder fails."""
+    cmd = ["data/build_mini_abc.py", "--out", bench, "--stage", "derive"]
+    if not run(cmd + ([] if all_weights_fisher else ["--no_all_weights_fisher"])):
+        sys.exit("deriving the mini-AbC arrays failed; see the error above")
+
+
+def stage1(task_json: Path, result_dir: Path, sizing, flags) -> tuple:
+    """compute_training_loss.py at the sizing's B and T into result_dir/orig_loss: (ok, seconds), timed and
+    skipped when finished."""
+    return timed(Path(result_dir) / "orig_loss", "settings.json", lambda: run(
+        ["compute_training_loss.py", "--task_json", task_json, "--result_dir", result_dir, "--batch_size",
+         str(sizing.batch_size), "--time_samples", str(sizing.time_samples)] + list(flags)))
 
 
 def timed(result_dir: Path, marker: str, fn):
@@ -65,3 +89,20 @@ def write_table(out: Path, stem: str, markdown: str, rows) -> None:
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / f"{stem}.csv", lambda f: f.write(buf.getvalue()), binary=False)
+
+
+def write_random_candidates(root: Path, n: int, latent_size: int, width: int, rng: np.random.Generator,
+                            chunk: int = 256) -> None:
+    """Random `laion_latents.npy` [2n, 4, latent_size, latent_size] (the flipped half a copy of the unflipped)
+    and `laion_text_embeddings.npy` [n, 77, width], written in chunks, never whole in memory."""
+    lat = np.lib.format.open_memmap(root / "laion_latents.npy", mode="w+", dtype=np.float32,
+                                    shape=(2 * n, 4, latent_size, latent_size))
+    txt = np.lib.format.open_memmap(root / "laion_text_embeddings.npy", mode="w+", dtype=np.float32,
+                                    shape=(n, 77, width))
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        lat[s:e] = lat[n + s:n + e] = rng.standard_normal((e - s, 4, latent_size, latent_size), dtype=np.float32)
+        txt[s:e] = rng.standard_normal((e - s, 77, width), dtype=np.float32)
+    lat.flush()
+    txt.flush()
+    del lat, txt

@@ -20,6 +20,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from runner import write_random_candidates  # noqa: E402
 from utils.io import save_json  # noqa: E402
 from utils.models import select_parameter_names  # noqa: E402
 
@@ -64,16 +65,7 @@ def build_data(root: Path, pipe, n_images: int) -> list:
     resolution = latent * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     width = pipe.text_encoder.config.hidden_size
     root.mkdir(parents=True, exist_ok=True)
-    lat = np.lib.format.open_memmap(root / "laion_latents.npy", mode="w+", dtype=np.float32,
-                                    shape=(2 * n_images, 4, latent, latent))
-    txt = np.lib.format.open_memmap(root / "laion_text_embeddings.npy", mode="w+", dtype=np.float32,
-                                    shape=(n_images, 77, width))
-    for s in range(0, n_images, 256):
-        e = min(s + 256, n_images)
-        lat[s:e] = lat[n_images + s:n_images + e] = rng.standard_normal((e - s, 4, latent, latent), dtype=np.float32)
-        txt[s:e] = rng.standard_normal((e - s, 77, width), dtype=np.float32)
-    lat.flush()
-    txt.flush()
+    write_random_candidates(root, n_images, latent, width, rng)
 
     def picture(rel):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)

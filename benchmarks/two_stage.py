@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, run, timed, write_table  # repo on sys.path
+from runner import (BENCH, REPO, abu_flags, common_flags, derive_arrays, run, stage1, timed,  # repo on sys.path
+                    tuned_sizing, write_table)
 from utils.evaluation import load_result, overlap  # noqa: E402
 from utils.layout import ResultsLayout  # noqa: E402
 from utils.metrics import query_metrics  # noqa: E402
@@ -66,15 +67,12 @@ def main():
     bench = Path(args.bench)
     task_json = bench / "tasks" / f"{args.split}.json"
     tasks = load_tasks(task_json)
-    sizing = argparse.Namespace(**SIZING, fisher_dataset_size=TUNED["fisher_dataset_size"],
-                                unlearn_lr=TUNED["unlearn_lr"])
-    n_laion = sizing.laion_subset_size
-    flags = common_flags(bench, n_laion) + ["--device", "cpu"]
+    sizing = tuned_sizing()
+    flags = common_flags(bench, sizing.laion_subset_size) + ["--device", "cpu"]
     root = REPO / "results" / "mini_abc" / args.split
     cache = root / "orig_loss"
-    ok1, _ = timed(cache, "settings.json", lambda: run(
-        ["compute_training_loss.py", "--task_json", task_json, "--result_dir", root, "--batch_size",
-         str(sizing.batch_size), "--time_samples", str(sizing.time_samples)] + flags))
+    derive_arrays(bench, all_weights_fisher=False)
+    ok1, _ = stage1(task_json, root, sizing, flags)
     exact_dir = root / "abu"
     base = ["compute_influence.py", "--task_json", task_json, "--loss_cache_dir", cache] + abu_flags(sizing) + flags
     ok2, exact_seconds = timed(exact_dir, "influence.pkl", lambda: ok1 and run(base + ["--result_dir", exact_dir]))

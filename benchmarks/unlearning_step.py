@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ALLOCATORS = {"default": None, "64KiB": 64 * 1024, "1MiB": 2**20, "32MiB": 32 * 2**20}
+sys.path.insert(0, str(REPO))
+
+from utils.host_memory import MMAP_THRESHOLDS  # noqa: E402
+ALLOCATORS = {"default": None, **MMAP_THRESHOLDS}  # default: glibc's own, no bound
 
 
 def fixture(torch):
@@ -66,7 +69,6 @@ def reference_steps(torch, unet, scheduler, latents, text, params, fisher, steps
 def child(case: str, steps: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(REPO))
     from unlearn import unlearn
     from utils.host_memory import bound_heap_growth
     from utils.models import select_parameter_names

@@ -70,10 +70,10 @@ class LaionCandidates:
 
     def batch(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
         rows = np.arange(start, min(stop, len(self)))
-        latents = np.ascontiguousarray(self.latents[self._latent_rows(rows)], dtype=np.float32)
-        texts = np.ascontiguousarray(self.text_embeddings[rows % self.subset_size], dtype=np.float32)
-        for name, values, index in ((LAION_LATENTS, latents, self._latent_rows(rows)),
-                                    (LAION_TEXT_EMBEDDINGS, texts, rows % self.subset_size)):
+        latent_rows, text_rows = self._latent_rows(rows), rows % self.subset_size
+        latents = np.ascontiguousarray(self.latents[latent_rows], dtype=np.float32)
+        texts = np.ascontiguousarray(self.text_embeddings[text_rows], dtype=np.float32)
+        for name, values, index in ((LAION_LATENTS, latents, latent_rows), (LAION_TEXT_EMBEDDINGS, texts, text_rows)):
             if not np.isfinite(values).all():  # one damaged row would make every influence of its batch noise
                 bad = index[~np.isfinite(values.reshape(len(values), -1)).all(axis=1)]
                 raise InputError(f"{self.dataroot / name}: row(s) {bad[:5].tolist()} hold NaN or inf; re-encode the "

@@ -113,6 +113,13 @@ def claim(lock, what: str) -> Iterator[bool]:
         os.close(fd)
 
 
+def finished_since(marker, started: float, overwrite: bool) -> bool:
+    """Is the output whose last-written file is `marker` done: finished at all, or with --overwrite, finished
+    during this run (started at `started`, by a sibling process started on the same task file)?"""
+    marker = Path(marker)
+    return marker.is_file() and (not overwrite or marker.stat().st_mtime >= started)
+
+
 def save_npy(path, array: np.ndarray) -> Path:
     return atomic_write(path, lambda f: np.save(f, np.asarray(array)))
 

@@ -48,17 +48,16 @@ def expanded_batch(candidates, b: int, per_batch: int, step_grid: torch.Tensor, 
 
 
 def noised_batches(scheduler, candidates, batch_size: int = 200, time_samples: int = 10, seed: int = 0,
-                   device="cpu", desc: str = "losses", first_batch: int = 0):
+                   device="cpu", desc: str = "losses"):
     """Yield (n, noisy, timesteps, text, noise) per batch: the layout and seeded noise of docs/method.md, section 3.
 
     Batch b holds n = B / T candidates, each repeated T times (candidate-major) at the evenly spaced
     timesteps 0, s, 2s, ... (s = 1000 // T); its noise for the whole expanded batch comes from one
-    generator seeded with seed + b. `candidates` starting at batch `first_batch` of a longer layout get
-    that layout's noise.
+    generator seeded with seed + b.
     """
     per_batch, step_grid = layout_of(scheduler, batch_size, time_samples)
     for b in tqdm(range(-(-len(candidates) // per_batch)), desc=desc, unit="batch", leave=False):
-        n, latents, text, timesteps, noise = expanded_batch(candidates, b, per_batch, step_grid, seed + first_batch)
+        n, latents, text, timesteps, noise = expanded_batch(candidates, b, per_batch, step_grid, seed)
         latents, noise, timesteps, text = latents.to(device), noise.to(device), timesteps.to(device), text.to(device)
         yield n, scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise
 

@@ -6,7 +6,7 @@ family of its own, named after it.
 """
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 from .io import InputError, load_json
 
@@ -101,6 +101,14 @@ def _check_models_agree(tasks: List[Task], path) -> None:
                 raise InputError(f"task file {path}: entries {j} and {i} share model_path {t.model_path!r} but not "
                                  f"{key} ({getattr(a, key)!r} vs {getattr(t, key)!r}); the queries of one model "
                                  f"must point at the same json entry and train_prompt")
+
+
+def tasks_by_model(tasks: List[Task]) -> Dict[str, List[Task]]:
+    """The tasks grouped by model_path, models and tasks in task-file order."""
+    groups: Dict[str, List[Task]] = {}
+    for t in tasks:
+        groups.setdefault(t.model_path, []).append(t)
+    return groups
 
 
 def unique_models(tasks: List[Task]) -> List[Task]:
