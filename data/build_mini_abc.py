@@ -31,6 +31,7 @@ reads plan.json, so any subset of stages can be rerun.
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -407,6 +408,8 @@ class Builder:
             m = made[i]
             if m["kept"]:
                 self.write_queries(spec, m["queries"], tests, tasks)
+            else:  # a dropped model leaves no queries behind (an earlier build may have kept it)
+                shutil.rmtree(self.root / "synth" / spec["family"] / "gpt" / spec["class_id"], ignore_errors=True)
             blank = Image.new("RGB", (self.config.size,) * 2, "white")
             grids.append(m["exemplars"][:4] + [blank] + m["queries"] + [blank] + m["plain"])
             labels.append(f"{spec['split']} {spec['test_case'][5:]} {spec['class_id'][:24]}"
