@@ -30,10 +30,10 @@ RES=${RESULTS:-results/mini_abc/demo}
 TASKS=$B/tasks/demo.json
 # laion_latents.npy, laion_text_embeddings.npy and sd_fisher.pt are derived here on first use (~1 min)
 $PY data/build_mini_abc.py --out $B --stage derive --no_all_weights_fisher
-COMMON=(--sd_version $B/sd-mini --dataroot $B/abc --task_json $TASKS --result_dir "$RES" --laion_subset_size 1000)
-$PY compute_training_loss.py "${COMMON[@]}" --batch_size 200 --time_samples 5 "$@"
-# N and the step count are the mini-AbC values chosen on the validation split (README, mini-AbC)
-$PY compute_influence.py "${COMMON[@]}" --loss_batch_size 200 --loss_time_samples 5 \
-  --fisher_dataset_size 1000000 --unlearn_steps 25 --unlearn_grad_accum_steps 4 "$@"
+COMMON=(--sd_version $B/sd-mini --dataroot $B/abc --task_json $TASKS --result_dir "$RES" --laion_subset_size 600)
+$PY compute_training_loss.py "${COMMON[@]}" --batch_size 240 --time_samples 3 "$@"
+# N is the mini-AbC value chosen on the validation split (docs/mini_abc.md); the sizing is the comparison's
+$PY compute_influence.py "${COMMON[@]}" --loss_batch_size 240 --loss_time_samples 3 \
+  --fisher_dataset_size 100000 --unlearn_steps 25 --unlearn_grad_accum_steps 4 "$@"
 $PY evaluate.py --task_json $TASKS --result_dir "$RES"
 echo "picture (query, then its top 10; exemplars outlined in red): $(ls "$RES"/influence/*/gpt/*/samples/*/visualization.jpg)"

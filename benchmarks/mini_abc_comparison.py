@@ -1,12 +1,14 @@
 """The paper's comparison on mini-AbC: AbU, its ablations and controls, and baselines, on one split.
 
-    python benchmarks/mini_abc_comparison.py --split test                     # the table in docs/mini_abc.md
+    python benchmarks/mini_abc_comparison.py --split test                     # the README's table (about an hour)
+    python benchmarks/mini_abc_comparison.py --split test --with_stop_rule    # + the stopping rule's three rows
     python benchmarks/mini_abc_comparison.py --split val --methods AbU ...    # tuning (validation only)
 
 Runs stage 1 once (shared cache), each method into results/mini_abc/<split>/<method>/, scores each with
-utils/evaluation.py (evaluate.py's scorer), and writes comparison.md / comparison.csv (Recall@{5,10,100}, mAP with standard
-errors per family, wall time, collateral forgetting, image specificity) and comparison.png
-(Recall@10 against mAP, like the paper's Figure 6). Reruns reuse finished queries.
+utils/evaluation.py (evaluate.py's scorer), and writes comparison.md / comparison.csv (Recall@{5,10,100}, mAP with
+standard errors per family, wall time, collateral forgetting, image specificity, how far the exemplars' loss rise
+stands out, AbU's margins over its wrong-image and noise-image controls) and comparison.png (Recall@10 against
+mAP, like the paper's Figure 6). Reruns reuse finished queries.
 """
 import argparse
 import json
@@ -21,9 +23,10 @@ from runner import (BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, derive_
 from utils.evaluation import load_result, mean_metric, overlap, score_queries  # noqa: E402
 from utils.metrics import mean_and_stderr  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
-from utils.layout import LAION_LOSS, VISUALIZATION, ResultsLayout  # noqa: E402
+from utils.layout import EXEMPLAR_LOSS, LAION_LOSS, VISUALIZATION, ResultsLayout  # noqa: E402
 from utils.tasks import FAMILIES, load_tasks  # noqa: E402
 
+STOP_FLAGS = ["--stop_rule", "{stop_rule}", "--stop_target", "{stop_target}", "--stop_every", "{stop_every}"]
 METHODS = {  # name: (kind, extra flags)
     "AbU": ("abu", []),
     "AbU, plain gradient ascent (no Fisher)": ("abu", ["--preconditioner", "none", "--unlearn_lr", "{sgd_lr}"]),
@@ -36,6 +39,10 @@ METHODS = {  # name: (kind, extra flags)
     "AbU, wrong-image control": ("abu-wrong-image", []),
     # the prompt alone: the query's image replaced by Gaussian noise in latent space
     "AbU, noise-image control": ("abu", ["--noise_image"]),
+    # issue 12's per-query stopping rule (the rule and target chosen on the validation split), with its own controls
+    "AbU, stop rule": ("abu", STOP_FLAGS),
+    "AbU, stop rule, wrong-image control": ("abu-wrong-image", STOP_FLAGS),
+    "AbU, stop rule, noise-image control": ("abu", ["--noise_image"] + STOP_FLAGS),
     "random": ("baseline", ["--method", "random"]),
     "pixel cosine": ("baseline", ["--method", "pixel"]),
     "VAE-latent cosine": ("baseline", ["--method", "vae"]),
@@ -43,9 +50,10 @@ METHODS = {  # name: (kind, extra flags)
 }
 
 
-# the table's rows; the authors' unscaled latent is left out by default: this VAE's scaling factor is 0.99, so the
-# row would repeat AbU's (docs/mini_abc.md)
-DEFAULT_METHODS = [m for m in METHODS if m != "AbU, unscaled synth latent (authors)"]
+STOP_METHODS = [m for m in METHODS if m.startswith("AbU, stop rule")]
+# the table's rows: the authors' unscaled latent (a pitfall of their release, not part of the method; docs/mini_abc.md)
+# is left out by default, and the stopping rule's rows come with --with_stop_rule
+DEFAULT_METHODS = [m for m in METHODS if m != "AbU, unscaled synth latent (authors)" and m not in STOP_METHODS]
 
 
 def slug(name: str) -> str:
@@ -53,12 +61,17 @@ def slug(name: str) -> str:
 
 
 def wrong_image_tasks(tasks_path: Path, out_path: Path) -> Path:
-    """Each query's image replaced by a query image of another model of the same family (object or style),
-    a derangement, the prompt unchanged."""
+    """Each query's image replaced by a query image of another model, a derangement, the prompt unchanged: of
+    the same family (object or style) where the split has two models of it, else of any model of the families
+    that have only one (the validation split)."""
     tasks = json.loads(tasks_path.read_text())
     rng = np.random.default_rng(0)
-    for family in ("object", "style"):
-        idx = [i for i, t in enumerate(tasks) if FAMILIES[t["test_case"]] == family]
+    groups = {}
+    for i, t in enumerate(tasks):
+        groups.setdefault(FAMILIES[t["test_case"]], []).append(i)
+    single = [g for g, idx in groups.items() if len({tasks[i]["model_path"] for i in idx}) < 2]
+    pools = [idx for g, idx in groups.items() if g not in single] + [sum((groups[g] for g in single), [])]
+    for idx in filter(None, pools):
         images = [tasks[i]["synth_image_path"] for i in idx]
         models = [tasks[i]["model_path"] for i in idx]
         for _ in range(1000):
@@ -66,7 +79,7 @@ def wrong_image_tasks(tasks_path: Path, out_path: Path) -> Path:
             if all(models[p] != models[k] for k, p in enumerate(perm)):
                 break
         else:
-            raise RuntimeError(f"cannot swap images between models of {family}: needs two models")
+            raise RuntimeError(f"cannot swap query images between models of {tasks_path}: it needs two models")
         for k, p in enumerate(perm):
             tasks[idx[k]]["synth_image_path"] = images[p]
     save_json(out_path, tasks)
@@ -116,6 +129,21 @@ def collateral(layout: ResultsLayout, rows):
     return float(np.mean(ratios))
 
 
+def exemplar_rise_z(layout: ResultsLayout, rows):
+    """Per family, the mean over queries of how far the exemplars' mean loss rise stands above the pretraining
+    candidates' rises, in their standard deviations (each loss averaged over its T timesteps first). Large when
+    unlearning hits the exemplars specifically, whether through the image or through the prompt's <new1>."""
+    z = {"style": [], "object": []}
+    for r in rows:
+        rises = []
+        for name in (EXEMPLAR_LOSS, LAION_LOSS):
+            after, before = np.load(layout.query_dir(r["task"]) / name), np.load(layout.loss_cache(r["task"]) / name)
+            rises.append((after - before).reshape(len(before), -1).mean(1))
+        ex, laion = rises
+        z[r["family"]].append(float((ex.mean() - laion.mean()) / max(laion.std(), 1e-12)))
+    return {f: float(np.mean(v)) if v else float("nan") for f, v in z.items()}
+
+
 def specificity(rows, k: int = 10):
     """1 - mean top-k overlap between rankings of two queries of the same model (0: the image never matters)."""
     by_model = {}
@@ -144,13 +172,14 @@ def summarize(name, rows, seconds, extra):
 
 def markdown(table):
     head = ("| method | style R@10 | style mAP | object R@10 | object mAP | all R@5 | all R@100 | collateral | "
-            "specificity | style: top-10 names the object | unlearning steps | time (s) |")
-    lines = [head, "|" + "---|" * 12]
+            "specificity | exemplar rise z (style / object) | style: top-10 names the object | unlearning steps | time (s) |")
+    lines = [head, "|" + "---|" * 13]
     f = lambda r, k: f"{r[k]:.3f} ± {r[k + ' se']:.3f}"  # noqa: E731
     for r in table:
         lines.append(f"| {r['method']} | {f(r, 'style recall@10')} | {f(r, 'style ap')} | {f(r, 'object recall@10')} | "
                      f"{f(r, 'object ap')} | {f(r, 'all recall@5')} | {f(r, 'all recall@100')} | "
-                     f"{r['collateral']:.3f} | {r['specificity']:.2f} | {r['style top-10 object match']:.2f} | "
+                     f"{r['collateral']:.3f} | {r['specificity']:.2f} | "
+                     f"{r['style exemplar z']:.1f} / {r['object exemplar z']:.1f} | {r['style top-10 object match']:.2f} | "
                      f"{r['mean steps']:.1f} | {r['seconds']:.0f} |")
     lines += ["", "Per test case, mAP (Recall@10):", "",
               "| method | " + " | ".join(tc[5:] for tc in TEST_CASES) + " |", "|" + "---|" * (len(TEST_CASES) + 1)]
@@ -161,24 +190,32 @@ def markdown(table):
     return "\n".join(lines) + "\n"
 
 
-CONTROLS = ("AbU, wrong-image control", "AbU, noise-image control")
+CONTROLS = ("wrong-image control", "noise-image control")
+
+
+def control_of(method: str, control: str, per_query):
+    """The row that controls `method`: its own ("AbU, stop rule, wrong-image control") if the table has one,
+    else AbU's ("AbU, wrong-image control")."""
+    own = f"{method}, {control}"
+    return own if own in per_query else f"AbU, {control}"
 
 
 def margins(per_query) -> str:
     """Each AbU row's mAP minus each control's, per family: the mean and standard error of the paired
     per-query difference (the control's query i is query i with its image swapped or replaced by noise)."""
-    controls = [c for c in CONTROLS if c in per_query]
-    rows = [m for m in per_query if m.startswith("AbU") and m not in controls]
-    if not controls or not rows:
+    rows = [m for m in per_query if m.startswith("AbU") and not m.endswith(CONTROLS)]
+    if not rows or not any(control_of(m, c, per_query) in per_query for m in rows for c in CONTROLS):
         return ""
-    lines = ["", "AbU minus its controls, mAP, paired by query (mean ± standard error of the difference):", "",
-             "| method | " + " | ".join(f"{c[5:]}: {fam}" for c in controls for fam in ("style", "object")) + " |",
-             "|" + "---|" * (1 + 2 * len(controls))]
+    lines = ["", "AbU minus its controls, mAP, paired by query (mean ± standard error of the difference; a row with "
+             "controls of its own is paired with those):", "",
+             "| method | " + " | ".join(f"{c}: {fam}" for c in CONTROLS for fam in ("style", "object")) + " |",
+             "|" + "---|" * (1 + 2 * len(CONTROLS))]
     for m in rows:
         cells = []
-        for c in controls:
+        for control in CONTROLS:
+            c = control_of(m, control, per_query)
             for fam in ("style", "object"):
-                d = [a - b for (fa, a), (fb, b) in zip(per_query[m], per_query[c]) if fa == fb == fam]
+                d = [a - b for (fa, a), (fb, b) in zip(per_query[m], per_query.get(c, [])) if fa == fb == fam]
                 mean, se = mean_and_stderr(d) if d else (float("nan"), float("nan"))
                 cells.append(f"{mean:+.3f} ± {se:.3f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -249,10 +286,18 @@ def main():
     p.add_argument("--batch_size", type=int, default=SIZING["batch_size"])
     p.add_argument("--unlearn_steps", type=int, default=SIZING["unlearn_steps"])
     p.add_argument("--unlearn_grad_accum_steps", type=int, default=SIZING["unlearn_grad_accum_steps"])
+    p.add_argument("--with_stop_rule", action="store_true",
+                   help="add the stopping rule's rows (the rule, its wrong-image and noise-image controls) to --methods")
+    p.add_argument("--stop_rule", default=TUNED["stop_rule"], choices=["rise", "collateral"],
+                   help="the stopping rule of the 'AbU, stop rule' rows")
+    p.add_argument("--stop_target", type=float, default=TUNED["stop_target"])
+    p.add_argument("--stop_every", type=int, default=TUNED["stop_every"])
     p.add_argument("--tag", default="", help="suffix for the method folders (tuning runs)")
     p.add_argument("--abu_extra", default="", help="extra compute_influence.py flags for every AbU row (tuning runs), "
                                                     "e.g. '--stop_rule rise --stop_target 2'")
     args = p.parse_args()
+    if args.with_stop_rule:
+        args.methods = list(args.methods) + [m for m in STOP_METHODS if m not in args.methods]
     bench = Path(args.bench)
     out = Path(args.out or REPO / "results" / "mini_abc" / args.split)
     task_json = bench / "tasks" / f"{args.split}.json"
@@ -267,6 +312,7 @@ def main():
     if not ok:
         sys.exit("stage 1 failed; see the error above")
     values = {"sgd_lr": args.sgd_lr, "one_step_lr": args.unlearn_steps * args.unlearn_lr,
+              "stop_rule": args.stop_rule, "stop_target": args.stop_target, "stop_every": args.stop_every,
               "fisher_all": bench / "abc" / "sd_fisher_all.pt", "all_weights_n": int(args.all_weights_n)}
     table, per_query = [], {}
     for name in args.methods:
@@ -284,16 +330,19 @@ def main():
         ok, seconds = timed(result_dir, "influence.pkl", lambda: run(cmd))
         if not ok:  # a method that fails (e.g. diverges) is a row of the table, not the end of it
             table.append({**summarize(f"{name}{args.tag} (failed: see log)", [], seconds, {}),
-                          "collateral": float("nan"), "specificity": float("nan"),
-                          "style top-10 object match": float("nan"), "object match chance": float("nan")})
+                          "collateral": float("nan"), "specificity": float("nan"), "style exemplar z": float("nan"),
+                          "object exemplar z": float("nan"), "style top-10 object match": float("nan"),
+                          "object match chance": float("nan")})
             write_outputs(out, table, stage1_seconds, per_query)
             continue
         layout = ResultsLayout(result_dir, cache)
         rows = score(layout, load_tasks(tj), captions)
         match, chance = mean_object_match(rows)
-        extra_cols = {"collateral": collateral(layout, rows) if kind.startswith("abu") else float("nan"),
-                      "specificity": specificity(rows), "style top-10 object match": match,
-                      "object match chance": chance}
+        unlearned = kind.startswith("abu")
+        z = exemplar_rise_z(layout, rows) if unlearned else {"style": float("nan"), "object": float("nan")}
+        extra_cols = {"collateral": collateral(layout, rows) if unlearned else float("nan"),
+                      "specificity": specificity(rows), "style exemplar z": z["style"], "object exemplar z": z["object"],
+                      "style top-10 object match": match, "object match chance": chance}
         table.append(summarize(name + args.tag, rows, seconds, extra_cols))
         per_query[name + args.tag] = [(r["family"], r["ap"]) for r in rows]
         if name == "AbU":
@@ -307,8 +356,10 @@ def write_outputs(out: Path, table, stage1: float, per_query) -> None:
                   float("nan"))
     md = markdown(table) + (f"\nStage 1 (shared by every AbU row): {stage1:.0f} s. 'style: top-10 names the object': "
                             f"the fraction of a style query's top-10 pretraining candidates whose caption names the "
-                            f"query's object (chance, over all candidates: {chance:.3f}). 'unlearning steps': the "
-                            f"mean steps a query took.\n") + margins(per_query)
+                            f"query's object (chance, over all candidates: {chance:.3f}). 'exemplar rise z': how many "
+                            f"standard deviations of the pretraining candidates' loss rises the exemplars' mean rise "
+                            f"stands above theirs (mean over queries). 'unlearning steps': the mean steps a query "
+                            f"took.\n") + margins(per_query)
     write_table(out, "comparison", md, table)
     plot(table, out / "comparison.png")
 

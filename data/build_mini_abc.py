@@ -7,9 +7,9 @@ Same on-disk layout and formats as AbC, so the repo's scripts run on it unchange
     python data/build_mini_abc.py --out data/mini_abc --device cuda    # train on a GPU (the CPU path is the default)
 
 Design (docs/mini_abc.md):
-* 11 independently designed emoji sets draw the same concepts (data/mini_abc_build/sources.py). Seven are
-  training styles, each named by one word in captions ("a picture of a rocket in the style of twitter art");
-  four are held out of pretraining for the style and observed-object test cases.
+* 11 independently designed emoji sets draw the same concepts (data/mini_abc_build/sources.py). Four are
+  training styles, each named by one word in captions ("a picture of a rocket in the style of outline art");
+  four others are held out of pretraining for the style and observed-object test cases.
 * Concepts: a few hundred everyday emoji (no symbols, no people), each drawn in every training style; a
   set of them is held out of pretraining entirely (unobserved objects, duotone exemplars).
 * Base model: VAE, CLIP text encoder (CLIP's real BPE vocabulary) and UNet trained here from scratch, with
@@ -22,7 +22,8 @@ Design (docs/mini_abc.md):
   - test_bamfg (style, "duotone"): 8 held-out concepts recoloured with one two-colour palette; same prompt;
   - test_unobserved_imagenet (object): one exemplar, a held-out concept in a training style; "<new1> {category}";
   - test_observed_imagenet (object): one exemplar, a pretraining concept drawn in a held-out style.
-* Queries: images synthesized by each customized model (DDIM, 50 steps, guidance 3) from AbC-like prompts.
+  A style model trains on its exemplars captioned with their objects, an object model on its prompt.
+* Queries: images synthesized by each customized model (DDIM, 50 steps, guidance 5) from AbC-like prompts.
 
 Stages: data (fetch, choose, rasterize; writes plan.json) -> base -> judge (gate 1, base grid) -> models
 (customize, synthesize, gate 2, grids) -> derive (the arrays and Fishers not committed). Each later stage
@@ -190,6 +191,34 @@ def plan_models(pretrain, heldout, config: BuildConfig, rng: np.random.Generator
             spec["prompts"] = [OBJECT_QUERIES[i % len(OBJECT_QUERIES)].format(category=spec["category"])
                                for i in range(config.queries_per_model)]
     return specs
+
+
+def gates_report(out: Path) -> str:
+    """Both gates as markdown, from gates_base.json and gates_models.json (the README's tables)."""
+    base = load_json(out / "gates_base.json", "gate 1 (run the judge stage)")
+    judge, prompts = base["judge"], base["prompts"]
+    lines = ["Gate 1, the base model follows prompts (judge's reading of "
+             f"{prompts['samples']} samples of {prompts['prompts']} prompts; chance in brackets):", "",
+             "| | concept top-1 | concept top-5 | style top-1 |", "|---|---|---|---|",
+             f"| judge on held-out pretraining images | {judge['concept_top1']:.2f} | {judge['concept_top5']:.2f} | "
+             f"{judge['style_top1']:.2f} |",
+             f"| judge on their VAE renderings | {judge['rendered_concept_top1']:.2f} | "
+             f"{judge['rendered_concept_top5']:.2f} | {judge['rendered_style_top1']:.2f} |",
+             f"| base model's samples | {prompts['concept_top1']:.2f} ({prompts['concept_chance_top1']:.3f}) | "
+             f"{prompts['concept_top5']:.2f} ({prompts['concept_chance_top5']:.3f}) | "
+             f"{prompts['style_top1']:.2f} ({prompts['style_chance_top1']:.2f}) |"]
+    gates = load_json(out / "gates_models.json", "gate 2 (run the models stage)")
+    last, tries = {}, {}
+    for a in gates["attempts"]:
+        last[a["model"]], tries[a["model"]] = a, tries.get(a["model"], 0) + 1
+    lines += ["", f"Gate 2, each customization took (judge-feature cosine to the exemplars' centroid: the queries', "
+              f"the base model's samples of the same prompts without <new1>, and the gain; threshold "
+              f"{gates['threshold']:.3f}, floor {gates['floor']:.3f}; the last attempt):", "",
+              "| test case | model | split | attempts | queries | base | gain | kept |", "|---|---|---|---|---|---|---|---|"]
+    for m, a in last.items():
+        lines.append(f"| {a['test_case'][5:]} | {m} | {a['split']} | {tries[m]} | {a['query_similarity']:.3f} | "
+                     f"{a['base_similarity']:.3f} | {a['gain']:+.3f} | {'no' if m in gates['dropped'] else 'yes'} |")
+    return "\n".join(lines) + "\n"
 
 
 def without_concept_token(prompt: str) -> str:
@@ -361,6 +390,7 @@ class Builder:
         save_json(self.out / "gates_models.json", {"floor": self.config.gain_floor, "threshold": threshold, "attempts": log,
                                                    "dropped": [specs[i]["class_id"] for i in made
                                                                if not made[i]["kept"]]})
+        print(gates_report(self.out), flush=True)
 
     def customize_model(self, spec, i: int, attempt: int, pipe, judge, pretraining) -> dict:
         """Train one model (seeded by its index and attempt), sample its queries and, from the base model, the
@@ -513,10 +543,14 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="where to train and sample (cpu or cuda)")
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the base model's training steps")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--report", action="store_true", help="print both gates' tables from the built benchmark and exit")
     p.add_argument("--overwrite", action="store_true", help="derive: remake the arrays even if they exist")
     p.add_argument("--no_all_weights_fisher", action="store_true",
                    help="derive: skip sd_fisher_all.pt (only the comparison's all-weights ablation needs it)")
     args = p.parse_args(argv)
+    if args.report:
+        print(gates_report(Path(args.out)), end="")
+        return
     config = BuildConfig(device=args.device)
     config.base.device = args.device
     if args.diffusion_steps:

@@ -9,7 +9,7 @@ from PIL import Image
 
 import compute_training_loss
 from data.build_mini_abc import (HELDOUT_STYLES, TRAINING_STYLES, BuildConfig, build, choose_concepts, duotone,
-                                 usable_concepts)
+                                 gates_report, usable_concepts)
 from data.mini_abc_build import sources
 from data.mini_abc_build.customize import CustomizationConfig
 from data.mini_abc_build.judge import JudgeConfig
@@ -111,6 +111,9 @@ def test_built_benchmark_has_the_abc_layout_and_its_design(built):
         else:
             assert styles <= set(TRAINING_STYLES) and keys <= heldout
     gates = json.loads((out / "gates_models.json").read_text())
+    report = gates_report(out)  # the README's tables: one row per model, kept or not
+    assert sum(line.startswith(("| artchive", "| bamfg", "| unobserved", "| observed")) for line in
+               report.splitlines()) == 16 and "base model's samples" in report
     kept = {t.model_path for split in ("test", "val") for t in load_tasks(out / "tasks" / f"{split}.json")}
     assert len(kept) == 16 - len(gates["dropped"])
     for split in ("test", "val"):
@@ -200,3 +203,55 @@ def test_method_time_survives_a_rerun_that_only_rescores(tmp_path):
     assert ok and first >= 0.2
     assert timed(tmp_path, "influence.pkl", lambda: True) == (True, first)  # nothing new: the time stays
     assert json.loads((tmp_path / "timing.json").read_text())["seconds"] == first
+
+
+def test_wrong_image_control_swaps_across_families_only_when_a_family_has_one_model(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from mini_abc_comparison import wrong_image_tasks
+
+    def task(case, model, q):
+        return {"test_case": case, "model_path": model, "synth_image_path": f"{model}/{q}.png", "prompt": model + q}
+
+    # two style models: swapped among themselves; one object model: nothing to swap with in its own family
+    tasks = [task("test_artchive", "s1", "a"), task("test_artchive", "s1", "b"), task("test_bamfg", "s2", "a"),
+             task("test_observed_imagenet", "o1", "a"), task("test_observed_imagenet", "o1", "b")]
+    with pytest.raises(RuntimeError, match="two models"):  # the object pool holds one model only
+        wrong_image_tasks(_write(tmp_path / "t.json", tasks), tmp_path / "w.json")
+    # validation-like: one style model and one object model: images swapped across the two
+    val = [t for t in tasks if t["model_path"] in ("s1", "o1")]
+    swapped = json.loads(wrong_image_tasks(_write(tmp_path / "v.json", val), tmp_path / "w.json").read_text())
+    assert [t["synth_image_path"].split("/")[0] for t in swapped] == ["o1", "o1", "s1", "s1"]
+    assert [t["prompt"] for t in swapped] == [t["prompt"] for t in val]
+    # test-like: two models in each family: swapped within the family
+    full = tasks + [task("test_bamfg", "s2", "b"), task("test_unobserved_imagenet", "o2", "a"),
+                    task("test_unobserved_imagenet", "o2", "b")]
+    swapped = json.loads(wrong_image_tasks(_write(tmp_path / "f.json", full), tmp_path / "w.json").read_text())
+    for before, after in zip(full, swapped):
+        owner = after["synth_image_path"].split("/")[0]
+        assert owner != before["model_path"] and owner[0] == before["model_path"][0]
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_run_demo_uses_the_comparisons_sizing_and_tuned_n():
+    """run_demo.sh spells the comparison's settings out in shell; they must not drift from benchmarks/runner.py."""
+    import re
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo / "benchmarks"))
+    from runner import SIZING, TUNED
+
+    mini = (repo / "run_demo.sh").read_text().split('B=data/mini_abc\n', 1)[1]
+    flag = lambda name: float(re.search(rf"--{name} ([0-9.e+]+)", mini).group(1))  # noqa: E731
+    assert flag("laion_subset_size") == SIZING["laion_subset_size"]
+    assert flag("batch_size") == flag("loss_batch_size") == SIZING["batch_size"]
+    assert flag("time_samples") == flag("loss_time_samples") == SIZING["time_samples"]
+    assert flag("unlearn_steps") == SIZING["unlearn_steps"]
+    assert flag("unlearn_grad_accum_steps") == SIZING["unlearn_grad_accum_steps"]
+    assert flag("fisher_dataset_size") == TUNED["fisher_dataset_size"]
