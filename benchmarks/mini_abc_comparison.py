@@ -21,7 +21,7 @@ import numpy as np
 from runner import (BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, derive_arrays, run, stage1,  # repo on sys.path
                     timed, write_table)
 from utils.evaluation import load_result, mean_metric, overlap, score_queries  # noqa: E402
-from utils.metrics import mean_and_stderr  # noqa: E402
+from utils.metrics import mean_and_stderr, rank_candidates  # noqa: E402
 from utils.io import atomic_write, save_json  # noqa: E402
 from utils.layout import EXEMPLAR_LOSS, LAION_LOSS, VISUALIZATION, ResultsLayout  # noqa: E402
 from utils.tasks import FAMILIES, load_tasks  # noqa: E402
@@ -144,6 +144,17 @@ def exemplar_rise_z(layout: ResultsLayout, rows):
     return {f: float(np.mean(v)) if v else float("nan") for f, v in z.items()}
 
 
+def image_share(layout: ResultsLayout, noise_layout: ResultsLayout, tasks):
+    """Per query, the candidates ranked by AbU's influence minus the noise-image control's (same cache, same
+    noise, same prompt): what the query's image adds to what its prompt alone does. Score rows as `score`."""
+    found = []
+    for t in tasks:
+        a, b = load_result(layout, t), load_result(noise_layout, t)
+        found.append((t, {"n_exemplar": a["n_exemplar"],
+                          "rank": rank_candidates(a["influence"] - b["influence"], a["n_exemplar"])}))
+    return score_queries(found)
+
+
 def specificity(rows, k: int = 10):
     """1 - mean top-k overlap between rankings of two queries of the same model (0: the image never matters)."""
     by_model = {}
@@ -154,6 +165,10 @@ def specificity(rows, k: int = 10):
     return 1 - float(np.mean(overlaps)) if overlaps else float("nan")
 
 
+# the extra columns of a row that has none (a failed method, a derived row)
+NO_EXTRA = {"collateral": float("nan"), "specificity": float("nan"), "style exemplar z": float("nan"),
+            "object exemplar z": float("nan"), "style top-10 object match": float("nan"),
+            "object match chance": float("nan")}
 TEST_CASES = ("test_artchive", "test_bamfg", "test_unobserved_imagenet", "test_observed_imagenet")
 
 
@@ -170,13 +185,18 @@ def summarize(name, rows, seconds, extra):
     return out
 
 
+def md_text(name: str) -> str:
+    """A method name as markdown table text: `<new1>` would otherwise read as an HTML tag and vanish."""
+    return name.replace("<", "&lt;")
+
+
 def markdown(table):
     head = ("| method | style R@10 | style mAP | object R@10 | object mAP | all R@5 | all R@100 | collateral | "
             "specificity | exemplar rise z (style / object) | style: top-10 names the object | unlearning steps | time (s) |")
     lines = [head, "|" + "---|" * 13]
     f = lambda r, k: f"{r[k]:.3f} ± {r[k + ' se']:.3f}"  # noqa: E731
     for r in table:
-        lines.append(f"| {r['method']} | {f(r, 'style recall@10')} | {f(r, 'style ap')} | {f(r, 'object recall@10')} | "
+        lines.append(f"| {md_text(r['method'])} | {f(r, 'style recall@10')} | {f(r, 'style ap')} | {f(r, 'object recall@10')} | "
                      f"{f(r, 'object ap')} | {f(r, 'all recall@5')} | {f(r, 'all recall@100')} | "
                      f"{r['collateral']:.3f} | {r['specificity']:.2f} | "
                      f"{r['style exemplar z']:.1f} / {r['object exemplar z']:.1f} | {r['style top-10 object match']:.2f} | "
@@ -184,7 +204,7 @@ def markdown(table):
     lines += ["", "Per test case, mAP (Recall@10):", "",
               "| method | " + " | ".join(tc[5:] for tc in TEST_CASES) + " |", "|" + "---|" * (len(TEST_CASES) + 1)]
     for r in table:
-        lines.append(f"| {r['method']} | " + " | ".join(
+        lines.append(f"| {md_text(r['method'])} | " + " | ".join(
             f"{r[tc[5:] + ' ap']:.3f} ± {r[tc[5:] + ' ap se']:.3f} ({r[tc[5:] + ' recall@10']:.2f})"
             for tc in TEST_CASES) + " |")
     return "\n".join(lines) + "\n"
@@ -218,7 +238,7 @@ def margins(per_query) -> str:
                 d = [a - b for (fa, a), (fb, b) in zip(per_query[m], per_query.get(c, [])) if fa == fb == fam]
                 mean, se = mean_and_stderr(d) if d else (float("nan"), float("nan"))
                 cells.append(f"{mean:+.3f} ± {se:.3f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_text(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -314,7 +334,7 @@ def main():
     values = {"sgd_lr": args.sgd_lr, "one_step_lr": args.unlearn_steps * args.unlearn_lr,
               "stop_rule": args.stop_rule, "stop_target": args.stop_target, "stop_every": args.stop_every,
               "fisher_all": bench / "abc" / "sd_fisher_all.pt", "all_weights_n": int(args.all_weights_n)}
-    table, per_query = [], {}
+    table, per_query, layouts = [], {}, {}
     for name in args.methods:
         kind, extra = METHODS[name]
         extra = [e.format(**values) for e in extra] + (args.abu_extra.split() if kind.startswith("abu") else [])
@@ -329,10 +349,7 @@ def main():
                     "--loss_cache_dir", cache] + flags + extra)
         ok, seconds = timed(result_dir, "influence.pkl", lambda: run(cmd))
         if not ok:  # a method that fails (e.g. diverges) is a row of the table, not the end of it
-            table.append({**summarize(f"{name}{args.tag} (failed: see log)", [], seconds, {}),
-                          "collateral": float("nan"), "specificity": float("nan"), "style exemplar z": float("nan"),
-                          "object exemplar z": float("nan"), "style top-10 object match": float("nan"),
-                          "object match chance": float("nan")})
+            table.append(summarize(f"{name}{args.tag} (failed: see log)", [], seconds, NO_EXTRA))
             write_outputs(out, table, stage1_seconds, per_query)
             continue
         layout = ResultsLayout(result_dir, cache)
@@ -345,9 +362,17 @@ def main():
                       "style top-10 object match": match, "object match chance": chance}
         table.append(summarize(name + args.tag, rows, seconds, extra_cols))
         per_query[name + args.tag] = [(r["family"], r["ap"]) for r in rows]
+        layouts[name] = layout
         if name == "AbU":
             example_figure(layout, load_tasks(tj), out / f"examples{args.tag}.png")
         write_outputs(out, table, stage1_seconds, per_query)  # after every method, so a failure later loses nothing
+    # AbU only: the stopping rule's rows stop at different steps than their noise control, so their influences are
+    # on different scales and a difference would not isolate the image
+    if "AbU" in layouts and "AbU, noise-image control" in layouts:
+        rows = image_share(layouts["AbU"], layouts["AbU, noise-image control"], load_tasks(task_json))
+        table.append(summarize(f"AbU, the image's share (influence minus the noise control's){args.tag}", rows, 0.0,
+                               NO_EXTRA))
+    write_outputs(out, table, stage1_seconds, per_query)
     print(markdown(table))
 
 

@@ -212,7 +212,7 @@ def gates_report(out: Path) -> str:
     for a in gates["attempts"]:
         last[a["model"]], tries[a["model"]] = a, tries.get(a["model"], 0) + 1
     lines += ["", f"Gate 2, each customization took (judge-feature cosine to the exemplars' centroid: the queries', "
-              f"the base model's samples of the same prompts without <new1>, and the gain; threshold "
+              f"the base model's samples of the same prompts without `<new1>`, and the gain; threshold "
               f"{gates['threshold']:.3f}, floor {gates['floor']:.3f}; the last attempt):", "",
               "| test case | model | split | attempts | queries | base | gain | kept |", "|---|---|---|---|---|---|---|---|"]
     for m, a in last.items():

@@ -150,7 +150,8 @@ def test_comparison_runner_end_to_end(built, tmp_path):
                           capture_output=True, text=True, cwd=repo, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
-    assert [r["method"] for r in rows] == methods
+    # the methods asked for, then AbU's image share (derived from AbU and its noise-image control: no run of its own)
+    assert [r["method"] for r in rows] == methods + ["AbU, the image's share (influence minus the noise control's)"]
     n = len(load_tasks(out / "tasks" / "val.json"))
     for r in rows:
         assert 0 <= float(r["all ap"]) <= 1 and int(r["n"]) == n
@@ -164,6 +165,9 @@ def test_comparison_runner_end_to_end(built, tmp_path):
     assert Image.open(tmp_path / "comparison.png").size == (1000, 620)
     md = (tmp_path / "comparison.md").read_text()
     assert "| AbU |" in md and "| method | artchive | bamfg | unobserved_imagenet | observed_imagenet |" in md
+    assert "exemplar rise z (style / object)" in md and "AbU minus its controls" in md
+    margins = md.split("AbU minus its controls")[1]
+    assert "| AbU | " in margins and "wrong-image control: style" in margins
 
 
 def pickle_load(path):
