@@ -22,7 +22,7 @@ BENCH = REPO / "data" / "mini_abc"
 TUNED = {"fisher_dataset_size": 1e5, "unlearn_lr": 0.1, "sgd_lr": 1.0, "all_weights_n": 1e8,
          "stop_rule": "rise", "stop_target": 1.5, "stop_every": 5}
 # Sizing for 2 CPU cores (docs/mini_abc.md): the first 600 pretraining images (1,200 rows with flips) as
-# candidates, T = 3 timesteps (B = 240), 25 unlearning steps of 4 micro-batches; about 18 s a query, so that the test
+# candidates, T = 3 timesteps (B = 240), 25 unlearning steps of 4 micro-batches; about 16 s a query, so that the test
 # table takes about an hour.
 SIZING = {"laion_subset_size": 600, "time_samples": 3, "batch_size": 240, "unlearn_steps": 25,
           "unlearn_grad_accum_steps": 4}
