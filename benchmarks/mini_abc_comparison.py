@@ -39,7 +39,8 @@ METHODS = {  # name: (kind, extra flags)
     "AbU, wrong-image control": ("abu-wrong-image", []),
     # the prompt alone: the query's image replaced by Gaussian noise in latent space
     "AbU, noise-image control": ("abu", ["--noise_image"]),
-    # issue 12's per-query stopping rule (the rule and target chosen on the validation split), with its own controls
+    # the per-query stopping rule (docs/method.md, section 9; rule and target chosen on the validation split), with
+    # controls of its own that stop by the same rule
     "AbU, stop rule": ("abu", STOP_FLAGS),
     "AbU, stop rule, wrong-image control": ("abu-wrong-image", STOP_FLAGS),
     "AbU, stop rule, noise-image control": ("abu", ["--noise_image"] + STOP_FLAGS),
@@ -117,29 +118,30 @@ def mean_object_match(rows):
     return tuple(float(np.mean(v)) for v in zip(*pairs)) if pairs else (float("nan"), float("nan"))
 
 
-def collateral(layout: ResultsLayout, rows):
+def loss_rises(layout: ResultsLayout, task):
+    """(exemplars', pretraining candidates') loss rise after unlearning a query, one value per row, averaged over
+    its T timesteps: what collateral forgetting and the exemplar rise z are computed from (loaded once)."""
+    return tuple((after - before).reshape(len(before), -1).mean(1) for after, before in
+                 ((np.load(layout.query_dir(task) / name), np.load(layout.loss_cache(task) / name))
+                  for name in (EXEMPLAR_LOSS, LAION_LOSS)))
+
+
+def collateral(rows, rises):
     """Mean LAION loss rise / the query's own loss rise (paper Table 3's collateral forgetting)."""
     ratios = []
-    for r in rows:
+    for r, (_, laion) in zip(rows, rises):
         if not r["query_loss"]:
             return float("nan")
-        after = np.load(layout.query_dir(r["task"]) / LAION_LOSS)
-        before = np.load(layout.loss_cache(r["task"]) / LAION_LOSS)
-        ratios.append(float((after - before).mean()) / max(r["query_loss"][1] - r["query_loss"][0], 1e-12))
+        ratios.append(float(laion.mean()) / max(r["query_loss"][1] - r["query_loss"][0], 1e-12))
     return float(np.mean(ratios))
 
 
-def exemplar_rise_z(layout: ResultsLayout, rows):
+def exemplar_rise_z(rows, rises):
     """Per family, the mean over queries of how far the exemplars' mean loss rise stands above the pretraining
-    candidates' rises, in their standard deviations (each loss averaged over its T timesteps first). Large when
-    unlearning hits the exemplars specifically, whether through the image or through the prompt's <new1>."""
+    candidates' rises, in their standard deviations. Large when unlearning hits the exemplars specifically,
+    whether through the image or through the prompt's <new1>."""
     z = {"style": [], "object": []}
-    for r in rows:
-        rises = []
-        for name in (EXEMPLAR_LOSS, LAION_LOSS):
-            after, before = np.load(layout.query_dir(r["task"]) / name), np.load(layout.loss_cache(r["task"]) / name)
-            rises.append((after - before).reshape(len(before), -1).mean(1))
-        ex, laion = rises
+    for r, (ex, laion) in zip(rows, rises):
         z[r["family"]].append(float((ex.mean() - laion.mean()) / max(laion.std(), 1e-12)))
     return {f: float(np.mean(v)) if v else float("nan") for f, v in z.items()}
 
@@ -356,8 +358,9 @@ def main():
         rows = score(layout, load_tasks(tj), captions)
         match, chance = mean_object_match(rows)
         unlearned = kind.startswith("abu")
-        z = exemplar_rise_z(layout, rows) if unlearned else {"style": float("nan"), "object": float("nan")}
-        extra_cols = {"collateral": collateral(layout, rows) if unlearned else float("nan"),
+        rises = [loss_rises(layout, r["task"]) for r in rows] if unlearned else None
+        z = exemplar_rise_z(rows, rises) if unlearned else {"style": float("nan"), "object": float("nan")}
+        extra_cols = {"collateral": collateral(rows, rises) if unlearned else float("nan"),
                       "specificity": specificity(rows), "style exemplar z": z["style"], "object exemplar z": z["object"],
                       "style top-10 object match": match, "object match chance": chance}
         table.append(summarize(name + args.tag, rows, seconds, extra_cols))
@@ -372,7 +375,7 @@ def main():
         rows = image_share(layouts["AbU"], layouts["AbU, noise-image control"], load_tasks(task_json))
         table.append(summarize(f"AbU, the image's share (influence minus the noise control's){args.tag}", rows, 0.0,
                                NO_EXTRA))
-    write_outputs(out, table, stage1_seconds, per_query)
+        write_outputs(out, table, stage1_seconds, per_query)
     print(markdown(table))
 
 

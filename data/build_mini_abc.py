@@ -193,6 +193,14 @@ def plan_models(pretrain, heldout, config: BuildConfig, rng: np.random.Generator
     return specs
 
 
+def train_captions(spec, names):
+    """A style model's exemplars each captioned with its object (`names`: plan.json's concept names); an object
+    model's one exemplar with the model's prompt."""
+    if spec["category"] != "art":
+        return spec["train_prompt"]
+    return [STYLE_EXEMPLAR_CAPTION.format(name=names[key]) for key, _, _ in spec["exemplars"]]
+
+
 def gates_report(out: Path) -> str:
     """Both gates as markdown, from gates_base.json and gates_models.json (the README's tables)."""
     base = load_json(out / "gates_base.json", "gate 1 (run the judge stage)")
@@ -375,7 +383,8 @@ class Builder:
         for i in order:
             spec = specs[i]
             for attempt in range(3):
-                made[i] = self.customize_model(spec, i, attempt, pipe, judge, pretraining)
+                made[i] = self.customize_model(spec, i, attempt, pipe, judge, pretraining,
+                                               train_captions(spec, plan["names"]))
                 gain = made[i]["gate"]["gain"]
                 log.append({"model": spec["class_id"], "test_case": spec["test_case"], "split": spec["split"],
                             "attempt": attempt, **made[i]["gate"], "seconds": made[i]["seconds"]})
@@ -392,7 +401,7 @@ class Builder:
                                                                if not made[i]["kept"]]})
         print(gates_report(self.out), flush=True)
 
-    def customize_model(self, spec, i: int, attempt: int, pipe, judge, pretraining) -> dict:
+    def customize_model(self, spec, i: int, attempt: int, pipe, judge, pretraining, exemplar_captions) -> dict:
         """Train one model (seeded by its index and attempt), sample its queries and, from the base model, the
         same prompts without <new1> (same seeds); score gate 2."""
         from utils.models import PristineWeights, apply_customization, load_base_model
@@ -405,7 +414,7 @@ class Builder:
         base = load_base_model(str(self.sd_dir), self.config.device)
         seed = self.config.seed + i + 100 * attempt
         recipe = self.config.style_customization if spec["category"] == "art" else self.config.customization
-        result = customize(base, torch.stack([to_model_input(img) for img in ex_imgs]), self.train_captions(spec),
+        result = customize(base, torch.stack([to_model_input(img) for img in ex_imgs]), exemplar_captions,
                            prior_imgs, prior_caps, model_dir, CustomizationConfig(
                                **{**asdict(recipe), "seed": seed, "device": self.config.device}))
         pristine = PristineWeights(pipe.unet)
@@ -419,14 +428,6 @@ class Builder:
         return {"exemplars": ex_imgs, "queries": queries, "plain": plain, "seconds": round(time.time() - t0),
                 "gate": customization_gate(judge, ex_imgs, queries, plain),
                 "loss": [float(np.mean(result["losses"][:20])), float(np.mean(result["losses"][-20:]))]}
-
-    def train_captions(self, spec):
-        """A style model's exemplars each captioned with its object; an object model's one exemplar with the
-        model's prompt."""
-        if spec["category"] != "art":
-            return spec["train_prompt"]
-        names = self.plan()["names"]
-        return [STYLE_EXEMPLAR_CAPTION.format(name=names[key]) for key, _, _ in spec["exemplars"]]
 
     def write_models(self, specs, made) -> None:
         """The kept models' queries, ground-truth json, task files and the grid of every model."""

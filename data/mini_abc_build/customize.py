@@ -61,6 +61,8 @@ def customize(base, exemplars: torch.Tensor, train_prompt, prior_images: torch.T
     device = torch.device(config.device)
     ex_latents, prior_latents = ex_latents.to(device), prior_latents.to(device)
     prompts = [train_prompt] * len(exemplars) if isinstance(train_prompt, str) else list(train_prompt)
+    if len(prompts) != len(exemplars):
+        raise ValueError(f"{len(prompts)} captions for {len(exemplars)} exemplars")
     ex_ids = ids(prompts).to(device)
     prior_ids = ids(prior_captions).to(device)
 
