@@ -15,7 +15,8 @@ import torch
 from utils.cli import check_dataroot, run
 from utils.data import LaionCandidates
 from utils.fisher import FisherConfig, write_fisher
-from utils.models import WEIGHT_SELECTIONS, load_base_model
+from utils.models import load_base_model
+from utils.weights import WEIGHT_SELECTIONS
 
 
 def parse_args(argv=None):

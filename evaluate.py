@@ -13,7 +13,8 @@ from pathlib import Path
 
 from utils.cli import run
 from utils.evaluation import load_results, score_queries, summarize, to_csv, to_markdown
-from utils.io import InputError, atomic_write
+from utils.errors import InputError
+from utils.io import atomic_write
 from utils.layout import ResultsLayout
 from utils.tasks import load_tasks
 

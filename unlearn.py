@@ -4,7 +4,7 @@ Each step accumulates the gradient of the query's loss over `grad_accum_steps` m
 moves every selected parameter p UP it: p += lr * grad / (F_p * N) / grad_accum_steps, in float64.
 That is a Newton step of max_theta L(z; theta) - (N / 2) sum F (theta - theta0)^2 (elastic weight
 consolidation): forget z while staying close to the pretrained weights in the Fisher metric
-(docs/method.md, section 4). Which parameters move is the caller's choice (utils.models.WEIGHT_SELECTIONS).
+(docs/method.md, section 4). Which parameters move is the caller's choice (utils.weights.WEIGHT_SELECTIONS).
 """
 from typing import Callable, Dict, List, Optional
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils.faults import checkpoint
-from utils.speed import FP16_LOSS_SCALE, autocast
+from utils.precision import FP16_LOSS_SCALE, autocast
 
 LAION_400M = 400_000_000  # N, the pretraining-set size the authors hard-code
 
@@ -48,7 +48,7 @@ def unlearn(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, params: 
             precision: str = "fp32", should_stop: Optional[Callable[[int], bool]] = None) -> List[float]:
     """Run the unlearning loop in place on `params` (the only parameters that get gradients).
 
-    The UNet's forward runs at `precision` (utils.speed); the update stays float64. `should_stop(done)`, asked
+    The UNet's forward runs at `precision` (utils.precision); the update stays float64. `should_stop(done)`, asked
     before each step with the number of steps done (0 before the first), ends the loop early when it returns
     True (a per-query stopping rule); the paper's schedule has none. Returns the mean query loss of each step
     taken, measured before that step's update: its length is the number of steps taken.

@@ -10,7 +10,7 @@ depend on them), so the sizes are exactly SD v1.4's without downloading it:
                                                                       # the mini-AbC UNet on a CPU
     python benchmarks/loss_tracking.py --model tiny --device cpu      # anywhere, seconds
 
-The settings run `collect_losses` / `unlearn` with their --precision (utils/speed.py); their agreement
+The settings run `collect_losses` / `unlearn` with their --precision (utils/precision.py); their agreement
 with fp32 on real rankings is measured by benchmarks/precision_agreement.py (losses of a random UNet
 are shown only as a sanity check of the numerics).
 """
@@ -18,19 +18,17 @@ import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # one line per setting, no progress bars (set before tqdm loads)
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unlearn import unlearn  # noqa: E402
-from utils.losses import collect_losses  # noqa: E402
-from utils.models import select_parameter_names  # noqa: E402
+from unlearn import unlearn
+from utils.losses import collect_losses
+from utils.weights import select_parameter_names
 
 QUERY_FORWARDS = 100_000 * 2 * 10
 # name: (precision, loss batch size B, channels_last, TF32 matmuls, torch.compile); T = 10 throughout
@@ -42,7 +40,6 @@ SETTINGS = {
     "fp16": ("fp16", 200, True, True, False),
     "bf16-compile": ("bf16", 200, True, True, True),  # compiled loss tracking; unlearning stays eager
 }
-UNLEARN_PASSES = 100 * 10  # steps x micro-batches (each of 16 images)
 
 
 def build_unet(model: str):
@@ -164,7 +161,7 @@ def main():
         if base_rate is None:
             base_rate, base_losses, base_batch = rate, losses, batch_size
         n = min(len(losses), len(base_losses))
-        # the same candidates get the same noise only when the batch layout matches the first setting's
+        # the same candidates get the same noise only when the batch plan matches the first setting's
         diff = np.abs(losses[:n] - base_losses[:n]).max() if batch_size == base_batch else float("nan")
         print(f"{name:<12} {rate:9.1f} {rate / base_rate:6.2f} {mem:8.1f} {step:15.2f} "
               f"{QUERY_FORWARDS / rate / 3600:15.2f} {step * 100 / 3600:10.2f} {diff:11.2e}", flush=True)

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from runner import write_random_candidates  # noqa: E402
-from utils.host_memory import MMAP_THRESHOLDS  # noqa: E402
+from benchmarks.runner import write_random_candidates
+from utils.host_memory import MMAP_THRESHOLDS
 
 
 def status_kb(field: str) -> int:

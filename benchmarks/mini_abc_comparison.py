@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import (BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, derive_arrays, run, stage1,  # repo on sys.path
-                    timed, write_table)
-from utils.evaluation import load_result, mean_metric, overlap, score_queries  # noqa: E402
-from utils.metrics import mean_and_stderr, rank_candidates  # noqa: E402
-from utils.io import atomic_write, save_json  # noqa: E402
-from utils.layout import EXEMPLAR_LOSS, LAION_LOSS, VISUALIZATION, ResultsLayout  # noqa: E402
-from utils.tasks import FAMILIES, load_tasks  # noqa: E402
+from benchmarks.runner import (BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, derive_arrays, run, stage1,
+                               timed, write_table)
+from utils.evaluation import load_result, mean_metric, overlap, score_queries
+from utils.metrics import mean_and_stderr, rank_candidates
+from utils.io import atomic_write, save_json
+from utils.layout import EXEMPLAR_LOSS, LAION_LOSS, VISUALIZATION, ResultsLayout
+from utils.tasks import FAMILIES, load_tasks
 
 STOP_FLAGS = ["--stop_rule", "{stop_rule}", "--stop_target", "{stop_target}", "--stop_every", "{stop_every}"]
 METHODS = {  # name: (kind, extra flags)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import BENCH, REPO, abu_flags, common_flags, run, stage1, timed, tuned_sizing  # puts the repo on sys.path
-from utils.evaluation import load_result, overlap  # noqa: E402
-from utils.io import atomic_write  # noqa: E402
-from utils.layout import ResultsLayout  # noqa: E402
-from utils.metrics import query_metrics  # noqa: E402
-from utils.tasks import load_tasks  # noqa: E402
+from benchmarks.runner import BENCH, REPO, abu_flags, common_flags, run, stage1, timed, tuned_sizing
+from utils.evaluation import load_result, overlap
+from utils.io import atomic_write
+from utils.layout import ResultsLayout
+from utils.metrics import query_metrics
+from utils.tasks import load_tasks
 
 GATE_MAP, GATE_TOP10 = 0.01, 0.9
 

@@ -10,12 +10,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from utils.io import atomic_write, save_json  # noqa: E402
+from utils.io import atomic_write, save_json
 
 BENCH = REPO / "data" / "mini_abc"
 # Hyperparameters that do not transfer from SD scale, chosen on the validation split (docs/mini_abc.md).

@@ -10,7 +10,6 @@ data/mini_abc/sd-mini, SD's scheduler), <out>/abc (random LAION latents and capt
 model, its exemplars and two queries at the model's resolution, a Fisher) and <out>/tasks.json.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,10 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from runner import write_random_candidates  # noqa: E402
-from utils.io import save_json  # noqa: E402
-from utils.models import select_parameter_names  # noqa: E402
+from benchmarks.runner import write_random_candidates
+from utils.io import save_json
+from utils.weights import select_parameter_names
 
 TOKENIZER = REPO / "data" / "mini_abc" / "sd-mini" / "tokenizer"
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import (BENCH, REPO, abu_flags, common_flags, derive_arrays, run, stage1, timed,  # repo on sys.path
-                    tuned_sizing, write_table)
-from utils.evaluation import load_result, overlap  # noqa: E402
-from utils.layout import ResultsLayout  # noqa: E402
-from utils.metrics import query_metrics  # noqa: E402
-from utils.tasks import load_tasks  # noqa: E402
+from benchmarks.runner import (BENCH, REPO, abu_flags, common_flags, derive_arrays, run, stage1, timed,
+                               tuned_sizing, write_table)
+from utils.evaluation import load_result, overlap
+from utils.layout import ResultsLayout
+from utils.metrics import query_metrics
+from utils.tasks import load_tasks
 
 # (screen, screen timesteps, M as a fraction of the candidates)
 SETTINGS = [("coarse", 1, 0.05), ("coarse", 1, 0.1), ("coarse", 2, 0.05), ("first-order", 1, 0.05),

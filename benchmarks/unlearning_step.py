@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from utils.host_memory import MMAP_THRESHOLDS  # noqa: E402
+from utils.host_memory import MMAP_THRESHOLDS
 ALLOCATORS = {"default": None, **MMAP_THRESHOLDS}  # default: glibc's own, no bound
 
 
@@ -71,7 +70,7 @@ def child(case: str, steps: int) -> dict:
 
     from unlearn import unlearn
     from utils.host_memory import bound_heap_growth
-    from utils.models import select_parameter_names
+    from utils.weights import select_parameter_names
 
     torch.set_num_threads(2)
     allocator = "default" if case == "reference" else case

@@ -33,7 +33,6 @@ import argparse
 import json
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,16 +43,15 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from data.mini_abc_build import sources  # noqa: E402
-from data.mini_abc_build.customize import CustomizationConfig, customize  # noqa: E402
-from data.mini_abc_build.judge import JudgeConfig, customization_gate, load_judge, prompt_gate, train_judge  # noqa: E402
-from data.mini_abc_build.sampling import load_pipeline, sample, save_grid  # noqa: E402
-from data.mini_abc_build.tokenizer import build_clip_tokenizer  # noqa: E402
-from data.mini_abc_build.train_base import BaseModelConfig, train_base_model  # noqa: E402
-from utils.io import load_json, save_json  # noqa: E402
-from utils.transforms import to_model_input  # noqa: E402
+from data.mini_abc_build import sources
+from data.mini_abc_build.customize import CustomizationConfig, customize
+from data.mini_abc_build.judge import JudgeConfig, customization_gate, load_judge, prompt_gate, train_judge
+from data.mini_abc_build.sampling import load_pipeline, sample, save_grid
+from data.mini_abc_build.tokenizer import build_clip_tokenizer
+from data.mini_abc_build.train_base import BaseModelConfig, train_base_model
+from utils.io import load_json, save_json
+from utils.transforms import to_model_input
 
 # training style set -> the word captions and prompts call it by. Four sets that differ at 32 px (flat colour,
 # glossy 3D, black outlines, black and white): with seven, most of them flat colour sets, a first build's model
@@ -404,7 +402,9 @@ class Builder:
     def customize_model(self, spec, i: int, attempt: int, pipe, judge, pretraining, exemplar_captions) -> dict:
         """Train one model (seeded by its index and attempt), sample its queries and, from the base model, the
         same prompts without <new1> (same seeds); score gate 2."""
-        from utils.models import PristineWeights, apply_customization, load_base_model
+        from utils.customization import apply_customization
+        from utils.models import load_base_model
+        from utils.weights import PristineWeights
 
         images, captions, rows = pretraining
         ex_imgs = [Image.open(self.root / p).convert("RGB") for p in spec["exemplar_paths"]]

@@ -11,7 +11,6 @@ sd_fisher.pt made by utils.fisher.write_fisher) and data/tiny_abc/tasks.json (pa
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,13 @@ import torch
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from utils.candidate_arrays import encode_candidates  # noqa: E402
-from utils.data import LaionCandidates  # noqa: E402
-from utils.fisher import FisherConfig, write_fisher  # noqa: E402
-from utils.io import save_json  # noqa: E402
-from utils.models import load_base_model, select_parameter_names  # noqa: E402
+from utils.candidate_arrays import encode_candidates
+from utils.data import LaionCandidates
+from utils.fisher import FisherConfig, write_fisher
+from utils.io import save_json
+from utils.models import load_base_model
+from utils.weights import select_parameter_names
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'-!?"
 LATENT_SIZE = 8  # UNet sample_size; the VAE downsamples by 2, so images are 16 px

@@ -10,16 +10,14 @@ arrays are kept unless --overwrite. The same function (utils.candidate_arrays.en
 arrays of the tiny and mini-AbC benchmarks.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.candidate_arrays import encode_candidates  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.models import load_base_model  # noqa: E402
+from utils.candidate_arrays import encode_candidates
+from utils.cli import run
+from utils.models import load_base_model
 
 
 def parse_args(argv=None):

@@ -1,14 +1,9 @@
 """Shared fixtures: one tiny SD-format model and AbC-layout dataroot per test session."""
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from data.build_tiny_abc import build  # noqa: E402
+from data.build_tiny_abc import build
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,10 @@
 """The gradient-similarity baseline: per-candidate gradients equal autograd's, and streaming keeps the cache's noise."""
 import torch
 
-from compute_baselines import _Slice, whitened_unit_gradients
+from utils.baselines import RowSlice, whitened_unit_gradients
 from utils.data import LaionCandidates
 from utils.losses import noised_batches, per_row_loss
-from utils.models import select_parameter_names
+from utils.weights import select_parameter_names
 
 SETTINGS = {"batch_size": 10, "time_samples": 5, "seed": 3}  # 2 candidates (x 5 timesteps) per batch
 
@@ -32,8 +32,8 @@ def test_gradient_rows_equal_autograd_and_chunks_equal_one_pass(base_model, tiny
     torch.testing.assert_close(full[5], expected, rtol=1e-4, atol=1e-6)
 
     # streamed in chunks of 4 rows (2 batches), each chunk seeded where the cache's layout puts it
-    chunks = torch.cat([whitened_unit_gradients(base_model, names, scale, _Slice(laion, s, s + 4), SETTINGS, "chunk",
+    chunks = torch.cat([whitened_unit_gradients(base_model, names, scale, RowSlice(laion, s, s + 4), SETTINGS, "chunk",
                                                 first_batch=s // 2) for s in range(0, 24, 4)])
     torch.testing.assert_close(chunks, full)
-    unseeded = whitened_unit_gradients(base_model, names, scale, _Slice(laion, 4, 8), SETTINGS, "chunk")
+    unseeded = whitened_unit_gradients(base_model, names, scale, RowSlice(laion, 4, 8), SETTINGS, "chunk")
     assert not torch.allclose(unseeded, full[4:8])

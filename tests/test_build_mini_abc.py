@@ -177,10 +177,8 @@ def pickle_load(path):
 
 
 def test_object_match_counts_top_candidates_whose_caption_names_the_object():
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from mini_abc_comparison import object_match
+    from benchmarks.mini_abc_comparison import object_match
 
     captions = ["a dog", "a cat face", "a picture of a cat"]
     rank = np.array([0, 3, 2, 1])  # one exemplar (0), then LAION 2, 1, 0
@@ -191,11 +189,9 @@ def test_object_match_counts_top_candidates_whose_caption_names_the_object():
 
 
 def test_method_time_survives_a_rerun_that_only_rescores(tmp_path):
-    import sys
     import time
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from runner import timed
+    from benchmarks.runner import timed
 
     def work():
         time.sleep(0.2)
@@ -210,10 +206,8 @@ def test_method_time_survives_a_rerun_that_only_rescores(tmp_path):
 
 
 def test_wrong_image_control_swaps_across_families_only_when_a_family_has_one_model(tmp_path):
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from mini_abc_comparison import wrong_image_tasks
+    from benchmarks.mini_abc_comparison import wrong_image_tasks
 
     def task(case, model, q):
         return {"test_case": case, "model_path": model, "synth_image_path": f"{model}/{q}.png", "prompt": model + q}
@@ -245,11 +239,9 @@ def _write(path, obj):
 def test_run_demo_uses_the_comparisons_sizing_and_tuned_n():
     """run_demo.sh spells the comparison's settings out in shell; they must not drift from benchmarks/runner.py."""
     import re
-    import sys
 
     repo = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(repo / "benchmarks"))
-    from runner import SIZING, TUNED
+    from benchmarks.runner import SIZING, TUNED
 
     mini = (repo / "run_demo.sh").read_text().split('B=data/mini_abc\n', 1)[1]
     flag = lambda name: float(re.search(rf"--{name} ([0-9.e+]+)", mini).group(1))  # noqa: E731

@@ -8,7 +8,7 @@ import torch
 
 import compute_influence
 import compute_training_loss
-from utils.io import InputError
+from utils.errors import InputError
 from utils.models import load_base_model
 from helpers import STAGE1, stage2_flags
 

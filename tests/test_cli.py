@@ -13,7 +13,7 @@ import torch
 import compute_influence
 import compute_training_loss
 import evaluate
-from utils.io import InputError
+from utils.errors import InputError
 from helpers import STAGE1, paths, stage2_flags
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,7 +196,7 @@ def test_baselines_write_rankings_evaluate_reads(finished, tiny_abc, tmp_path):
         assert r["influence"].shape == (15,) and sorted(r["rank"]) == list(range(15))
         evaluate.main(["--task_json", tiny_abc["task_json"], "--result_dir", str(out), "--out_dir", str(out / "eval")])
     # the pixel baseline ranks an exact copy of the query first
-    from compute_baselines import cosine_to_rows
+    from utils.baselines import cosine_to_rows
     q = torch.rand(3, 4, 4)
     assert cosine_to_rows(q, torch.stack([torch.rand(3, 4, 4), q])).argmax() == 1
 

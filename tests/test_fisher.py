@@ -5,8 +5,8 @@ import compute_fisher
 import utils.fisher
 from utils.data import LaionCandidates
 from utils.fisher import estimate_fisher, load_fisher, per_sample_losses, sample_batch
-from utils.io import InputError
-from utils.models import select_parameter_names
+from utils.errors import InputError
+from utils.weights import select_parameter_names
 
 
 @pytest.fixture

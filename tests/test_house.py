@@ -43,3 +43,24 @@ def test_no_comment_cites_a_document_outside_the_repo():
              for p in sorted((REPO / folder).glob("*.py")) for i, line in enumerate(p.read_text().splitlines())
              if any(word in line for word in CITES_OUTSIDE)]
     assert not cited, cited
+
+
+def test_no_file_edits_sys_path():
+    """The repo is installed (pyproject.toml, `-e .` in requirements.txt): imports need no path hacks."""
+    hacks = [f"{p.relative_to(REPO)}:{i + 1}" for folder in ("", "utils", "data", "data/mini_abc_build", "benchmarks",
+                                                             "tests")
+             for p in sorted((REPO / folder).glob("*.py")) for i, line in enumerate(p.read_text().splitlines())
+             if "sys.path." + "insert" in line or "sys.path." + "append" in line]
+    assert not hacks, hacks
+
+
+def test_the_pipeline_scripts_read_top_to_bottom():
+    """The pipeline scripts and unlearn.py: at most 150 lines, and
+    `main` the first function after the imports or the last before `__main__`."""
+    for name in ("compute_training_loss.py", "compute_influence.py", "compute_baselines.py", "compute_fisher.py",
+                 "evaluate.py", "unlearn.py"):
+        path = REPO / name
+        assert len(path.read_text().splitlines()) <= 150, name
+        functions = [n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)]
+        if "main" in functions:
+            assert functions[0] == "main" or functions[-1] == "main", (name, functions)

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from utils.data import ExemplarCandidates, LaionCandidates
-from utils.io import InputError
+from utils.errors import InputError
 from utils.loss_cache import LossSettings, check_settings
 from utils.losses import collect_losses
-from utils.models import PristineWeights, apply_customization
+from utils.customization import apply_customization
+from utils.weights import PristineWeights
 
 
 @pytest.fixture

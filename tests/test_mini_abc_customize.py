@@ -7,8 +7,10 @@ import torch
 from data.mini_abc_build.customize import CustomizationConfig, customize
 from utils.data import ExemplarCandidates, load_exemplar_images
 from utils.losses import collect_losses
-from utils.models import (PristineWeights, apply_customization, encode_images, encode_prompt, load_base_model,
-                          select_parameter_names)
+from utils.customization import apply_customization
+from utils.encoders import encode_images, encode_prompt
+from utils.models import load_base_model
+from utils.weights import PristineWeights, select_parameter_names
 
 
 def test_customization_trains_only_kv_and_the_token_and_saves_the_abc_format(tiny_abc, tmp_path):

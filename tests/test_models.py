@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from utils.io import InputError
-from utils.models import (PristineWeights, apply_customization, encode_prompt, load_concept_embedding,
-                          load_custom_diffusion_weights, to_unet_parameter_name)
+from utils.errors import InputError
+from utils.customization import (apply_customization, load_concept_embedding, load_custom_diffusion_weights,
+                                 to_unet_parameter_name)
+from utils.encoders import encode_prompt
+from utils.weights import PristineWeights
 
 
 def unet_output(model, seed=0):

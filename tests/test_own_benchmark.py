@@ -15,7 +15,7 @@ import compute_training_loss
 import evaluate
 import utils.candidate_arrays
 from utils.candidate_arrays import encode_candidates
-from utils.io import InputError
+from utils.errors import InputError
 from utils.models import load_base_model
 
 REPO = Path(__file__).resolve().parent.parent

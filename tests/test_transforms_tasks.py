@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.io import InputError
+from utils.errors import InputError
 from utils.tasks import Task, exemplar_paths, load_tasks, unique_models
 from utils.transforms import load_image_tensor, resize_center_crop, to_model_input
 

@@ -9,9 +9,9 @@ import torch
 import compute_influence
 import compute_training_loss
 from utils.data import LaionCandidates
-from utils.io import InputError
+from utils.errors import InputError
 from utils.losses import collect_losses
-from utils.models import select_parameter_names
+from utils.weights import select_parameter_names
 from utils.screening import first_order_screen, screen_timesteps
 from helpers import STAGE1, paths, stage2_flags
 

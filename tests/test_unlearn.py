@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from unlearn import fisher_preconditioned_step, query_diffusion_loss, unlearn
-from utils.models import select_parameter_names
-from utils.models import PristineWeights
+from utils.weights import select_parameter_names
+from utils.weights import PristineWeights
 
 
 class Toy(torch.nn.Module):

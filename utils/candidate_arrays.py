@@ -21,8 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import LAION_LATENTS, LAION_TEXT_EMBEDDINGS
-from .io import InputError, save_json
-from .models import BaseModel, encode_prompt, encode_with_noise, latent_hw
+from .errors import InputError
+from .io import save_json
+from .encoders import encode_prompt, encode_with_noise, latent_hw
+from .models import BaseModel
 from .transforms import load_image_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -10,7 +10,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-from .io import InputError
+from .errors import InputError
 from .transforms import load_image_tensor
 
 LAION_LATENTS = "laion_latents.npy"

@@ -11,13 +11,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .io import InputError
+from .errors import InputError
 from .layout import ResultsLayout
 from .metrics import mean_and_stderr, query_metrics, rank_candidates
 from .tasks import FAMILIES, TEST_CASES, Task
-
-METRICS = ("recall@5", "recall@10", "recall@100", "ap")
-
 
 def load_result(layout: ResultsLayout, task: Task) -> dict:
     """A query's influence.pkl, with `rank` recomputed from its influence (ties against the exemplars; a two-stage

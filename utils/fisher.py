@@ -16,9 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import LaionCandidates
-from .io import InputError, save_json, save_torch
+from .errors import InputError
+from .io import save_json, save_torch
 from .losses import per_row_loss
-from .models import BaseModel, select_parameter_names
+from .models import BaseModel
+from .weights import select_parameter_names
 from .per_sample_grads import PerSampleLinearGrads
 
 
@@ -170,6 +172,3 @@ def load_fisher(path, params: Dict[str, torch.Tensor], floor: Optional[float] = 
         out[name] = f
     return out
 
-
-def fisher_summary(fisher: Dict[str, torch.Tensor]) -> List[str]:
-    return [f"{n}: mean {f.mean().item():.3e}, min {f.min().item():.3e}" for n, f in fisher.items()]

@@ -1,22 +1,15 @@
-"""Atomic file output, work claims between processes, and the one exception type that the command-line
-scripts turn into a clean exit (docs/reliability.md)."""
-import errno
+"""Atomic file output and checked reading of JSON (docs/reliability.md)."""
 import io
 import json
 import os
 import pickle
-import socket
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
+from .errors import InputError, write_error
 from .faults import checkpoint
-
-
-class InputError(Exception):
-    """A problem with the user's input (a file, a flag, a cache): printed without a traceback, exit code 2."""
 
 
 def atomic_write(path, write: Callable[[Any], None], binary: bool = True) -> Path:
@@ -50,19 +43,6 @@ def atomic_write(path, write: Callable[[Any], None], binary: bool = True) -> Pat
     return path
 
 
-WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied", errno.EIO: "an input/output error of the disk"}
-
-
-def write_error(path, e: OSError) -> str:
-    """One line that says which file could not be written, why, and what to do."""
-    why = WRITE_ERRORS.get(e.errno, e.strerror or str(e))
-    return (f"cannot write {path}: {why}; free space or fix the folder's permissions (or pass another "
-            f"--result_dir), then rerun: finished outputs are kept and skipped")
-
-
 def check_writable(folder) -> Path:
     """Fail before any work when the results folder cannot take a file."""
     folder = Path(folder)
@@ -77,47 +57,6 @@ def check_writable(folder) -> Path:
         if probe.exists():
             probe.unlink()
     return folder
-
-
-@contextmanager
-def claim(lock, what: str) -> Iterator[bool]:
-    """Claim a unit of work (a model's cache, a query) for this process with an exclusive lock on the file `lock`.
-
-    Yields True when this process may do the work, False when another process holds the claim (it says which).
-    The lock is the kernel's (flock), so it ends with its process however that process ends: a claim left by a
-    killed run is free for the rerun. The file is removed when the work ends.
-    """
-    import fcntl
-
-    lock = Path(lock)
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-    except OSError as e:
-        raise InputError(write_error(lock, e)) from e
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            print(f"skipping {what}: {holder} is working on it (claim {lock})", flush=True)
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} pid {os.getpid()}".encode())
-        try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)  # still holding the lock: a process that opened it meanwhile sees it free
-    finally:
-        os.close(fd)
-
-
-def finished_since(marker, started: float, overwrite: bool) -> bool:
-    """Is the output whose last-written file is `marker` done: finished at all, or with --overwrite, finished
-    during this run (started at `started`, by a sibling process started on the same task file)?"""
-    marker = Path(marker)
-    return marker.is_file() and (not overwrite or marker.stat().st_mtime >= started)
 
 
 def save_npy(path, array: np.ndarray) -> Path:

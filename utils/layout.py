@@ -11,7 +11,7 @@
 
 The file written last marks a finished output: reruns skip a model or query whose marker exists. While a
 process works on one, it holds a claim file beside it (`.claim`, removed when it ends), so two processes
-started on the same task file do not do the same work twice (utils.io.claim).
+started on the same task file do not do the same work twice (utils.claims.claim).
 """
 from pathlib import Path
 from typing import Optional

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import InputError, load_json, save_json, save_npy
+from .errors import InputError
+from .io import load_json, save_json, save_npy
 from .layout import EXEMPLAR_LATENTS, EXEMPLAR_LOSS, EXEMPLAR_LOSS_BY_T, LAION_LOSS, LAION_LOSS_BY_T, SETTINGS
-from .losses import NOISE_GENERATOR_DEVICE, mean_over_timesteps
-from .models import customization_fingerprint
-from .speed import kernel_device
+from .losses import NOISE_GENERATOR_DEVICE, LossMeasurement, mean_over_timesteps
+from .customization import customization_fingerprint
+from .precision import kernel_device
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,8 @@ class LossSettings:
     precision: str
     compiled: bool  # torch.compile changes the kernels, and so the last bits of every loss
     kernels: str  # the device kind the UNet ran on ("cpu", "cuda:NVIDIA A100-SXM4-80GB"), likewise
-    base_model: str  # utils.models.model_fingerprint
-    customized_model: str  # utils.models.customization_fingerprint
+    base_model: str  # utils.fingerprints.model_fingerprint
+    customized_model: str  # utils.customization.customization_fingerprint
     laion_arrays: str  # utils.data.LaionCandidates.fingerprint of the rows used
     model_path: str
     train_prompt: str
@@ -41,12 +42,13 @@ class LossSettings:
     noise_generator: str = NOISE_GENERATOR_DEVICE
 
 
-def loss_settings(task, base, laion, dataroot, n_exemplar_rows: int, *, batch_size: int, time_samples: int, seed: int,
-                  precision: str, compiled: bool, device) -> LossSettings:
-    """What a model's cache is made with (stage 1), or must have been made with (stage 2)."""
+def loss_settings(task, base, laion, dataroot, n_exemplar_rows: int, measurement: LossMeasurement) -> LossSettings:
+    """What a model's cache is made with (stage 1), or must have been made with (stage 2): both stages build it
+    here, from their own LossMeasurement."""
+    m = measurement
     return LossSettings(
-        batch_size=batch_size, time_samples=time_samples, seed=seed, laion_subset_size=laion.subset_size,
-        precision=precision, compiled=bool(compiled), kernels=kernel_device(device), base_model=base.fingerprint,
+        batch_size=m.batch_size, time_samples=m.time_samples, seed=m.seed, laion_subset_size=laion.subset_size,
+        precision=m.precision, compiled=bool(m.compiled), kernels=kernel_device(m.device), base_model=base.fingerprint,
         customized_model=customization_fingerprint(Path(dataroot) / task.model_path), laion_arrays=laion.fingerprint(),
         model_path=task.model_path, train_prompt=task.train_prompt, n_exemplar_rows=n_exemplar_rows,
         n_laion_rows=len(laion))
@@ -94,16 +96,16 @@ def check_loss_cache(cache_dir, expected: LossSettings) -> dict:
     return cached
 
 
-def load_loss_cache(cache_dir, expected: LossSettings):
-    """(exemplar_loss, laion_loss, exemplar_latents, settings dict) of a cache made with `expected`."""
+def read_loss_cache(cache_dir, cached: dict):
+    """(exemplar_loss, laion_loss, exemplar_latents) of a cache that `check_loss_cache` passed (its settings
+    `cached`), after checking the arrays' row counts against them."""
     cache_dir = Path(cache_dir)
-    cached = check_loss_cache(cache_dir, expected)
     exemplar_loss = np.load(cache_dir / EXEMPLAR_LOSS)
     laion_loss = np.load(cache_dir / LAION_LOSS)
     if len(exemplar_loss) != cached["n_exemplar_rows"] or len(laion_loss) != cached["n_laion_rows"]:
         raise InputError(f"{cache_dir}: loss arrays do not match the row counts in {SETTINGS}; "
                          f"rerun compute_training_loss.py with --overwrite")
-    return exemplar_loss, laion_loss, torch.from_numpy(np.load(cache_dir / EXEMPLAR_LATENTS)), cached
+    return exemplar_loss, laion_loss, torch.from_numpy(np.load(cache_dir / EXEMPLAR_LATENTS))
 
 
 def check_settings(cached: dict, expected: LossSettings, cache_dir) -> None:

@@ -4,19 +4,21 @@ The hot loop is `collect_losses`. A candidate's noise depends on the batch size 
 timesteps T, the seed and its position, so the stage-1 cache records the settings that made it
 (utils/loss_cache.py) and stage 2 refuses to subtract losses made under other ones.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .faults import checkpoint
-from .io import InputError
-from .speed import autocast
+from .errors import InputError
+from .precision import autocast
 
 NOISE_GENERATOR_DEVICE = "cpu"  # noise is drawn on the CPU, so the same settings give the same noise on any device
 
 
-def validate_batch_layout(batch_size: int, time_samples: int, num_train_timesteps: int = 1000) -> None:
+def validate_batch_plan(batch_size: int, time_samples: int, num_train_timesteps: int = 1000) -> None:
     if time_samples < 1 or batch_size < 1:
         raise InputError(f"batch size ({batch_size}) and time samples ({time_samples}) must be positive")
     if batch_size % time_samples:
@@ -26,16 +28,16 @@ def validate_batch_layout(batch_size: int, time_samples: int, num_train_timestep
         raise InputError(f"time samples ({time_samples}) exceed the scheduler's {num_train_timesteps} steps")
 
 
-def layout_of(scheduler, batch_size: int, time_samples: int):
+def batch_plan(scheduler, batch_size: int, time_samples: int):
     """(candidates per batch, the T-step timestep grid) of docs/method.md, section 3."""
     num_train_timesteps = scheduler.config.num_train_timesteps
-    validate_batch_layout(batch_size, time_samples, num_train_timesteps)
+    validate_batch_plan(batch_size, time_samples, num_train_timesteps)
     stride = num_train_timesteps // time_samples
     return batch_size // time_samples, torch.arange(0, num_train_timesteps, stride)[:time_samples]
 
 
 def expanded_batch(candidates, b: int, per_batch: int, step_grid: torch.Tensor, seed: int):
-    """Batch b of the layout, on the CPU: n candidates, each repeated T times (candidate-major) at the grid's
+    """Batch b of the batch plan, on the CPU: n candidates, each repeated T times (candidate-major) at the grid's
     timesteps, and the noise of the whole expanded batch from one generator seeded with seed + b.
     Returns (n, latents, text, timesteps, noise), each with n * T rows."""
     latents, text = candidates.batch(b * per_batch, (b + 1) * per_batch)
@@ -49,13 +51,14 @@ def expanded_batch(candidates, b: int, per_batch: int, step_grid: torch.Tensor, 
 
 def noised_batches(scheduler, candidates, batch_size: int = 200, time_samples: int = 10, seed: int = 0,
                    device="cpu", desc: str = "losses"):
-    """Yield (n, noisy, timesteps, text, noise) per batch: the layout and seeded noise of docs/method.md, section 3.
+    """Yield (n, noisy, timesteps, text, noise) per batch: the batch plan and seeded noise of docs/method.md,
+    section 3.
 
     Batch b holds n = B / T candidates, each repeated T times (candidate-major) at the evenly spaced
     timesteps 0, s, 2s, ... (s = 1000 // T); its noise for the whole expanded batch comes from one
     generator seeded with seed + b.
     """
-    per_batch, step_grid = layout_of(scheduler, batch_size, time_samples)
+    per_batch, step_grid = batch_plan(scheduler, batch_size, time_samples)
     for b in tqdm(range(-(-len(candidates) // per_batch)), desc=desc, unit="batch", leave=False):
         n, latents, text, timesteps, noise = expanded_batch(candidates, b, per_batch, step_grid, seed)
         latents, noise, timesteps, text = latents.to(device), noise.to(device), timesteps.to(device), text.to(device)
@@ -71,9 +74,9 @@ def per_row_loss(unet, noisy, timesteps, text, noise) -> torch.Tensor:
 def selected_rows(candidates, rows, timestep_index, per_batch: int, step_grid: torch.Tensor, seed: int,
                   chunk: int, desc: str = "losses"):
     """Yield (positions, latents, text, timesteps, noise) in chunks of `chunk` expanded rows: the chosen
-    candidate rows at the chosen grid timesteps, each with exactly the noise the full layout gives it.
+    candidate rows at the chosen grid timesteps, each with exactly the noise the full batch plan gives it.
     `positions` index the flattened [len(rows), len(timestep_index)] output. With every row and timestep
-    chosen and chunk = B, the chunks are the layout's batches, row for row."""
+    chosen and chunk = B, the chunks are the batch plan's batches, row for row."""
     time_samples = len(step_grid)
     buffers, taken = [], 0
     for b in tqdm(np.unique(rows // per_batch), desc=desc, unit="batch", leave=False):
@@ -96,14 +99,14 @@ def selected_rows(candidates, rows, timestep_index, per_batch: int, step_grid: t
 def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samples: int = 10, seed: int = 0,
                    device="cpu", desc: str = "losses", precision: str = "fp32", rows=None, timestep_index=None,
                    per_timestep: bool = False) -> np.ndarray:
-    """Diffusion loss of candidate rows under the layout's seeded noise; the UNet runs at `precision`
-    (utils.speed), the noise and the loss stay fp32.
+    """Diffusion loss of candidate rows under the batch plan's seeded noise; the UNet runs at `precision`
+    (utils.precision), the noise and the loss stay fp32.
 
     Default: every row's mean over the T timesteps, [rows]. `rows` / `timestep_index` restrict it to some
     candidate rows and some grid timesteps, each measured under the very noise the full pass gives it;
     `per_timestep` returns [rows, timesteps] instead of the mean (stage 1 keeps both).
     """
-    per_batch, step_grid = layout_of(scheduler, batch_size, time_samples)
+    per_batch, step_grid = batch_plan(scheduler, batch_size, time_samples)
     rows = np.arange(len(candidates)) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
     timestep_index = np.arange(time_samples) if timestep_index is None else np.asarray(timestep_index)
     if len(rows) and (rows[0] < 0 or rows[-1] >= len(candidates)) or \
@@ -124,3 +127,22 @@ def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samp
 def mean_over_timesteps(by_t) -> torch.Tensor:
     """[rows, T] -> [rows]: the one reduction both stages apply, so their means agree to the bit."""
     return torch.as_tensor(by_t, dtype=torch.float32).mean(dim=1)
+
+
+@dataclass(frozen=True)
+class LossMeasurement:
+    """How a stage measures losses: the batch plan (B, T), the seed, the precision, compilation and the device.
+    Stage 1 builds it from --batch_size / --time_samples, stage 2 from --loss_batch_size / --loss_time_samples
+    (utils/settings.py); the loss cache records it (utils/loss_cache.py)."""
+
+    batch_size: int
+    time_samples: int
+    seed: int
+    precision: str
+    compiled: bool
+    device: str
+
+    def collect(self, unet, scheduler, candidates, desc: str, **kw) -> np.ndarray:
+        """`collect_losses` of `candidates` under this measurement (kw: rows, timestep_index, per_timestep)."""
+        return collect_losses(unet, scheduler, candidates, batch_size=self.batch_size, time_samples=self.time_samples,
+                              seed=self.seed, device=self.device, precision=self.precision, desc=desc, **kw)

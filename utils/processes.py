@@ -1,7 +1,7 @@
 """Sharding models or queries over the processes of `accelerate launch` (or torchrun)."""
 from typing import List, Sequence, Tuple
 
-from .speed import device_type
+from .precision import device_type
 
 
 def process_share(items: Sequence, device: str) -> Tuple[List, str, int, int]:

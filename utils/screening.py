@@ -24,8 +24,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 
-from .losses import layout_of, per_row_loss, selected_rows
-from .speed import FP16_LOSS_SCALE, autocast
+from .losses import batch_plan, per_row_loss, selected_rows
+from .precision import FP16_LOSS_SCALE, autocast
 
 SCREENS = ("coarse", "first-order")
 
@@ -86,14 +86,14 @@ def first_order_screen(unet, scheduler, candidates, deltas: List[Dict[str, torch
                        time_samples: int, seed: int, timestep_index: Sequence[int], device, precision: str,
                        chunk: int = 16, desc: str = "first-order screen") -> np.ndarray:
     """[rows, Q]: each candidate row's first-order loss rise for each query (mean over the screen timesteps),
-    under the noise of the exact pass (the layout of `batch_size`), at the UNet's current (customized, not
+    under the noise of the exact pass (the batch plan of `batch_size`), at the UNet's current (customized, not
     unlearned) weights. `chunk` rows go through each forward + backward pass: memory, not results."""
     names = list(deltas[0])
     stacked = {n: torch.stack([d[n] for d in deltas]).to(device, torch.float32) for n in names}
     params = dict(unet.named_parameters())
     was = {n: params[n].requires_grad for n in names}
     scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0  # keeps fp16 output gradients from underflowing
-    per_batch, step_grid = layout_of(scheduler, batch_size, time_samples)
+    per_batch, step_grid = batch_plan(scheduler, batch_size, time_samples)
     rows = np.arange(len(candidates))
     timestep_index = np.asarray(timestep_index)
     out = torch.empty(len(rows) * len(timestep_index), len(deltas), dtype=torch.float64)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, List
 
-from .io import InputError, load_json
+from .errors import InputError
+from .io import load_json
 
 TEST_CASES = ("test_artchive", "test_bamfg", "test_observed_imagenet", "test_unobserved_imagenet")
 FAMILIES = {

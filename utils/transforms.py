@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .io import InputError
+from .errors import InputError
 
 
 def load_rgb(path) -> Image.Image:

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from utils.io import save_torch
-from utils.models import CONCEPT_FILE, CONCEPT_TOKEN, CUSTOM_WEIGHTS_FILE, encode_images, select_parameter_names
+from utils.customization import CONCEPT_FILE, CONCEPT_TOKEN, CUSTOM_WEIGHTS_FILE
+from utils.encoders import encode_images
+from utils.weights import select_parameter_names
 
 
 @dataclass

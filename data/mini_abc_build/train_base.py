@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.io import save_torch
-from utils.models import encode_images
+from utils.encoders import encode_images
 
 
 @dataclass

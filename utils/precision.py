@@ -1,4 +1,4 @@
-"""The fast path of both stages: autocast precision, TF32, channels-last and torch.compile.
+"""Precision and compilation of the UNet in both stages: autocast precision, TF32, channels-last, torch.compile.
 
 fp32 keeps the authors' numerics: no autocast and PyTorch's default matmul precision; `auto` (the
 default) is bf16 on CUDA and fp32 on the CPU.
@@ -49,7 +49,7 @@ def configure_unet(unet: torch.nn.Module, device, precision: str) -> None:
     unet.to(memory_format=torch.channels_last)
 
 
-def loss_tracker(unet: torch.nn.Module, compile_unet: bool) -> torch.nn.Module:
+def loss_unet(unet: torch.nn.Module, compile_unet: bool) -> torch.nn.Module:
     """The module that measures losses: `torch.compile`d when asked. It shares the UNet's parameters, so
     customization and unlearning (in place, on the eager UNet) are seen by it."""
     return torch.compile(unet) if compile_unet else unet

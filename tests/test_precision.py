@@ -13,9 +13,9 @@ import compute_influence
 import compute_training_loss
 from unlearn import unlearn
 from utils.data import LaionCandidates
-from utils.io import InputError
+from utils.errors import InputError
 from utils.losses import collect_losses
-from utils.models import select_parameter_names
+from utils.weights import select_parameter_names
 from helpers import STAGE1, paths, stage2_flags
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def test_fp16_unlearning_moves_the_weights_as_fp32_does(base_model, tiny_abc):
 
 
 def test_auto_precision_is_bf16_on_cuda_and_fp32_on_the_cpu():
-    from utils.speed import resolve_precision
+    from utils.precision import resolve_precision
 
     assert resolve_precision("auto", "cuda") == resolve_precision("auto", "cuda:1") == "bf16"
     assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("fp16", "cuda") == "fp16"

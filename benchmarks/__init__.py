@@ -1,0 +1,1 @@
+"""The benchmark scripts and what they share (runner.py); see README.md beside this file."""

@@ -1,0 +1,283 @@
+"""Stage 2's method (docs/method.md, sections 4-5): a query's inputs, unlearning it with the stopping rule and the
+controls, exact and two-stage scoring of every candidate, and what is written for each query.
+
+compute_influence.py checks everything with `preflight`, builds one `Attributor` per run, and calls
+`attribute_query` (exact) or `attribute_model_two_stage` (all of a model's queries at once) per unit of work.
+"""
+import pickle
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from unlearn import unlearn
+
+from .customization import CONCEPT_TOKEN, apply_customization
+from .data import ExemplarCandidates, LaionCandidates
+from .encoders import encode_images, encode_prompt
+from .errors import InputError
+from .fisher import load_fisher
+from .io import save_npy, save_pickle
+from .layout import EXEMPLAR_LOSS, LAION_LOSS, VISUALIZATION, ResultsLayout
+from .loss_cache import check_loss_cache, load_losses_by_timestep, loss_settings, read_loss_cache
+from .metrics import fold_flips, influence_and_rank, rank_candidates
+from .precision import loss_unet
+from .screening import first_order_screen, rescore_rows, scatter_rows, screen_timesteps
+from .settings import InfluenceSettings, changed_settings, record
+from .tasks import exemplar_paths
+from .transforms import load_image_tensor, load_rgb
+from .visualize import laion_image_paths, save_top_k_figure
+from .weights import PristineWeights, select_parameter_names
+
+
+def check_finished_queries(settings: InfluenceSettings, layout: ResultsLayout, finished) -> None:
+    """A finished query is skipped, not redone: refuse to skip one made with other settings (names each)."""
+    for task in finished:
+        try:
+            recorded = pickle.loads(layout.influence_file(task).read_bytes()).get("settings", {})
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError) as e:
+            raise InputError(f"cannot read the finished result {layout.influence_file(task)} ({e}); delete it, or "
+                             f"pass --overwrite") from e
+        diffs = changed_settings(recorded, *settings.result)
+        if diffs:
+            raise InputError(f"{layout.influence_file(task)} is a finished result made with other settings:\n  "
+                             + "\n  ".join(diffs) + "\nPass --overwrite to recompute it, or give this variant its own "
+                             "--result_dir (with --loss_cache_dir to share stage 1).")
+
+
+def preflight(settings: InfluenceSettings, dataroot: Path, todo, laion, base, layout: ResultsLayout) -> dict:
+    """Check every query's image and every model's loss cache before hours of unlearning, not at query 37.
+    Returns {model_path: (its exemplar paths, its cache's settings)}."""
+    checked = {}
+    for task in todo:
+        load_rgb(dataroot / task.synth_image_path)  # exists and reads as an image (or says which file does not)
+        if task.model_path not in checked:
+            ex_paths = exemplar_paths(dataroot, task)
+            expected = loss_settings(task, base, laion, dataroot, 2 * len(ex_paths), settings.measurement())
+            checked[task.model_path] = ex_paths, check_loss_cache(layout.loss_cache(task), expected)
+    return checked
+
+
+def unlearning_setup(settings: InfluenceSettings, base, dataroot: Path):
+    """The parameters unlearning moves, their preconditioner F and the N of p += lr * grad / (F * N) / accum."""
+    u = settings.unlearning
+    names = set(select_parameter_names(base.unet, u.weight_selection))
+    params = {n: p for n, p in base.unet.named_parameters() if n in names}
+    if settings.ablation.preconditioner == "none":  # F = 1, N = 1: the step is lr * grad / accum
+        return params, {n: torch.ones_like(p, dtype=torch.float64) for n, p in params.items()}, 1
+    fisher = load_fisher(u.fisher_path or dataroot / "sd_fisher.pt", params, u.fisher_floor,
+                         settings.execution.device)
+    return params, fisher, u.fisher_dataset_size
+
+
+@torch.no_grad()
+def load_weights(params: dict, values: dict) -> None:
+    for n, p in params.items():
+        p.copy_(values[n])
+
+
+def check_finite(task, *measured) -> None:
+    if not all(np.isfinite(m).all() for m in measured):
+        raise InputError(f"{task.synth_image_path}: losses after unlearning are not finite; the step is too "
+                         f"large (lower --unlearn_lr) or the Fisher has tiny entries (--fisher_floor)")
+
+
+class Attributor:
+    """What every query of a run shares: the settings, the base model, the candidates and the outputs' places.
+
+    Losses are measured with `loss_unet` (torch.compile'd with --compile); unlearning runs the eager UNet, whose
+    parameters the compiled module shares.
+    """
+
+    def __init__(self, settings: InfluenceSettings, base, laion: LaionCandidates, dataroot: Path,
+                 layout: ResultsLayout, models: dict):
+        self.settings, self.base, self.laion, self.dataroot, self.layout = settings, base, laion, dataroot, layout
+        self.models = models  # from preflight: {model_path: (exemplar paths, cache settings)}
+        self.measurement = settings.measurement()
+        self.loss_unet = loss_unet(base.unet, settings.common.compile)
+        self.pristine = PristineWeights(base.unet)
+        self.params, self.fisher, self.dataset_size = unlearning_setup(settings, base, dataroot)
+        self.laion_paths = laion_image_paths(dataroot)
+
+    def collect(self, candidates, desc: str, **kw) -> np.ndarray:
+        return self.measurement.collect(self.loss_unet, self.base.scheduler, candidates, desc, **kw)
+
+    # ---- the query ----
+
+    def query_inputs(self, task, generator):
+        """The query's latent repeated unlearn_batch_size times, and its prompt's text embedding likewise."""
+        s, base = self.settings, self.base
+        device = s.execution.device
+        image = load_image_tensor(self.dataroot / task.synth_image_path, base.resolution).unsqueeze(0)
+        latent = encode_images(base.vae, image, generator, scale=not s.control.unscaled_synth_latent).to(device)
+        if s.control.noise_image:  # the control: a latent of the same shape that holds no image at all
+            latent = torch.randn(latent.shape, generator=generator, dtype=torch.float32).to(device)
+        prompt = task.prompt
+        if s.ablation.drop_concept_token:
+            prompt = " ".join(prompt.replace(CONCEPT_TOKEN, " ").split())
+        text = encode_prompt(base.tokenizer, base.text_encoder, prompt)
+        n = s.unlearning.unlearn_batch_size
+        return latent.expand(n, -1, -1, -1).contiguous(), text.expand(n, -1, -1).contiguous()
+
+    def unlearn_query(self, task, laion_before: np.ndarray) -> dict:
+        """Unlearn the query in place on the customized UNet; its own loss before and after, under fixed noise."""
+        u, stopping = self.settings.unlearning, self.settings.stopping
+        generator = torch.Generator().manual_seed(self.settings.common.seed)
+        latents, text = self.query_inputs(task, generator)
+        query = ExemplarCandidates(latents[:1].cpu(), text[:1].cpu())
+        before = self.collect(query, "query loss")
+        self.pristine.protect(self.params)
+        checks = []
+        should_stop = self.stopping_rule(query, float(before[0]), laion_before, checks)
+        history = unlearn(self.base.unet, self.base.scheduler, latents, text, self.params, self.fisher,
+                          steps=u.unlearn_steps, grad_accum_steps=u.unlearn_grad_accum_steps, lr=u.unlearn_lr,
+                          dataset_size=self.dataset_size, generator=generator, precision=self.settings.common.precision,
+                          should_stop=should_stop)
+        after = self.collect(query, "query loss")
+        out = {"query_loss": (float(before[0]), float(after[0])), "history": np.asarray(history)}
+        if should_stop is not None:
+            out["stop"] = {"rule": stopping.stop_rule, "target": stopping.stop_target, "steps_taken": len(history),
+                           "stopped_early": len(history) < u.unlearn_steps, "checks": checks,
+                           "reference_rows": min(stopping.stop_reference, len(self.laion))}
+        return out
+
+    def stopping_rule(self, query, before: float, laion_before: np.ndarray, checks: list):
+        """The --stop_rule as unlearn's should_stop(done), or None. Each check measures the query's own loss under
+        its fixed noise (T forwards; the collateral rule adds its reference rows) and is appended to `checks`."""
+        rule = self.settings.stopping
+        if rule.stop_rule == "none":
+            return None
+        reference = np.arange(min(rule.stop_reference, len(self.laion)))
+
+        def should_stop(done: int) -> bool:
+            if done % rule.stop_every:
+                return False
+            if rule.stop_rule == "collateral" and done == 0:
+                return False  # nothing has moved yet: no collateral to measure
+            loss = float(self.collect(query, "stopping check")[0])
+            check = {"step": done, "query_loss": loss, "query_ratio": loss / before}
+            if rule.stop_rule == "rise":
+                stop = check["query_ratio"] >= rule.stop_target
+            else:  # collateral: the reference candidates' mean rise against the query's own
+                rise = self.collect(self.laion, "stopping check", rows=reference).astype(np.float64) \
+                    - laion_before[reference]
+                check["collateral"] = float(rise.mean()) / max(loss - before, 1e-12)
+                stop = check["collateral"] >= rule.stop_target
+            checks.append(check)
+            return stop
+
+        return should_stop
+
+    def unlearning_cost(self, unlearned: dict) -> dict:
+        """UNet forward-equivalents of unlearning a query (the steps it took), of measuring its own loss twice and
+        of the stopping rule's checks (backward = 2 forwards)."""
+        u, t = self.settings.unlearning, self.measurement.time_samples
+        steps = len(unlearned["history"])
+        cost = {"unlearning": 3 * steps * u.unlearn_grad_accum_steps * u.unlearn_batch_size, "query loss": 2 * t}
+        if "stop" in unlearned:
+            per_check = 1 + (unlearned["stop"]["reference_rows"] if self.settings.stopping.stop_rule == "collateral"
+                             else 0)
+            cost["stopping checks"] = len(unlearned["stop"]["checks"]) * per_check * t
+        return cost
+
+    # ---- the model's candidates ----
+
+    def model_inputs(self, task):
+        """The stage-1 cache of the task's model (checked by preflight) and its exemplars as candidates."""
+        _, cached = self.models[task.model_path]
+        ex_before, laion_before, ex_latents = read_loss_cache(self.layout.loss_cache(task), cached)
+        text = encode_prompt(self.base.tokenizer, self.base.text_encoder, task.train_prompt).cpu()
+        return ex_before, laion_before, ExemplarCandidates(ex_latents, text)
+
+    def attribute_query(self, task) -> None:
+        """Exact AbU: customize, unlearn the query, re-measure every candidate, rank, write the query's outputs."""
+        apply_customization(self.base, self.pristine, self.dataroot / task.model_path)
+        ex_before, laion_before, exemplars = self.model_inputs(task)
+        unlearned = self.unlearn_query(task, laion_before)
+        ex_after = self.collect(exemplars, "exemplar losses")
+        laion_after = self.collect(self.laion, "LAION losses")
+        self.pristine.restore()
+        check_finite(task, ex_after, laion_after)
+        influence, rank = influence_and_rank(ex_before, ex_after, laion_before, laion_after)
+        rows = len(ex_after) + len(laion_after)
+        cost = {**self.unlearning_cost(unlearned), "loss tracking": rows * self.measurement.time_samples}
+        self.write_outputs(task, ex_after, laion_after, influence, rank, unlearned, {"forward_equivalents": cost})
+
+    def attribute_model_two_stage(self, tasks) -> None:
+        """Two-stage AbU for the queries of one model (utils/screening.py): unlearn each, screen every candidate
+        for all of them, re-score each query's top --rescore_top candidates exactly, rank, write."""
+        screening, task0 = self.settings.screening, tasks[0]
+        apply_customization(self.base, self.pristine, self.dataroot / task0.model_path)
+        ex_before, laion_before, exemplars = self.model_inputs(task0)
+        start = {n: p.detach().clone() for n, p in self.params.items()}  # the customized weights, theta_0
+        unlearned, weights = [], []
+        for task in tasks:
+            unlearned.append(self.unlearn_query(task, laion_before))
+            weights.append({n: p.detach().clone() for n, p in self.params.items()})
+            load_weights(self.params, start)
+        t_index = screen_timesteps(self.measurement.time_samples, screening.screen_time_samples)
+        screens = self.screen_model(task0, exemplars, start, weights, t_index)
+        n_rows = len(ex_before) + len(laion_before)
+        model_screen_cost = n_rows * len(t_index) * (3 if screening.screen == "first-order" else len(tasks))
+        for q, task in enumerate(tasks):
+            screen = np.concatenate([fold_flips(screens["exemplar"][:, q]), fold_flips(screens["laion"][:, q])])
+            n_ex = len(ex_before) // 2
+            top = rank_candidates(screen, n_ex)[:screening.rescore_top]
+            ex_rows = rescore_rows(top[top < n_ex], n_ex)
+            laion_rows = rescore_rows(top[top >= n_ex] - n_ex, len(laion_before) // 2)
+            load_weights(self.params, weights[q])
+            ex_measured = self.collect(exemplars, "re-scored exemplars", rows=ex_rows)
+            laion_measured = self.collect(self.laion, "re-scored LAION", rows=laion_rows)
+            load_weights(self.params, start)
+            check_finite(task, ex_measured, laion_measured)
+            ex_after = scatter_rows(ex_measured, ex_rows, len(ex_before))  # float32, NaN where not re-scored
+            laion_after = scatter_rows(laion_measured, laion_rows, len(laion_before))
+            influence, rank = influence_and_rank(ex_before, ex_after, laion_before, laion_after, screen=screen)
+            cost = {**self.unlearning_cost(unlearned[q]), "screen": model_screen_cost / len(tasks),
+                    "re-scoring": (len(ex_rows) + len(laion_rows)) * self.measurement.time_samples}
+            self.write_outputs(task, ex_after, laion_after, influence, rank, unlearned[q], {
+                "forward_equivalents": cost, "screen": screen, "rescored": int(len(top)),
+                "screen_timesteps": t_index.tolist()})
+        self.pristine.restore()
+
+    def screen_model(self, task, exemplars, start, weights, t_index) -> dict:
+        """{"exemplar": [rows, Q], "laion": [rows, Q]}: each row's estimated loss rise for each query."""
+        m = self.measurement
+        if self.settings.screening.screen == "first-order":
+            deltas = [{n: w[n] - start[n] for n in start} for w in weights]
+            kw = dict(batch_size=m.batch_size, time_samples=m.time_samples, seed=m.seed, timestep_index=t_index,
+                      device=m.device, precision=m.precision, chunk=self.settings.screening.screen_batch_size)
+            return {"exemplar": first_order_screen(self.base.unet, self.base.scheduler, exemplars, deltas, **kw),
+                    "laion": first_order_screen(self.base.unet, self.base.scheduler, self.laion, deltas, **kw)}
+        ex_before_t, laion_before_t = load_losses_by_timestep(self.layout.loss_cache(task))
+        out = {"exemplar": [], "laion": []}
+        for w in weights:  # coarse: the exact rise at the screen timesteps, one pass per query
+            load_weights(self.params, w)
+            for key, candidates, before in (("exemplar", exemplars, ex_before_t), ("laion", self.laion, laion_before_t)):
+                after = self.collect(candidates, f"coarse screen ({key})", timestep_index=t_index, per_timestep=True)
+                out[key].append((after.astype(np.float64) - before[:, t_index]).mean(axis=1))
+            load_weights(self.params, start)
+        return {k: np.stack(v, axis=1) for k, v in out.items()}
+
+    # ---- the outputs ----
+
+    def write_outputs(self, task, ex_after, laion_after, influence, rank, unlearned: dict, extra: dict) -> None:
+        """The query's after-losses, picture and, last, influence.pkl (with the settings that made it)."""
+        ex_paths, _ = self.models[task.model_path]
+        out_dir = self.layout.query_dir(task)
+        save_npy(out_dir / EXEMPLAR_LOSS, ex_after)
+        save_npy(out_dir / LAION_LOSS, laion_after)
+        save_top_k_figure(out_dir / VISUALIZATION, self.dataroot / task.synth_image_path, influence, rank,
+                          ex_paths, self.laion_paths)
+        settings = record(*self.settings.result)
+        save_pickle(self.layout.influence_file(task), {  # written last: its presence marks a finished query
+            "influence": influence, "rank": rank, "n_exemplar": len(ex_paths), "query_loss": unlearned["query_loss"],
+            "unlearn_loss_history": unlearned["history"], "unlearn_steps_taken": len(unlearned["history"]),
+            "stop": unlearned.get("stop"), "settings": settings, "task": asdict(task), "mode": settings["mode"],
+            **extra})
+        ranks = sorted(int(i) + 1 for i in np.flatnonzero(rank < len(ex_paths)))
+        before, after = unlearned["query_loss"]
+        tqdm.write(f"{task.synth_image_path}: query loss {before:.4f} -> {after:.4f}; "
+                   f"exemplars at ranks {ranks} of {len(rank)} -> {out_dir}")

@@ -1,0 +1,190 @@
+"""Attribution baselines that need no unlearning, one function each behind `BASELINES`: each takes the run's
+`BaselineInputs` and a list of tasks and returns {query key: influence over the model's exemplars, then the
+LAION candidates}, flips folded (the max of a candidate's two rows) as compute_influence.py folds them.
+
+random: a seeded random score per candidate (the chance level of every metric).
+pixel: cosine similarity of the query's pixels and each candidate's, at the model's resolution.
+vae: cosine similarity of VAE latents; the query's latent is its VAE posterior mean, the candidates'
+     are the cached stage-1 exemplar latents and the LAION latents (so run compute_training_loss.py first).
+gradient: gradient similarity in the spirit of TRAK / D-TRAK, on the weights AbU unlearns. For the
+     customized model, each candidate's gradient of its stage-1 loss (the same T timesteps and seeded noise
+     as the cache, read from its settings.json) w.r.t. the cross-attention K/V weights, and the query's
+     likewise under its prompt; score = cosine of the two after whitening by the diagonal Fisher
+     (g / sqrt(F)), i.e. g_q^T F^-1 g_i normalized. No unlearning, one backward pass per candidate batch.
+"""
+import zlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .customization import apply_customization
+from .data import ExemplarCandidates, LaionCandidates, load_exemplar_images
+from .encoders import encode_images, encode_prompt
+from .errors import InputError
+from .fisher import load_fisher
+from .io import load_json
+from .layout import EXEMPLAR_LATENTS, SETTINGS, ResultsLayout
+from .losses import noised_batches, per_row_loss
+from .metrics import fold_flips
+from .models import load_base_model
+from .per_sample_grads import PerSampleLinearGrads
+from .settings import BaselineSettings
+from .tasks import Task, exemplar_paths, tasks_by_model
+from .transforms import load_image_tensor
+from .visualize import laion_image_paths
+from .weights import PristineWeights, select_parameter_names
+
+
+@dataclass
+class BaselineInputs:
+    """What every baseline of a run may read; the base model is loaded (on the CPU) on first use."""
+
+    settings: BaselineSettings
+    dataroot: Path
+    laion: LaionCandidates
+    layout: ResultsLayout
+
+    @cached_property
+    def base(self):
+        return load_base_model(self.settings.sd_version, "cpu")
+
+    def exemplar_latents(self, task: Task) -> torch.Tensor:
+        """The model's exemplar latents from its stage-1 cache [2E, 4, h, w] (unflipped, then flipped)."""
+        path = self.layout.loss_cache(task) / EXEMPLAR_LATENTS
+        if not path.is_file():
+            raise InputError(f"{path} not found: run compute_training_loss.py first (--loss_cache_dir)")
+        return torch.from_numpy(np.load(path))
+
+
+def cosine_to_rows(query: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
+    """[rows]: the cosine similarity of `query` (any shape) and each row of `rows` [rows, ...], in float64."""
+    q = query.reshape(1, -1).double()
+    r = rows.reshape(len(rows), -1).double()
+    return torch.nn.functional.cosine_similarity(q, r).numpy()
+
+
+def folded_cosines(query: torch.Tensor, exemplar_rows: torch.Tensor, laion_rows: torch.Tensor) -> np.ndarray:
+    return np.concatenate([fold_flips(cosine_to_rows(query, exemplar_rows)), fold_flips(cosine_to_rows(query, laion_rows))])
+
+
+def random_influence(inputs: BaselineInputs, tasks: List[Task]) -> Dict[str, np.ndarray]:
+    """A uniform score per candidate, seeded by --seed and the query's path (the same on every rerun)."""
+    out = {}
+    for task in tasks:
+        rng = np.random.default_rng([inputs.settings.seed, zlib.crc32(task.synth_image_path.encode())])
+        out[task.query_key] = rng.random(len(exemplar_paths(inputs.dataroot, task)) + inputs.laion.subset_size)
+    return out
+
+
+def pixel_influence(inputs: BaselineInputs, tasks: List[Task]) -> Dict[str, np.ndarray]:
+    """Cosine of pixels in [-1, 1] at the model's resolution (LAION rows: unflipped images, then flipped)."""
+    resolution = inputs.base.resolution
+    laion_rows = load_exemplar_images(laion_image_paths(inputs.dataroot)[:inputs.laion.subset_size], resolution)
+    out = {}
+    for task in tqdm(tasks, desc="pixel", unit="query"):
+        query = load_image_tensor(inputs.dataroot / task.synth_image_path, resolution)
+        exemplar_rows = load_exemplar_images(exemplar_paths(inputs.dataroot, task), resolution)
+        out[task.query_key] = folded_cosines(query, exemplar_rows, laion_rows)
+    return out
+
+
+def vae_influence(inputs: BaselineInputs, tasks: List[Task]) -> Dict[str, np.ndarray]:
+    """Cosine of scaled VAE latents: the query's posterior mean against the candidates' cached samples."""
+    laion, vae = inputs.laion, inputs.base.vae
+    laion_rows = torch.cat([laion.batch(s, s + 1024)[0] for s in range(0, len(laion), 1024)])
+    out = {}
+    for task in tqdm(tasks, desc="vae", unit="query"):
+        image = load_image_tensor(inputs.dataroot / task.synth_image_path, inputs.base.resolution).unsqueeze(0)
+        with torch.no_grad():
+            query = vae.encode(image).latent_dist.mean[0] * vae.config.scaling_factor
+        out[task.query_key] = folded_cosines(query, inputs.exemplar_latents(task), laion_rows)
+    return out
+
+
+def whitened_unit_gradients(base, names, inv_sqrt_fisher, candidates, settings, desc,
+                            first_batch: int = 0) -> torch.Tensor:
+    """[rows, P]: each candidate row's gradient of its mean loss over the cache's T timesteps w.r.t. the
+    `names` weights, divided by sqrt(F) and scaled to unit length. `candidates` starting at batch
+    `first_batch` of the cache's batch plan get the cache's noise (batch b is seeded with seed + b)."""
+    out = []
+    params = dict(base.unet.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    try:
+        batches = noised_batches(base.scheduler, candidates, settings["batch_size"], settings["time_samples"],
+                                 settings["seed"] + first_batch, desc=desc)
+        for n, noisy, timesteps, text, noise in batches:
+            per_sample = PerSampleLinearGrads(base.unet, names, dtype=torch.float32)
+            with torch.enable_grad():
+                # sum over rows: each row's gradient is then its own; mean over a candidate's T rows below
+                per_row_loss(base.unet, noisy, timesteps, text, noise).sum().backward()
+            per_sample.remove()
+            g = per_sample.flat().view(n, settings["time_samples"], -1).mean(1) * inv_sqrt_fisher
+            out.append(torch.nn.functional.normalize(g.double(), dim=1).float())
+            for n_ in names:
+                params[n_].grad = None
+    finally:
+        for n in names:
+            params[n].requires_grad_(False)
+    return torch.cat(out)
+
+
+class RowSlice:
+    """Rows start..stop-1 of a candidate set (same `batch` interface)."""
+
+    def __init__(self, candidates, start: int, stop: int):
+        self.candidates, self.start, self.stop = candidates, start, min(stop, len(candidates))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def batch(self, start: int, stop: int):
+        return self.candidates.batch(self.start + start, self.start + min(stop, len(self)))
+
+
+def gradient_influence(inputs: BaselineInputs, tasks: List[Task]) -> Dict[str, np.ndarray]:
+    """Fisher-whitened gradient cosine on the cross-attention K/V, one pass over the candidates per model."""
+    base, laion, dataroot = inputs.base, inputs.laion, inputs.dataroot
+    pristine = PristineWeights(base.unet)
+    names = select_parameter_names(base.unet, "cross-attn-kv")  # the weights AbU unlearns
+    params = {n: p for n, p in base.unet.named_parameters() if n in names}
+    fisher = load_fisher(inputs.settings.fisher_path or dataroot / "sd_fisher.pt", params)
+    inv_sqrt_fisher = torch.cat([fisher[n].rsqrt().flatten() for n in names]).float()
+    influences = {}
+    for model_path, model_tasks in tasks_by_model(tasks).items():
+        cache = inputs.layout.loss_cache(model_tasks[0])
+        if not (cache / SETTINGS).is_file():
+            raise InputError(f"{cache / SETTINGS} not found: run compute_training_loss.py first (--loss_cache_dir)")
+        settings = load_json(cache / SETTINGS, "loss-cache settings")
+        apply_customization(base, pristine, dataroot / model_path)
+        queries = []
+        for task in model_tasks:  # the query's latent is drawn as compute_influence.py draws it
+            image = load_image_tensor(dataroot / task.synth_image_path, base.resolution).unsqueeze(0)
+            latent = encode_images(base.vae, image, torch.Generator().manual_seed(settings["seed"]))
+            queries.append(ExemplarCandidates(latent, encode_prompt(base.tokenizer, base.text_encoder, task.prompt)))
+        q = torch.cat([whitened_unit_gradients(base, names, inv_sqrt_fisher, c, settings, "query gradient")
+                       for c in queries])
+        exemplars = ExemplarCandidates(torch.from_numpy(np.load(cache / EXEMPLAR_LATENTS)),
+                                       encode_prompt(base.tokenizer, base.text_encoder, model_tasks[0].train_prompt))
+        ex_scores = whitened_unit_gradients(base, names, inv_sqrt_fisher, exemplars, settings,
+                                            "exemplar gradients") @ q.T
+        per_batch = settings["batch_size"] // settings["time_samples"]
+        chunk = 50 * per_batch  # streamed: the [rows, P] gradients of all LAION rows are never held at once
+        laion_scores = torch.cat([
+            whitened_unit_gradients(base, names, inv_sqrt_fisher, RowSlice(laion, s, s + chunk), settings,
+                                    "LAION gradients", first_batch=s // per_batch) @ q.T
+            for s in tqdm(range(0, len(laion), chunk), desc="LAION chunks", leave=False)])
+        for j, task in enumerate(model_tasks):
+            influences[task.query_key] = np.concatenate([fold_flips(ex_scores[:, j].double().numpy()),
+                                                         fold_flips(laion_scores[:, j].double().numpy())])
+        pristine.restore()
+    return influences
+
+
+BASELINES: Dict[str, Callable[[BaselineInputs, List[Task]], Dict[str, np.ndarray]]] = {
+    "random": random_influence, "pixel": pixel_influence, "vae": vae_influence, "gradient": gradient_influence}

@@ -1,0 +1,47 @@
+"""Which UNet parameters a method updates, and the base values that bring the UNet back after it did."""
+from typing import Dict, List
+
+import torch
+
+
+# A parameter is selected when, for every group, one of the group's substrings occurs in its name
+# (docs/method.md, section 4). Custom Diffusion trains exactly the cross-attention K/V ("cross-attn-kv").
+WEIGHT_SELECTIONS: Dict[str, List[List[str]]] = {
+    "cross-attn-kv": [["attn2"], ["to_k", "to_v"]],
+    "cross-attn": [["attn2"]],
+    "attn": [["attn"]],
+    "all": [],
+}
+
+
+def select_parameter_names(model: torch.nn.Module, weight_selection: str) -> List[str]:
+    """Names of the parameters of `model` that `weight_selection` picks, in the model's order."""
+    if weight_selection not in WEIGHT_SELECTIONS:
+        raise ValueError(f"unknown weight selection {weight_selection!r}; choose from {', '.join(WEIGHT_SELECTIONS)}")
+    groups = WEIGHT_SELECTIONS[weight_selection]
+    names = [n for n, _ in model.named_parameters() if all(any(s in n for s in g) for g in groups)]
+    if not names:
+        raise ValueError(f"weight selection {weight_selection!r} matches no parameter of the model")
+    return names
+
+
+class PristineWeights:
+    """Base values of every UNet parameter that a customization or an unlearning run changes.
+
+    Invariant: a parameter not saved here still holds its base value, so `protect` before a change
+    saves the base value, and `restore` brings the UNet back to the base model (kept on the CPU).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.params = dict(module.named_parameters())
+        self.saved: Dict[str, torch.Tensor] = {}
+
+    def protect(self, names) -> None:
+        for n in names:
+            if n not in self.saved:
+                self.saved[n] = self.params[n].detach().to("cpu", copy=True)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for n, value in self.saved.items():
+            self.params[n].copy_(value)
