@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 
 from utils.claims import claim, finished_since
 from utils.cli import check_dataroot, run
-from utils.customization import apply_customization
+from utils.customization import apply_customization, check_customized_model
 from utils.data import ExemplarCandidates, LaionCandidates, load_exemplar_images
 from utils.encoders import encode_images, encode_prompt
 from utils.host_memory import bound_heap_growth
 from utils.io import check_writable
 from utils.layout import SETTINGS, ResultsLayout
 from utils.loss_cache import cache_is_complete, check_loss_cache, loss_settings, save_loss_cache
+from utils.losses import check_finite_losses
 from utils.models import check_candidates_fit, load_base_model
 from utils.precision import configure_unet, loss_unet
 from utils.processes import process_share
@@ -50,6 +51,7 @@ def main(argv=None):
     base = load_base_model(common.sd_version, device)
     check_candidates_fit(base, laion.latents.shape, laion.text_embeddings.shape[-1], dataroot)
     for task in models:  # a finished cache made with other settings is an error here, not at stage 2
+        check_customized_model(dataroot / task.model_path, [task.train_prompt], f"task file {common.task_json}")
         if task not in todo:
             n_rows = 2 * len(exemplar_paths(dataroot, task))
             check_loss_cache(layout.loss_cache(task), loss_settings(task, base, laion, dataroot, n_rows, measurement))
@@ -83,6 +85,10 @@ def cache_model(settings: TrainingLossSettings, task, base, unet, pristine, laio
     measurement = settings.measurement()
     exemplar_by_t = measurement.collect(unet, base.scheduler, exemplars, "exemplar losses", per_timestep=True)
     laion_by_t = measurement.collect(unet, base.scheduler, laion, "LAION losses", per_timestep=True)
+    remedy = (f"the customized UNet overflows: with fp16 try --precision bf16 or fp32; at fp32 the model's weights "
+              f"({task.model_path}) are damaged or far off the base's: train or download it again")
+    check_finite_losses(exemplar_by_t, f"{task.model_path}: exemplar losses", settings.common.precision, remedy)
+    check_finite_losses(laion_by_t, f"{task.model_path}: LAION losses", settings.common.precision, remedy)
     save_loss_cache(cache_dir, exemplar_by_t, laion_by_t, exemplars.latents.numpy(),
                     loss_settings(task, base, laion, dataroot, len(exemplars), measurement), settings.common.sd_version)
     tqdm.write(f"{task.model_path}: {len(loaded)} customized tensors, {len(exemplars) // 2} exemplars, "

@@ -6,7 +6,8 @@ Reads <result_dir>/influence/<query>/influence.pkl for every query of --task_jso
 the influence, ties against the exemplars) and writes, under --out_dir (default
 <result_dir>/eval/<task file name>): per_query.csv, summary.csv and summary.md with the mean and standard
 error per test case, per family (object: *_imagenet; style: artchive, bamfg; any other test case is its
-own family) and overall. The scorer is utils/evaluation.py.
+own family) and overall. The scorer is utils/evaluation.py. Beside them, index.html (utils/report.py): each query
+with its top --top_k candidates, sortable by AP; open the file in a browser (it needs --dataroot's images).
 """
 import argparse
 from pathlib import Path
@@ -16,6 +17,7 @@ from utils.evaluation import load_results, score_queries, summarize, to_csv, to_
 from utils.errors import InputError
 from utils.io import atomic_write
 from utils.layout import ResultsLayout
+from utils.report import PAGE_NAME, write_report
 from utils.tasks import load_tasks
 
 
@@ -25,7 +27,12 @@ def parse_args(argv=None):
     p.add_argument("--result_dir", default="results", help="folder holding influence/")
     p.add_argument("--out_dir", default=None, help="where to write the tables (default: <result_dir>/eval/<task name>)")
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 100], help="K values of Recall@K")
-    return p.parse_args(argv)
+    p.add_argument("--dataroot", default="data/abc", help="AbC data folder (layout in README); the page's images")
+    p.add_argument("--top_k", type=int, default=10, help="candidates shown per query in index.html")
+    args = p.parse_args(argv)
+    if args.top_k < 1:
+        p.error(f"--top_k must be at least 1, got {args.top_k}")
+    return args
 
 
 def main(argv=None):
@@ -51,6 +58,12 @@ def main(argv=None):
     atomic_write(out_dir / "summary.md", lambda f: f.write(table), binary=False)
     print(table)
     print(f"tables written to {out_dir}/ (per_query.csv, summary.csv, summary.md)")
+    if not Path(args.dataroot).is_dir():
+        print(f"warning: dataroot {args.dataroot} not found: tables written, {PAGE_NAME} skipped (pass --dataroot)")
+        return
+    page = write_report(out_dir / PAGE_NAME, found, rows, summary, metric_names, args.dataroot, args.top_k,
+                        Path(args.task_json).stem, len(tasks))
+    print(f"page written to {page} (open it in a browser)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ if [[ ${BENCH:-mini} == tiny ]]; then
   # N = 1000 instead of LAION-400M: the tiny model's Fisher is on another scale (see README)
   $PY compute_influence.py "${COMMON[@]}" --loss_batch_size 20 --loss_time_samples 5 \
     --fisher_dataset_size 1000 --unlearn_steps 20 "$@"
-  $PY evaluate.py --task_json $B/tasks.json --result_dir "$RES"
+  $PY evaluate.py --task_json $B/tasks.json --result_dir "$RES" --dataroot $B/abc
   echo "pictures: $RES/influence/*/gpt/*/samples/*/visualization.jpg"
   exit 0
 fi
@@ -35,5 +35,5 @@ $PY compute_training_loss.py "${COMMON[@]}" --batch_size 240 --time_samples 3 "$
 # N is the mini-AbC value chosen on the validation split (docs/mini_abc.md); the sizing is the comparison's
 $PY compute_influence.py "${COMMON[@]}" --loss_batch_size 240 --loss_time_samples 3 \
   --fisher_dataset_size 100000 --unlearn_steps 25 --unlearn_grad_accum_steps 4 "$@"
-$PY evaluate.py --task_json $TASKS --result_dir "$RES"
+$PY evaluate.py --task_json $TASKS --result_dir "$RES" --dataroot $B/abc
 echo "picture (query, then its top 10; exemplars outlined in red): $(ls "$RES"/influence/*/gpt/*/samples/*/visualization.jpg)"

@@ -119,7 +119,7 @@ def test_stage2_refuses_a_cache_made_with_other_settings(finished, tiny_abc, tmp
 
 
 @pytest.mark.parametrize("damage, script, message", [
-    ("remove_latents", "compute_training_loss.py", "laion_latents.npy not found"),
+    ("remove_latents", "compute_training_loss.py", "laion_latents.npy; run data/download_abc.sh"),
     ("remove_exemplar", "compute_training_loss.py", "exemplar image"),
     ("bad_json", "compute_training_loss.py", "not valid JSON"),
     ("unknown_test_case", "compute_influence.py", "test-case file not found"),

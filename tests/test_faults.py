@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 STAGE2 = stage2_flags(accum=1, batch=2)
 QUERY = "synth/imagenet/gpt/n01440764_0000/samples/00000.png"
 EXEMPLAR = "exemplar/imagenet/n01440764_0000/000.png"
+MODEL = "models/imagenet/n01440764_0000"
 
 
 def cli(script, args, env=None, file_size_limit_kib=None, timeout=300):
@@ -101,6 +102,31 @@ def truncated_png(rel):
     return lambda root: (root / rel).write_bytes((root / rel).read_bytes()[:60])
 
 
+def truncated(rel, keep: float = 0.5):
+    """The file cut to `keep` of its bytes, as an interrupted copy or download leaves it."""
+    return lambda root: (root / rel).write_bytes((root / rel).read_bytes()[:int((root / rel).stat().st_size * keep)])
+
+
+def as_truncated_safetensors(rel):
+    """The customized weights saved as safetensors (diffusers' default), then cut in half."""
+    def damage(root):
+        from safetensors.torch import save_file
+
+        src = root / rel
+        save_file(torch.load(src), src.with_suffix(".safetensors"))
+        src.unlink()
+        truncated(src.with_suffix(".safetensors").relative_to(root))(root)
+    return damage
+
+
+def overflowing_keys(root):
+    """K weights scaled until their largest entry is 1e38 (finite): the keys overflow fp32 and the losses are NaN,
+    as a UNet at fp16 can make them."""
+    f = root / MODEL / "pytorch_custom_diffusion_weights.pt"
+    state = torch.load(f)
+    torch.save({k: v * (1e38 / v.abs().max()) if "to_k" in k else v for k, v in state.items()}, f)
+
+
 def duplicate_query(task_json):
     tasks = json.loads(Path(task_json).read_text())
     Path(task_json).write_text(json.dumps(tasks + [tasks[0]]))
@@ -120,6 +146,18 @@ DAMAGED = [  # (case, what to damage, the script that must refuse, what the erro
     ("a zero-byte query image", empty_file(QUERY), "compute_influence.py", "is an empty file (0 bytes)"),
     ("a <new1>.bin of the wrong width", wide_concept, "compute_training_loss.py",
      "embedding has 48 values, the text encoder expects 32"),
+    ("truncated customized weights (.pt)", truncated(f"{MODEL}/pytorch_custom_diffusion_weights.pt"),
+     "compute_training_loss.py", f"{MODEL}/pytorch_custom_diffusion_weights.pt ("),
+    ("truncated customized weights (.safetensors)", as_truncated_safetensors(
+        f"{MODEL}/pytorch_custom_diffusion_weights.pt"), "compute_training_loss.py",
+     "pytorch_custom_diffusion_weights.safetensors ("),
+    ("a truncated <new1>.bin", truncated(f"{MODEL}/<new1>.bin"), "compute_training_loss.py",
+     f"{MODEL}/<new1>.bin ("),
+    ("a truncated sd_fisher.pt", truncated("sd_fisher.pt"), "compute_influence.py", "cannot read Fisher file"),
+    ("a truncated laion_latents.npy", truncated("laion_latents.npy", 0.9), "compute_training_loss.py",
+     "cannot read candidate array"),
+    ("a UNet whose losses overflow", overflowing_keys, "compute_training_loss.py",
+     "have a NaN or infinite loss (rows [0, 1, 2, 3, 4, 5]) at --precision fp32; the customized UNet overflows"),
 ]
 
 

@@ -43,7 +43,7 @@ def test_custom_weights_load_perturbed_values_under_both_key_styles(base_model, 
 
 
 def test_bad_custom_weights_fail_loudly(base_model, tmp_path):
-    with pytest.raises(InputError, match="customized weights not found"):
+    with pytest.raises(InputError, match="holds no customized model"):
         load_custom_diffusion_weights(base_model.unet, tmp_path)
     torch.save({"attn2.to_k.weight": torch.zeros(3)}, tmp_path / "pytorch_custom_diffusion_weights.pt")
     with pytest.raises(InputError, match="name no UNet parameter"):

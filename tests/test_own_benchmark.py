@@ -73,6 +73,63 @@ def test_mismatched_captions_are_refused(tiny_abc, tmp_path):
                           root)
 
 
+
+def test_captions_split_on_newlines_only(tiny_abc, tmp_path):
+    """A caption may hold U+2028, U+0085 or a form feed (str.splitlines would split there), and the last caption may
+    be empty: 12 lines stay 12 captions, each on its own image's row."""
+    from utils.candidate_arrays import read_captions
+
+    captions = tmp_path / "captions.txt"
+    lines = [f"caption {i}" for i in range(11)] + [""]
+    lines[2], lines[5], lines[7] = "a line\u2028separator", "a next\u0085line", "a form\x0cfeed"
+    captions.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    assert read_captions(captions, 12, "images") == lines
+    base = load_base_model(tiny_abc["sd_version"], "cpu")
+    root = fresh_benchmark(tiny_abc, tmp_path)
+    shutil.copy(captions, root / "laion_subset" / "captions.txt")
+    encode_candidates(base, root / "laion_subset" / "images", root / "laion_subset" / "captions.txt", root)
+    text = np.load(root / ARRAYS[1])
+    from utils.encoders import encode_prompt
+    np.testing.assert_allclose(text[7], encode_prompt(base.tokenizer, base.text_encoder, lines[7])[0].numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_hidden_file_among_the_candidate_images_changes_nothing(tiny_copy, tmp_path):
+    """A .DS_Store (or ._name) in the image folder is not a candidate: the pictures, the pixel baseline and the
+    encoding all list the candidates through utils.data.candidate_image_paths."""
+    import compute_baselines
+    from utils.data import laion_image_paths
+
+    root = Path(tiny_copy["dataroot"])
+    before = laion_image_paths(root)
+    for name in (".DS_Store", f"._{before[0].name}", "notes.txt"):
+        (root / "laion_subset" / "images" / name).write_bytes(b"\x00\x01junk")
+    assert laion_image_paths(root) == before
+    flags = ["--sd_version", tiny_copy["sd_version"], "--dataroot", str(root), "--task_json", tiny_copy["task_json"],
+             "--laion_subset_size", "12", "--method", "pixel"]
+    compute_baselines.main(flags + ["--result_dir", str(tmp_path / "pixel")])
+    results = sorted((tmp_path / "pixel" / "influence").rglob("influence.pkl"))
+    assert len(results) == 4
+    before[0].unlink()  # one image fewer than the arrays hold: refused
+    with pytest.raises(InputError, match="holds 11 images but the candidate arrays .* hold 12"):
+        compute_baselines.main(flags + ["--result_dir", str(tmp_path / "pixel2")])
+
+
+def test_derived_arrays_made_from_other_sources_are_remade(tiny_abc, tmp_path, capsys):
+    root = fresh_benchmark(tiny_abc, tmp_path)
+    base = load_base_model(tiny_abc["sd_version"], "cpu")
+    images, captions = root / "laion_subset" / "images", root / "laion_subset" / "captions.txt"
+    encode_candidates(base, images, captions, root)
+    first = np.load(root / ARRAYS[1])
+    encode_candidates(base, images, captions, root)  # same sources: kept
+    assert "exist; pass --overwrite" in capsys.readouterr().out
+    lines = captions.read_text().split("\n")
+    captions.write_text("\n".join(["a different first caption"] + lines[1:]))
+    encode_candidates(base, images, captions, root)
+    assert "captions changed" in capsys.readouterr().out
+    remade = np.load(root / ARRAYS[1])
+    assert not np.array_equal(remade[0], first[0]) and np.array_equal(remade[1:], first[1:])
+
 def test_own_test_case_end_to_end(tiny_abc, tmp_path):
     """json/test_mine.json, not one of AbC's four: runs through both stages and is scored as its own family."""
     root = fresh_benchmark(tiny_abc, tmp_path)

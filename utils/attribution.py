@@ -4,7 +4,6 @@ controls, exact and two-stage scoring of every candidate, and what is written fo
 compute_influence.py checks everything with `preflight`, builds one `Attributor` per run, and calls
 `attribute_query` (exact) or `attribute_model_two_stage` (all of a model's queries at once) per unit of work.
 """
-import pickle
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,32 +13,31 @@ from tqdm.auto import tqdm
 
 from unlearn import unlearn
 
-from .customization import CONCEPT_TOKEN, apply_customization
+from .customization import CONCEPT_TOKEN, apply_customization, check_customized_model
 from .data import ExemplarCandidates, LaionCandidates
 from .encoders import encode_images, encode_prompt
 from .errors import InputError
 from .fisher import load_fisher
-from .io import save_npy, save_pickle
+from .io import load_pickle, save_npy, save_pickle
 from .layout import EXEMPLAR_LOSS, LAION_LOSS, VISUALIZATION, ResultsLayout
 from .loss_cache import check_loss_cache, load_losses_by_timestep, loss_settings, read_loss_cache
+from .losses import check_finite_losses
 from .metrics import fold_flips, influence_and_rank, rank_candidates
 from .precision import loss_unet
 from .screening import first_order_screen, rescore_rows, scatter_rows, screen_timesteps
 from .settings import InfluenceSettings, changed_settings, record
 from .tasks import exemplar_paths
 from .transforms import load_image_tensor, load_rgb
-from .visualize import laion_image_paths, save_top_k_figure
+from .data import laion_image_paths
+from .visualize import save_top_k_figure
 from .weights import PristineWeights, select_parameter_names
 
 
 def check_finished_queries(settings: InfluenceSettings, layout: ResultsLayout, finished) -> None:
     """A finished query is skipped, not redone: refuse to skip one made with other settings (names each)."""
     for task in finished:
-        try:
-            recorded = pickle.loads(layout.influence_file(task).read_bytes()).get("settings", {})
-        except (OSError, EOFError, pickle.UnpicklingError, AttributeError) as e:
-            raise InputError(f"cannot read the finished result {layout.influence_file(task)} ({e}); delete it, or "
-                             f"pass --overwrite") from e
+        result = load_pickle(layout.influence_file(task), "finished result", remedy="delete it, or pass --overwrite")
+        recorded = result.get("settings", {}) if isinstance(result, dict) else {}
         diffs = changed_settings(recorded, *settings.result)
         if diffs:
             raise InputError(f"{layout.influence_file(task)} is a finished result made with other settings:\n  "
@@ -53,6 +51,8 @@ def preflight(settings: InfluenceSettings, dataroot: Path, todo, laion, base, la
     checked = {}
     for task in todo:
         load_rgb(dataroot / task.synth_image_path)  # exists and reads as an image (or says which file does not)
+        check_customized_model(dataroot / task.model_path, [task.prompt, task.train_prompt],
+                               f"query {task.synth_image_path}")
         if task.model_path not in checked:
             ex_paths = exemplar_paths(dataroot, task)
             expected = loss_settings(task, base, laion, dataroot, 2 * len(ex_paths), settings.measurement())
@@ -78,10 +78,12 @@ def load_weights(params: dict, values: dict) -> None:
         p.copy_(values[n])
 
 
-def check_finite(task, *measured) -> None:
-    if not all(np.isfinite(m).all() for m in measured):
-        raise InputError(f"{task.synth_image_path}: losses after unlearning are not finite; the step is too "
-                         f"large (lower --unlearn_lr) or the Fisher has tiny entries (--fisher_floor)")
+def check_finite(task, precision: str, **measured) -> None:
+    """Stop before writing a query whose losses after unlearning hold NaN or inf (utils.losses.check_finite_losses)."""
+    for name, losses in measured.items():
+        check_finite_losses(losses, f"{task.synth_image_path}: {name} after unlearning", precision,
+                            "unlearning diverged: lower --unlearn_lr, raise --fisher_floor (tiny Fisher entries), "
+                            "or with fp16 use --precision bf16 or fp32")
 
 
 class Attributor:
@@ -99,7 +101,7 @@ class Attributor:
         self.loss_unet = loss_unet(base.unet, settings.common.compile)
         self.pristine = PristineWeights(base.unet)
         self.params, self.fisher, self.dataset_size = unlearning_setup(settings, base, dataroot)
-        self.laion_paths = laion_image_paths(dataroot)
+        self.laion_paths = laion_image_paths(dataroot, laion.total)
 
     def collect(self, candidates, desc: str, **kw) -> np.ndarray:
         return self.measurement.collect(self.loss_unet, self.base.scheduler, candidates, desc, **kw)
@@ -128,6 +130,9 @@ class Attributor:
         latents, text = self.query_inputs(task, generator)
         query = ExemplarCandidates(latents[:1].cpu(), text[:1].cpu())
         before = self.collect(query, "query loss")
+        check_finite_losses(before, f"{task.synth_image_path}: the query's loss before unlearning",
+                            self.measurement.precision, "the customized UNet overflows on the query: with fp16 try "
+                            "--precision bf16 or fp32; at fp32 the model's weights are damaged")
         self.pristine.protect(self.params)
         checks = []
         should_stop = self.stopping_rule(query, float(before[0]), laion_before, checks)
@@ -199,7 +204,7 @@ class Attributor:
         ex_after = self.collect(exemplars, "exemplar losses")
         laion_after = self.collect(self.laion, "LAION losses")
         self.pristine.restore()
-        check_finite(task, ex_after, laion_after)
+        check_finite(task, self.measurement.precision, exemplar=ex_after, LAION=laion_after)
         influence, rank = influence_and_rank(ex_before, ex_after, laion_before, laion_after)
         rows = len(ex_after) + len(laion_after)
         cost = {**self.unlearning_cost(unlearned), "loss tracking": rows * self.measurement.time_samples}
@@ -231,7 +236,7 @@ class Attributor:
             ex_measured = self.collect(exemplars, "re-scored exemplars", rows=ex_rows)
             laion_measured = self.collect(self.laion, "re-scored LAION", rows=laion_rows)
             load_weights(self.params, start)
-            check_finite(task, ex_measured, laion_measured)
+            check_finite(task, self.measurement.precision, exemplar=ex_measured, LAION=laion_measured)
             ex_after = scatter_rows(ex_measured, ex_rows, len(ex_before))  # float32, NaN where not re-scored
             laion_after = scatter_rows(laion_measured, laion_rows, len(laion_before))
             influence, rank = influence_and_rank(ex_before, ex_after, laion_before, laion_after, screen=screen)

@@ -27,7 +27,7 @@ from .data import ExemplarCandidates, LaionCandidates, load_exemplar_images
 from .encoders import encode_images, encode_prompt
 from .errors import InputError
 from .fisher import load_fisher
-from .io import load_json
+from .io import load_json, load_npy
 from .layout import EXEMPLAR_LATENTS, SETTINGS, ResultsLayout
 from .losses import noised_batches, per_row_loss
 from .metrics import fold_flips
@@ -36,8 +36,10 @@ from .per_sample_grads import PerSampleLinearGrads
 from .settings import BaselineSettings
 from .tasks import Task, exemplar_paths, tasks_by_model
 from .transforms import load_image_tensor
-from .visualize import laion_image_paths
+from .data import laion_image_paths
 from .weights import PristineWeights, select_parameter_names
+
+STAGE1_FIRST = "run compute_training_loss.py first (--loss_cache_dir)"
 
 
 @dataclass
@@ -56,9 +58,7 @@ class BaselineInputs:
     def exemplar_latents(self, task: Task) -> torch.Tensor:
         """The model's exemplar latents from its stage-1 cache [2E, 4, h, w] (unflipped, then flipped)."""
         path = self.layout.loss_cache(task) / EXEMPLAR_LATENTS
-        if not path.is_file():
-            raise InputError(f"{path} not found: run compute_training_loss.py first (--loss_cache_dir)")
-        return torch.from_numpy(np.load(path))
+        return torch.from_numpy(load_npy(path, "stage-1 exemplar latents", remedy=STAGE1_FIRST))
 
 
 def cosine_to_rows(query: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
@@ -84,7 +84,8 @@ def random_influence(inputs: BaselineInputs, tasks: List[Task]) -> Dict[str, np.
 def pixel_influence(inputs: BaselineInputs, tasks: List[Task]) -> Dict[str, np.ndarray]:
     """Cosine of pixels in [-1, 1] at the model's resolution (LAION rows: unflipped images, then flipped)."""
     resolution = inputs.base.resolution
-    laion_rows = load_exemplar_images(laion_image_paths(inputs.dataroot)[:inputs.laion.subset_size], resolution)
+    laion_rows = load_exemplar_images(laion_image_paths(inputs.dataroot, inputs.laion.total)[:inputs.laion.subset_size],
+                                      resolution)
     out = {}
     for task in tqdm(tasks, desc="pixel", unit="query"):
         query = load_image_tensor(inputs.dataroot / task.synth_image_path, resolution)
@@ -169,7 +170,8 @@ def gradient_influence(inputs: BaselineInputs, tasks: List[Task]) -> Dict[str, n
             queries.append(ExemplarCandidates(latent, encode_prompt(base.tokenizer, base.text_encoder, task.prompt)))
         q = torch.cat([whitened_unit_gradients(base, names, inv_sqrt_fisher, c, settings, "query gradient")
                        for c in queries])
-        exemplars = ExemplarCandidates(torch.from_numpy(np.load(cache / EXEMPLAR_LATENTS)),
+        exemplars = ExemplarCandidates(torch.from_numpy(load_npy(cache / EXEMPLAR_LATENTS, "stage-1 exemplar latents",
+                                                                 remedy=STAGE1_FIRST)),
                                        encode_prompt(base.tokenizer, base.text_encoder, model_tasks[0].train_prompt))
         ex_scores = whitened_unit_gradients(base, names, inv_sqrt_fisher, exemplars, settings,
                                             "exemplar gradients") @ q.T

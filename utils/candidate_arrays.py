@@ -11,7 +11,6 @@ a progress record; a rerun continues from the last finished batch, and the finis
 partial ones in one rename each.
 """
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import List
@@ -20,37 +19,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import LAION_LATENTS, LAION_TEXT_EMBEDDINGS
+from .data import LAION_LATENTS, LAION_TEXT_EMBEDDINGS, candidate_image_paths
 from .errors import InputError
-from .io import save_json
+from .io import load_json, load_npy, read_lines, save_json
 from .encoders import encode_prompt, encode_with_noise, latent_hw
 from .models import BaseModel
 from .transforms import load_image_tensor
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROGRESS = "encode_candidates.progress.json"
 RECORD = "encode_candidates.json"
 
 
-def candidate_images(images_dir) -> List[Path]:
-    """Image files of a folder in the sorted order that rows and caption lines follow."""
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise InputError(f"candidate image folder not found: {images_dir}")
-    paths = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise InputError(f"{images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return paths
-
-
 def read_captions(captions_file, n_images: int, images_dir) -> List[str]:
-    captions_file = Path(captions_file)
-    if not captions_file.is_file():
-        raise InputError(f"captions file not found: {captions_file} (one caption a line, in the sorted order of "
-                         f"the images in {images_dir})")
-    captions = captions_file.read_text(encoding="utf-8").splitlines()
-    if captions and captions[-1] == "":
-        captions = captions[:-1]
+    """One caption per image, line by line in the images' sorted order. Lines end at '\\n' only (utils.io.read_lines):
+    a caption may hold U+2028, U+0085 or a form feed, and an empty last caption is a caption."""
+    captions = read_lines(captions_file, "captions file", remedy=f"one caption a line, in the sorted order of the "
+                                                                  f"images in {images_dir}")
     if len(captions) != n_images:
         raise InputError(f"{captions_file} has {len(captions)} caption lines but {images_dir} has {n_images} images; "
                          f"they must pair up line by line in sorted file-name order")
@@ -63,14 +47,20 @@ def encode_candidates(base: BaseModel, images_dir, captions_file, out_dir, seed:
     Returns the record saved beside them (encode_candidates.json). Skips finished arrays unless `overwrite`."""
     out_dir = Path(out_dir)
     finals = [out_dir / LAION_LATENTS, out_dir / LAION_TEXT_EMBEDDINGS]
-    if all(f.is_file() for f in finals) and not overwrite:
-        print(f"{finals[0]} and {finals[1].name} exist; pass --overwrite to remake them")
-        return json.loads((out_dir / RECORD).read_text()) if (out_dir / RECORD).is_file() else {}
-    paths = candidate_images(images_dir)
+    paths = candidate_image_paths(images_dir)
     captions = read_captions(captions_file, len(paths), images_dir)
     n, resolution = len(paths), base.resolution
     settings = {"base_model": base.fingerprint, "seed": seed, "n_images": n, "resolution": resolution,
                 "images": _digest([p.name for p in paths]), "captions": _digest(captions)}
+    if all(f.is_file() for f in finals) and not overwrite:
+        record = load_json(out_dir / RECORD, "encoding record") if (out_dir / RECORD).is_file() else None
+        stale = [k for k in settings if record is not None and record.get(k) != settings[k]]
+        if not stale:  # made from these sources (or by someone else: no record to tell)
+            print(f"{finals[0]} and {finals[1].name} exist; pass --overwrite to remake them")
+            return record or {}
+        print(f"{finals[0]} and {finals[1].name} were made from other sources ({', '.join(stale)} changed, "
+              f"{RECORD}): remaking them")
+        overwrite = True
     latents, texts, done = _open_partial(out_dir, settings, n, base, overwrite)
     bar = tqdm(total=n, initial=done, desc="encoding candidates", unit="image")
     for start in range(done, n, batch_size):
@@ -109,12 +99,14 @@ def _open_partial(out_dir: Path, settings: dict, n: int, base: BaseModel, overwr
     lat_path = out_dir / (LAION_LATENTS + ".partial")
     txt_path = out_dir / (LAION_TEXT_EMBEDDINGS + ".partial")
     if progress_file.is_file() and lat_path.is_file() and txt_path.is_file() and not overwrite:
-        progress = json.loads(progress_file.read_text())
+        progress = load_json(progress_file, "encoding progress record")
         if progress.get("settings") != settings:
             raise InputError(f"{progress_file}: a stopped run with other settings ({progress.get('settings')}) left "
                              f"partial arrays in {out_dir}; pass --overwrite to start again")
         print(f"resuming at image {progress['done']} of {n}")
-        return (np.load(lat_path, mmap_mode="r+"), np.load(txt_path, mmap_mode="r+"), int(progress["done"]))
+        remedy = "pass --overwrite to start the encoding again"
+        return (load_npy(lat_path, "partial array", mmap_mode="r+", remedy=remedy),
+                load_npy(txt_path, "partial array", mmap_mode="r+", remedy=remedy), int(progress["done"]))
     channels = base.vae.config.latent_channels
     h, w = latent_hw(base.vae, (settings["resolution"],) * 2)
     tokens = base.tokenizer.model_max_length

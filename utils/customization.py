@@ -1,23 +1,45 @@
-"""A Custom Diffusion model on top of the base: its K/V weights and its <new1> embedding."""
+"""A customized model on top of the base: the forms a model folder may take, loading each, and its fingerprint
+(docs/method.md, section 2).
+
+* Custom Diffusion: `pytorch_custom_diffusion_weights.pt` (AbC), or `.bin` / `.safetensors` as diffusers'
+  `train_custom_diffusion.py` saves it (`save_attn_procs`): the cross-attention K/V (and, with
+  `--freeze_model crossattn`, Q/out) weights, under UNet or diffusers' processor names.
+* LoRA: `pytorch_lora_weights.safetensors` (or `.bin`), as diffusers' LoRA trainers save it
+  (`save_lora_weights`): loaded by diffusers into peft layers, fused into the weights, and the layers removed, so
+  the UNet (and text encoder) are plain modules again holding the merged weights.
+* Full fine-tune (DreamBooth): a diffusers pipeline folder (`model_index.json`, `unet/`, optionally
+  `text_encoder/`): its weights replace the base's.
+
+With any form, one `<token>.bin` / `<token>.safetensors` file per modifier token (torch pickle or safetensors
+bytes, whatever the name says): `{token: embedding}`. Every token file of the folder is loaded; a prompt
+that names a `<token>` the folder does not hold is refused before any work (`check_prompt_tokens`).
+"""
+import logging
 import re
+import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .errors import InputError
 from .fingerprints import files_fingerprint
+from .io import load_tensors
 from .models import BaseModel
 from .weights import PristineWeights
 
-
-CUSTOM_WEIGHTS_FILE = "pytorch_custom_diffusion_weights.pt"
-
-
+CUSTOM_WEIGHTS_FILE = "pytorch_custom_diffusion_weights.pt"  # AbC's name; the trainer's are in CUSTOM_WEIGHTS_FILES
+CUSTOM_WEIGHTS_FILES = (CUSTOM_WEIGHTS_FILE, "pytorch_custom_diffusion_weights.bin",
+                        "pytorch_custom_diffusion_weights.safetensors")
+LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+FULL_MODEL_FILE = "model_index.json"  # a diffusers pipeline folder: a full fine-tune
 CONCEPT_TOKEN = "<new1>"
-
-
 CONCEPT_FILE = "<new1>.bin"
+TOKEN_FILE = re.compile(r"^(<[^<>\s/]+>)\.(bin|safetensors)$")
+PROMPT_TOKEN = re.compile(r"<[^<>\s]+>")
+FORMS = ("custom-diffusion", "lora", "full")
+ACCEPTED = (f"{' / '.join(CUSTOM_WEIGHTS_FILES)} (Custom Diffusion), {' / '.join(LORA_FILES)} (LoRA), or "
+            f"{FULL_MODEL_FILE} with unet/ (a full fine-tune, e.g. DreamBooth)")
 
 
 # diffusers' Custom Diffusion trainer saves processor weights; map them onto the plain UNet names.
@@ -29,22 +51,91 @@ def to_unet_parameter_name(key: str) -> str:
     return _PROCESSOR_KEY.sub(lambda m: f".{m.group(1)}.", key)
 
 
+def customization_form(model_dir) -> Tuple[str, List[Path]]:
+    """(form, the weight files it loads) of a model folder: 'custom-diffusion', 'lora' or 'full'. Raises
+    InputError for a missing folder, a folder with none of the accepted files, or with two forms at once."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InputError(f"customized model folder not found: {model_dir}")
+    found = {"custom-diffusion": [model_dir / f for f in CUSTOM_WEIGHTS_FILES if (model_dir / f).is_file()],
+             "lora": [model_dir / f for f in LORA_FILES if (model_dir / f).is_file()],
+             "full": full_model_files(model_dir) if (model_dir / FULL_MODEL_FILE).is_file() else []}
+    forms = [k for k, v in found.items() if v]
+    if not forms:
+        raise InputError(f"{model_dir} holds no customized model: expected {ACCEPTED}")
+    several = [p for k in forms for p in found[k]] if len(forms) > 1 or len(found[forms[0]]) > 1 else []
+    if several and forms != ["full"]:
+        raise InputError(f"{model_dir} holds {len(several)} customized weight files "
+                         f"({', '.join(p.name for p in several)}); keep the one the model was saved as")
+    return forms[0], found[forms[0]]
+
+
+def full_model_files(model_dir: Path) -> List[Path]:
+    """The weight and config files of a full fine-tune's UNet (required) and text encoder (optional)."""
+    unet = sorted(p for p in (model_dir / "unet").glob("*") if p.suffix in (".safetensors", ".bin", ".json"))
+    if not any(p.suffix != ".json" for p in unet):
+        raise InputError(f"{model_dir} has {FULL_MODEL_FILE} but no unet/ weights: a full fine-tune needs "
+                         f"unet/config.json and unet/diffusion_pytorch_model.safetensors (save_pretrained)")
+    text = sorted(p for p in (model_dir / "text_encoder").glob("*") if p.suffix in (".safetensors", ".bin", ".json"))
+    return unet + text
+
+
+def token_files(model_dir) -> Dict[str, Path]:
+    """{token: file} of the folder's modifier-token embeddings (`<new1>.bin`, `<new2>.safetensors`, ...)."""
+    model_dir = Path(model_dir)
+    out = {}
+    for path in sorted(model_dir.iterdir()) if model_dir.is_dir() else []:
+        match = TOKEN_FILE.match(path.name)
+        if match and path.is_file():
+            if match.group(1) in out:
+                raise InputError(f"{model_dir} holds two embeddings of {match.group(1)} ({out[match.group(1)].name}, "
+                                 f"{path.name}); keep one")
+            out[match.group(1)] = path
+    return out
+
+
+def check_customized_model(model_dir, prompts, where: str) -> str:
+    """Before any work: the folder holds one accepted form, and every `<token>` the prompts name has its embedding
+    there. Returns the form."""
+    form, _ = customization_form(model_dir)
+    for prompt in prompts:
+        check_prompt_tokens(prompt, model_dir, where)
+    return form
+
+
+def check_prompt_tokens(prompt: str, model_dir, where: str) -> None:
+    """Refuse a prompt that names a `<token>` the model folder holds no embedding for: the tokenizer would read
+    it as plain text, and the losses would silently belong to another prompt."""
+    held = token_files(model_dir)
+    missing = [t for t in PROMPT_TOKEN.findall(prompt) if t not in held]
+    if missing:
+        raise InputError(f"{where}: the prompt {prompt!r} names {', '.join(missing)}, but {model_dir} holds no "
+                         f"embedding for it (files {', '.join(f'{t}.bin' for t in missing)}; it has "
+                         f"{', '.join(held) or 'none'}): add the token's file from the training run, or fix the prompt")
+
+
 def load_custom_diffusion_weights(unet: torch.nn.Module, model_dir,
                                   pristine: Optional[PristineWeights] = None) -> List[str]:
     """Copy a Custom Diffusion state dict into `unet`, checking every key and shape (no strict=False).
 
-    Accepts UNet parameter names (`...attn2.to_k.weight`) or diffusers' processor names
-    (`...attn2.processor.to_k_custom_diffusion.weight`). Returns the UNet names that were loaded.
+    Reads whichever of CUSTOM_WEIGHTS_FILES the folder holds. Accepts UNet parameter names
+    (`...attn2.to_k.weight`) or diffusers' processor names (`...attn2.processor.to_k_custom_diffusion.weight`).
+    Returns the UNet names that were loaded.
     """
-    path = Path(model_dir) / CUSTOM_WEIGHTS_FILE
-    if not path.is_file():
-        raise InputError(f"customized weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    form, files = customization_form(model_dir)
+    if form != "custom-diffusion":
+        raise InputError(f"{model_dir} holds a {form} model, not Custom Diffusion weights")
+    path = files[0]
+    state = load_tensors(path, "customized weights", "train, download or save the model again")
     if not isinstance(state, dict) or not state:
         raise InputError(f"{path} holds no state dict of tensors")
+    # diffusers' trainer pickles the self-attention processors too, as empty dicts: nothing was trained there
+    state = {k: v for k, v in state.items() if not (isinstance(v, dict) and not v)}
     params = dict(unet.named_parameters())
     unknown, bad_shape, mapped = [], [], {}
     for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         name = to_unet_parameter_name(key)
         if name not in params:
             unknown.append(key)
@@ -71,15 +162,16 @@ def load_custom_diffusion_weights(unet: torch.nn.Module, model_dir,
 
 
 def load_concept_embedding(tokenizer, text_encoder, model_dir, token: str = CONCEPT_TOKEN) -> int:
-    """Set the `<new1>` embedding of a customized model; adds the token the first time, overwrites after.
+    """Set the embedding of one modifier token (`<new1>`) of a customized model; adds the token the first time,
+    overwrites after.
 
     Unlike the pipeline's `load_textual_inversion`, this may be called again for the next model
     (docs/method.md, pitfall 7). Returns the token id.
     """
-    path = Path(model_dir) / CONCEPT_FILE
-    if not path.is_file():
-        raise InputError(f"concept embedding not found: {path}")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    path = token_files(model_dir).get(token)
+    if path is None:
+        raise InputError(f"concept embedding not found: {Path(model_dir) / f'{token}.bin'} (nor .safetensors)")
+    data = load_tensors(path, "concept embedding", "save it again from the training run")
     if not isinstance(data, dict) or token not in data:
         keys = list(data) if isinstance(data, dict) else type(data).__name__
         raise InputError(f"{path}: expected a dict with key {token!r}, found {keys}")
@@ -100,19 +192,111 @@ def load_concept_embedding(tokenizer, text_encoder, model_dir, token: str = CONC
     return token_id
 
 
+def load_concept_embeddings(tokenizer, text_encoder, model_dir) -> List[str]:
+    """Load every modifier token the folder holds (a multi-concept model has one file per token)."""
+    tokens = list(token_files(model_dir))
+    for token in tokens:
+        load_concept_embedding(tokenizer, text_encoder, model_dir, token)
+    return tokens
+
+
+def _quiet_pipeline(base: BaseModel):
+    """A StableDiffusionPipeline over the base's own modules (nothing copied), for diffusers' LoRA loader."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                           unet=base.unet, scheduler=base.scheduler, safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def load_lora(base: BaseModel, model_dir, pristine: PristineWeights, text_pristine: PristineWeights) -> List[str]:
+    """Merge a diffusers-format LoRA into the UNet (and text encoder) with diffusers + peft: load, fuse at
+    scale 1, remove the LoRA layers. Returns the UNet parameters whose values changed."""
+    before = {n: p.detach().clone() for n, p in base.unet.named_parameters()}
+    pristine.protect(before)  # every parameter: which ones a LoRA targets is the file's business
+    text_pristine.protect(name for name, _ in base.text_encoder.named_parameters())
+    pipe = _quiet_pipeline(base)
+    try:
+        pipe.load_lora_weights(str(model_dir), adapter_name="customization")
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        raise InputError(f"{model_dir}: diffusers cannot load this LoRA ({str(e).splitlines()[0]}); is it "
+                         f"a LoRA of --sd_version saved with save_lora_weights?") from e
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    return [n for n, p in base.unet.named_parameters() if not torch.equal(p, before[n])]
+
+
+def load_full_model(base: BaseModel, model_dir, pristine: PristineWeights, text_pristine: PristineWeights) -> List[str]:
+    """Copy a full fine-tune's UNet (and text encoder, when its folder has one) into the base, every shape
+    checked; the tokenizer stays the base's. Returns the UNet parameters whose values changed."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    model_dir = Path(model_dir)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+        text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder") \
+            if (model_dir / "text_encoder").is_dir() else None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"cannot load the full fine-tune in {model_dir}: {str(e).splitlines()[0]}") from e
+    changed = copy_weights(base.unet, unet.state_dict(), pristine, model_dir / "unet")
+    if text is not None:
+        copy_weights(base.text_encoder, text.state_dict(), text_pristine, model_dir / "text_encoder")
+    return changed
+
+
+@torch.no_grad()
+def copy_weights(module: torch.nn.Module, state: dict, pristine: PristineWeights, where: Path) -> List[str]:
+    """Copy `state` into `module`'s parameters (protected first); a token-embedding table with fewer rows than
+    the module's (tokens added by an earlier model) fills the first rows. Returns the names that changed."""
+    params = dict(module.named_parameters())
+    missing = [n for n in params if n not in state]
+    bad = [n for n in params if n in state and (state[n].shape[1:] != params[n].shape[1:]
+                                                 or state[n].shape[0] > params[n].shape[0])]
+    if missing or bad:
+        raise InputError(f"{where}: {len(missing)} parameter(s) missing and {len(bad)} of another shape than "
+                         f"--sd_version's (e.g. {(missing + bad)[0]!r}); is it a fine-tune of that base model?")
+    changed = [n for n, p in params.items() if not torch.equal(p[:len(state[n])], state[n].to(p.dtype))]
+    pristine.protect(changed)
+    for n in changed:
+        params[n][:len(state[n])].copy_(state[n])
+    return changed
+
+
+def text_encoder_pristine(base: BaseModel) -> PristineWeights:
+    """The base text encoder's values, kept on the base model (a LoRA or a full fine-tune may change them)."""
+    if getattr(base, "text_encoder_pristine", None) is None:
+        base.text_encoder_pristine = PristineWeights(base.text_encoder)
+    return base.text_encoder_pristine
+
+
 def apply_customization(base: BaseModel, pristine: PristineWeights, model_dir) -> List[str]:
-    """Turn the base model into one customized model: base UNet + its K/V weights + its <new1> embedding."""
+    """Turn the base model into one customized model, whatever its form: the base restored, the model's
+    weights loaded or merged, every modifier token's embedding set. Returns the UNet parameters it changed."""
+    text_pristine = text_encoder_pristine(base)
     pristine.restore()
-    loaded = load_custom_diffusion_weights(base.unet, model_dir, pristine)
-    load_concept_embedding(base.tokenizer, base.text_encoder, model_dir)
+    text_pristine.restore()
+    form, _ = customization_form(model_dir)
+    if form == "custom-diffusion":
+        loaded = load_custom_diffusion_weights(base.unet, model_dir, pristine)
+    elif form == "lora":
+        loaded = load_lora(base, model_dir, pristine, text_pristine)
+    else:
+        loaded = load_full_model(base, model_dir, pristine, text_pristine)
+    load_concept_embeddings(base.tokenizer, base.text_encoder, model_dir)
     return loaded
 
 
 def customization_fingerprint(model_dir) -> str:
-    """Identifies a customized model by its two files' bytes (so a re-trained model is not taken for the old)."""
-    model_dir = Path(model_dir)
-    paths = [model_dir / CUSTOM_WEIGHTS_FILE, model_dir / CONCEPT_FILE]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise InputError(f"customized model file not found: {missing[0]}")
-    return files_fingerprint(paths)
+    """Identifies a customized model by the bytes of what is loaded from it: its weight files, then its token
+    files (so a re-trained model is not taken for the old, and a moved folder keeps its caches)."""
+    _, files = customization_form(model_dir)
+    return files_fingerprint(files + list(token_files(model_dir).values()))

@@ -5,16 +5,49 @@ a candidate i has rows i and n + i.
 """
 import hashlib
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .errors import InputError
+from .io import load_npy
 from .transforms import load_image_tensor
 
 LAION_LATENTS = "laion_latents.npy"
 LAION_TEXT_EMBEDDINGS = "laion_text_embeddings.npy"
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LAION_IMAGES = Path("laion_subset") / "images"
+
+
+def candidate_image_paths(images_dir, required: bool = True) -> List[Path]:
+    """The image files of a candidate folder, in the sorted order that the candidate arrays' rows and the caption
+    lines follow: the one listing every reader uses (encoding, the top-10 picture, the pixel baseline, the HTML
+    page). Hidden files (`.DS_Store`, `._name`) and files that are not images are not candidates. Raises
+    InputError for a missing or image-less folder when `required`; else returns [] for a missing one."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        if not required:
+            return []
+        raise InputError(f"candidate image folder not found: {images_dir}")
+    paths = sorted(p for p in images_dir.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths and required:
+        raise InputError(f"{images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def laion_image_paths(dataroot, n_rows: Optional[int] = None) -> List[Path]:
+    """The LAION subset's images (<dataroot>/laion_subset/images) in candidate order, [] when the folder is absent
+    (pictures then show placeholders). With `n_rows` (the arrays' image count), a folder holding another number
+    of images is refused: every picture would name the wrong candidates."""
+    paths = candidate_image_paths(Path(dataroot) / LAION_IMAGES, required=False)
+    if n_rows is not None and paths and len(paths) != n_rows:
+        raise InputError(f"{Path(dataroot) / LAION_IMAGES} holds {len(paths)} images but the candidate arrays in "
+                         f"{dataroot} hold {n_rows}: pictures would label the wrong candidates. Restore the folder, "
+                         f"or re-encode the arrays from it (python data/encode_candidates.py --overwrite)")
+    return paths
 
 
 class ExemplarCandidates:
@@ -99,9 +132,5 @@ class LaionCandidates:
 
 
 def _open_array(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise InputError(f"{path} not found; run data/download_abc.sh or check --dataroot")
-    try:
-        return np.load(path, mmap_mode="r")
-    except ValueError as e:
-        raise InputError(f"cannot read {path} as a .npy array: {e}") from e
+    return load_npy(path, "candidate array", mmap_mode="r",
+                    remedy="run data/download_abc.sh (or data/encode_candidates.py --overwrite) or check --dataroot")

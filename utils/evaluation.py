@@ -6,12 +6,12 @@ another tool, are scored by the same rule as everything else.
 """
 import csv
 import io
-import pickle
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from .errors import InputError
+from .io import load_pickle
 from .layout import ResultsLayout
 from .metrics import mean_and_stderr, query_metrics, rank_candidates
 from .tasks import FAMILIES, TEST_CASES, Task
@@ -20,8 +20,7 @@ def load_result(layout: ResultsLayout, task: Task) -> dict:
     """A query's influence.pkl, with `rank` recomputed from its influence (ties against the exemplars; a two-stage
     result's candidates that were not re-scored are ordered by its screen)."""
     path = layout.influence_file(task)
-    with open(path, "rb") as f:
-        result = pickle.load(f)
+    result = load_pickle(path, "result", remedy="rerun compute_influence.py for this query with --overwrite")
     if not isinstance(result, dict) or "n_exemplar" not in result or "influence" not in result:
         raise InputError(f"{path} has no 'influence' or 'n_exemplar' (written by another tool?); "
                          f"rerun compute_influence.py for this query")

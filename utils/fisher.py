@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .data import LaionCandidates
 from .errors import InputError
-from .io import save_json, save_torch
+from .io import damaged, load_json, load_tensors, save_json, save_torch
 from .losses import per_row_loss
 from .models import BaseModel
 from .weights import select_parameter_names
@@ -105,18 +105,27 @@ def write_fisher(base: BaseModel, laion: LaionCandidates, output, config: Fisher
     `output.partial` when a killed run left one made with the same settings. Skips a finished output
     unless `overwrite`."""
     output = Path(output)
+    # what decides the numbers: the settings, the base model and the candidate rows (not where they lie)
+    settings = {**asdict(config), "base_model": base.fingerprint, "laion_arrays": laion.fingerprint()}
     if output.exists() and not overwrite:
-        print(f"{output} exists; pass --overwrite to recompute")
-        return output
+        record = output.with_suffix(".json")
+        made = load_json(record, "Fisher record") if record.is_file() else {}
+        stale = [k for k in ("base_model", "laion_arrays") if k in made and made[k] != settings[k]]
+        if not stale:
+            print(f"{output} exists; pass --overwrite to recompute")
+            return output
+        print(f"{output} was estimated for another {' and '.join(stale)} ({record}): estimating it again")
+        overwrite = True
     if config.num_samples < 1 or config.batch_size < 1:
         raise InputError("--num_samples and --batch_size must be positive")
     names = select_parameter_names(base.unet, config.weight_selection)
-    # what decides the numbers: the settings, the base model and the candidate rows (not where they lie)
-    settings = {**asdict(config), "base_model": base.fingerprint, "laion_arrays": laion.fingerprint()}
     checkpoint = output.with_name(output.name + ".partial")
     state = None
     if checkpoint.exists() and not overwrite:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)  # our own checkpoint
+        except Exception as e:  # a run killed mid-write by the OS, a full disk: the checkpoint is only a shortcut
+            raise damaged(checkpoint, "Fisher checkpoint", e, "delete it (the estimate restarts from sample 0)") from e
         if state.get("settings") != settings:
             raise InputError(f"{checkpoint} was made with other settings ({state.get('settings')}); "
                              f"delete it or pass --overwrite")
@@ -142,11 +151,8 @@ def load_fisher(path, params: Dict[str, torch.Tensor], floor: Optional[float] = 
     with a zero / negative / non-finite entry is an error, since the update divides by it (docs/method.md, pitfall 5);
     `floor` instead raises every entry to at least that value.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"Fisher file not found: {path}; download it with data/download_abc.sh "
-                         f"or build it with compute_fisher.py (--fisher_path)")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = load_tensors(path, "Fisher file", "download it with data/download_abc.sh or build it with "
+                                           "compute_fisher.py (--fisher_path)")
     if not isinstance(raw, dict):
         raise InputError(f"{path}: expected a dict of parameter name -> tensor, got {type(raw).__name__}")
     table = {(k[len("unet."):] if k.startswith("unet.") else k): v for k, v in raw.items()}

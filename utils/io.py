@@ -1,4 +1,6 @@
-"""Atomic file output and checked reading of JSON (docs/reliability.md)."""
+"""Atomic file output, and the one way every script reads a file (JSON, NumPy, pickle, torch or safetensors
+tensors, text lines): a missing or damaged file becomes one InputError that names it and says what to do
+(docs/reliability.md). Images are read by utils.transforms.load_rgb, which does the same."""
 import io
 import json
 import os
@@ -77,6 +79,20 @@ def save_torch(path, obj) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def _check_exists(path: Path, what: str, remedy: str) -> None:
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}" + (f"; {remedy}" if remedy else ""))
+
+
+def damaged(path, what: str, error: Exception, remedy: str) -> InputError:
+    """The error for a file that exists but cannot be read: which file, its size, the reader's words, the fix."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
+    why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return InputError(f"cannot read {what} {path} ({size} bytes: {why}); the file is damaged or truncated: "
+                      f"{remedy or 'copy, download or save it again'}")
+
+
 def load_json(path, what: str):
     """Read a JSON file, turning a missing or malformed file into an InputError that names it."""
     path = Path(path)
@@ -89,3 +105,68 @@ def load_json(path, what: str):
         raise InputError(f"{what} {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
     except (UnicodeDecodeError, OSError) as e:
         raise InputError(f"cannot read {what} {path}: {e}") from e
+
+
+SAFETENSORS_MAGIC_BYTES = 8  # a safetensors file opens with the length of its JSON header, then '{'
+
+
+def is_safetensors(path) -> bool:
+    """Does the file hold safetensors bytes, whatever its name says (diffusers' Custom Diffusion trainer has
+    written safetensors under a .bin name)?"""
+    with open(path, "rb") as f:
+        head = f.read(SAFETENSORS_MAGIC_BYTES + 1)
+    return len(head) == SAFETENSORS_MAGIC_BYTES + 1 and head[-1:] == b"{" and \
+        int.from_bytes(head[:SAFETENSORS_MAGIC_BYTES], "little") < (1 << 32)
+
+
+def load_tensors(path, what: str, remedy: str = ""):
+    """A dict of tensors from a torch pickle (.pt / .bin, loaded with weights_only) or a safetensors file
+    (told apart by content, not name), on the CPU. Raises InputError naming the file when it is missing,
+    truncated or holds something else."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    _check_exists(path, what, remedy)
+    try:
+        if is_safetensors(path):
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch, zipfile, pickle and safetensors each raise their own kinds for a damaged file
+        raise damaged(path, what, e, remedy) from e
+
+
+def load_npy(path, what: str, mmap_mode=None, remedy: str = "") -> np.ndarray:
+    """A .npy array (memory-mapped with `mmap_mode`); a missing, truncated or non-.npy file is an InputError."""
+    path = Path(path)
+    _check_exists(path, what, remedy)
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise damaged(path, what, e, remedy) from e
+
+
+def load_pickle(path, what: str, remedy: str = ""):
+    """An object from a pickle file this repo wrote (influence.pkl); a damaged one is an InputError."""
+    path = Path(path)
+    _check_exists(path, what, remedy)
+    try:
+        return pickle.loads(path.read_bytes())
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError) as e:
+        raise damaged(path, what, e, remedy) from e
+
+
+def read_lines(path, what: str, remedy: str = "") -> list:
+    """The lines of a UTF-8 text file split on '\\n' only (as `wc -l` and Python's readlines() count them:
+    U+2028, U+0085 and form feeds stay inside a line), without a final empty line; '\\r\\n' endings lose the
+    '\\r'."""
+    path = Path(path)
+    _check_exists(path, what, remedy)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise damaged(path, what, e, remedy or "save it as UTF-8 text") from e
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    return [line[:-1] if line.endswith("\r") else line for line in lines]

@@ -7,7 +7,7 @@
     <result_dir>/influence/<synth_image_path without synth/>/         stage 2 (and the baselines), one per query
         exemplar_loss.npy, laion_loss.npy, visualization.jpg, influence.pkl (written last)
     <result_dir>/eval/<task file name>/                               evaluate.py
-        per_query.csv, summary.csv, summary.md
+        per_query.csv, summary.csv, summary.md, index.html (the browsable page, utils/report.py)
 
 The file written last marks a finished output: reruns skip a model or query whose marker exists. While a
 process works on one, it holds a claim file beside it (`.claim`, removed when it ends), so two processes

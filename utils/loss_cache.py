@@ -10,11 +10,10 @@ reader but not compared.
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .errors import InputError
-from .io import load_json, save_json, save_npy
+from .io import load_json, load_npy, save_json, save_npy
 from .layout import EXEMPLAR_LATENTS, EXEMPLAR_LOSS, EXEMPLAR_LOSS_BY_T, LAION_LOSS, LAION_LOSS_BY_T, SETTINGS
 from .losses import NOISE_GENERATOR_DEVICE, LossMeasurement, mean_over_timesteps
 from .customization import customization_fingerprint
@@ -54,6 +53,7 @@ def loss_settings(task, base, laion, dataroot, n_exemplar_rows: int, measurement
         n_laion_rows=len(laion))
 
 
+RECOMPUTE = "rerun compute_training_loss.py with --overwrite"
 CACHE_FILES = (EXEMPLAR_LOSS, LAION_LOSS, EXEMPLAR_LOSS_BY_T, LAION_LOSS_BY_T, EXEMPLAR_LATENTS, SETTINGS)
 
 
@@ -78,7 +78,8 @@ def save_loss_cache(cache_dir, exemplar_by_t, laion_by_t, exemplar_latents, sett
 def load_losses_by_timestep(cache_dir):
     """(exemplar, LAION) per-timestep losses [rows, T] of a finished cache (check it first)."""
     cache_dir = Path(cache_dir)
-    return np.load(cache_dir / EXEMPLAR_LOSS_BY_T), np.load(cache_dir / LAION_LOSS_BY_T)
+    return (load_npy(cache_dir / EXEMPLAR_LOSS_BY_T, "loss cache", remedy=RECOMPUTE),
+            load_npy(cache_dir / LAION_LOSS_BY_T, "loss cache", remedy=RECOMPUTE))
 
 
 def check_loss_cache(cache_dir, expected: LossSettings) -> dict:
@@ -100,12 +101,13 @@ def read_loss_cache(cache_dir, cached: dict):
     """(exemplar_loss, laion_loss, exemplar_latents) of a cache that `check_loss_cache` passed (its settings
     `cached`), after checking the arrays' row counts against them."""
     cache_dir = Path(cache_dir)
-    exemplar_loss = np.load(cache_dir / EXEMPLAR_LOSS)
-    laion_loss = np.load(cache_dir / LAION_LOSS)
+    exemplar_loss = load_npy(cache_dir / EXEMPLAR_LOSS, "loss cache", remedy=RECOMPUTE)
+    laion_loss = load_npy(cache_dir / LAION_LOSS, "loss cache", remedy=RECOMPUTE)
     if len(exemplar_loss) != cached["n_exemplar_rows"] or len(laion_loss) != cached["n_laion_rows"]:
         raise InputError(f"{cache_dir}: loss arrays do not match the row counts in {SETTINGS}; "
                          f"rerun compute_training_loss.py with --overwrite")
-    return exemplar_loss, laion_loss, torch.from_numpy(np.load(cache_dir / EXEMPLAR_LATENTS))
+    return exemplar_loss, laion_loss, torch.from_numpy(load_npy(cache_dir / EXEMPLAR_LATENTS, "loss cache",
+                                                                remedy=RECOMPUTE))
 
 
 def check_settings(cached: dict, expected: LossSettings, cache_dir) -> None:

@@ -124,6 +124,20 @@ def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samp
     return (by_t if per_timestep else mean_over_timesteps(by_t)).numpy()
 
 
+def check_finite_losses(losses: np.ndarray, what: str, precision: str, remedy: str) -> None:
+    """Refuse losses holding NaN or inf before anything is written: one error naming the rows (of `what`), the
+    precision they were measured at and `remedy`. A non-finite loss cached as finished would make every
+    influence of its model noise, and the next stage blame something else."""
+    losses = np.asarray(losses)
+    if not losses.size:
+        return
+    bad = np.flatnonzero(~np.isfinite(losses.reshape(len(losses), -1)).all(axis=1))
+    if len(bad):
+        raise InputError(f"{what}: {len(bad)} of {len(losses)} row(s) have a NaN or infinite loss (rows "
+                         f"{bad[:8].tolist()}{' ...' if len(bad) > 8 else ''}) at --precision {precision}; {remedy}. "
+                         f"Nothing was written for it")
+
+
 def mean_over_timesteps(by_t) -> torch.Tensor:
     """[rows, T] -> [rows]: the one reduction both stages apply, so their means agree to the bit."""
     return torch.as_tensor(by_t, dtype=torch.float32).mean(dim=1)

@@ -22,6 +22,7 @@ class BaseModel:
     scheduler: object
     sd_version: str
     fingerprint: str = ""
+    text_encoder_pristine: object = None  # utils.weights.PristineWeights of the text encoder, made on first use
 
     @property
     def resolution(self) -> int:

@@ -13,12 +13,6 @@ LABEL_HEIGHT = 22
 RED = (220, 20, 20)
 
 
-def laion_image_paths(dataroot) -> List[Path]:
-    """LAION subset images in the sorted order that the latent and caption rows follow."""
-    folder = Path(dataroot) / "laion_subset" / "images"
-    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-
-
 def _tile(path, label: str, outline: bool, font) -> Image.Image:
     tile = Image.new("RGB", (TILE, TILE + LABEL_HEIGHT), "white")
     try:

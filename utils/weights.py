@@ -26,22 +26,34 @@ def select_parameter_names(model: torch.nn.Module, weight_selection: str) -> Lis
 
 
 class PristineWeights:
-    """Base values of every UNet parameter that a customization or an unlearning run changes.
+    """Base values of every parameter of a module that a customization or an unlearning run changes.
 
     Invariant: a parameter not saved here still holds its base value, so `protect` before a change
-    saves the base value, and `restore` brings the UNet back to the base model (kept on the CPU).
+    saves the base value, and `restore` brings the module back to the base model (kept on the CPU).
+    Parameters are looked up by name at each call, since loading a token embedding replaces the table; a
+    table that has grown since (tokens added by a later model) gets its first rows back.
     """
 
     def __init__(self, module: torch.nn.Module):
-        self.params = dict(module.named_parameters())
+        self.module = module
         self.saved: Dict[str, torch.Tensor] = {}
 
+    @property
+    def params(self) -> Dict[str, torch.nn.Parameter]:
+        return dict(self.module.named_parameters())
+
     def protect(self, names) -> None:
+        params = None
         for n in names:
             if n not in self.saved:
-                self.saved[n] = self.params[n].detach().to("cpu", copy=True)
+                params = params if params is not None else self.params
+                self.saved[n] = params[n].detach().to("cpu", copy=True)
 
     @torch.no_grad()
     def restore(self) -> None:
+        if not self.saved:
+            return
+        params = self.params
         for n, value in self.saved.items():
-            self.params[n].copy_(value)
+            target = params[n] if params[n].shape == value.shape else params[n][:len(value)]
+            target.copy_(value)
