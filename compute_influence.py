@@ -16,7 +16,7 @@ from utils.attribution import Attributor, check_finished_queries, preflight
 from utils.claims import claim, finished_since
 from utils.cli import check_dataroot, run
 from utils.data import LaionCandidates
-from utils.host_memory import bound_heap_growth
+from utils.host_memory import configure_heap
 from utils.io import check_writable
 from utils.layout import ResultsLayout
 from utils.models import check_candidates_fit, load_base_model
@@ -30,7 +30,7 @@ def main(argv=None):
     settings = parse_settings(InfluenceSettings, __doc__, argv)
     common, overwrite = settings.common, settings.execution.overwrite
     exact = settings.screening.mode == "exact"
-    bound_heap_growth()  # host memory that follows the batch size, not the number of candidates
+    configure_heap()  # host memory that follows the batch size, not the number of candidates
 
     # checks up front: the folders, the task file, the finished queries' settings
     dataroot = check_dataroot(common.dataroot)

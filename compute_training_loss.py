@@ -18,7 +18,7 @@ from utils.cli import check_dataroot, run
 from utils.customization import apply_customization, check_customized_model
 from utils.data import ExemplarCandidates, LaionCandidates, load_exemplar_images
 from utils.encoders import encode_images, encode_prompt
-from utils.host_memory import bound_heap_growth
+from utils.host_memory import configure_heap
 from utils.io import check_writable
 from utils.layout import SETTINGS, ResultsLayout
 from utils.loss_cache import cache_is_complete, check_loss_cache, loss_settings, save_loss_cache
@@ -34,7 +34,7 @@ from utils.weights import PristineWeights
 def main(argv=None):
     settings = parse_settings(TrainingLossSettings, __doc__, argv)
     common, overwrite = settings.common, settings.execution.overwrite
-    bound_heap_growth()  # host memory that follows the batch size, not the number of candidates
+    configure_heap()  # host memory that follows the batch size, not the number of candidates
 
     # checks up front: the folders, the task file, the candidates, the finished caches' settings
     dataroot = check_dataroot(common.dataroot)

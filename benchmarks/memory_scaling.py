@@ -9,11 +9,11 @@ model is a stand-in with SD's UNet signature (a convolution of the noisy latent 
 text embedding): what is measured is the data path, whose memory is the question; a real UNet adds its
 weights and activations, which depend on B alone. Prints the peak anonymous
 memory (the process's own footprint: model, batches, outputs) and the peak file-backed resident memory
-(pages of the memory-mapped arrays; page cache that the kernel drops under pressure), with glibc's default
-allocator and with fixed mmap thresholds (utils.host_memory.bound_heap_growth; both stages set the default
-one). Linux only.
+(pages of the memory-mapped arrays; page cache that the kernel drops under pressure), under each heap policy
+of utils.host_memory.configure_heap: glibc's allocator never trimmed, trimmed every 16 batches (what both
+stages do), a fixed mmap threshold. Linux only.
 
-    python benchmarks/memory_scaling.py --allocators default,1MiB
+    python benchmarks/memory_scaling.py --allocators glibc,trim,1MiB
 """
 import argparse
 import json
@@ -30,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 
 from benchmarks.runner import write_random_candidates
-from utils.host_memory import MMAP_THRESHOLDS
+from utils.host_memory import HEAP_POLICIES
 
 
 def status_kb(field: str) -> int:
@@ -51,32 +51,33 @@ class StandInUNet:
         return (self.conv(noisy) + self.text(text.mean(1))[:, :, None, None],)
 
 
-ALLOCATORS = {"default": None, **MMAP_THRESHOLDS}  # default: glibc's own, no bound
+LABELS = {"trim": "glibc, trimmed every 16 batches (the scripts)", "glibc": "glibc default, never trimmed"}
 
 
 def measure(dataroot: str, n: int, batch_size: int, allocator: str) -> dict:
-    """Runs in the child process: one pass of collect_losses over the 2n rows, sampling memory; an allocator
-    other than "default" fixes glibc's mmap threshold (utils.host_memory.bound_heap_growth) first."""
+    """Runs in the child process: one pass of collect_losses over the 2n rows, sampling memory, under the heap
+    policy `allocator` (utils.host_memory.configure_heap)."""
     import torch
     from diffusers import DDPMScheduler
 
     from utils.data import LaionCandidates
     from utils.losses import collect_losses
-    from utils.host_memory import bound_heap_growth
+    from utils.host_memory import configure_heap
 
-    if ALLOCATORS[allocator] is not None:
-        bound_heap_growth(ALLOCATORS[allocator])
+    configure_heap(allocator)
 
     torch.manual_seed(0)
     unet = StandInUNet(torch)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     peak = {"RssAnon": 0, "RssFile": 0}
+    anon = []  # every sample: the second half's mean says whether memory still grows late in a long pass
     done = threading.Event()
 
     def sample():
         while not done.is_set():
             for k in peak:
                 peak[k] = max(peak[k], status_kb(k))
+            anon.append(status_kb("RssAnon"))
             time.sleep(0.02)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -86,23 +87,24 @@ def measure(dataroot: str, n: int, batch_size: int, allocator: str) -> dict:
     done.set()
     thread.join()
     return {"n_images": n, "rows": len(losses), "batch_size": batch_size, "seconds": round(time.time() - t0, 1),
-            "allocator": "glibc default" if allocator == "default" else f"mmap threshold {allocator}",
-            "peak_anon_MiB": round(peak["RssAnon"] / 1024), "peak_file_MiB": round(peak["RssFile"] / 1024)}
+            "allocator": LABELS.get(allocator, f"mmap threshold {allocator}"),
+            "peak_anon_MiB": round(peak["RssAnon"] / 1024), "peak_file_MiB": round(peak["RssFile"] / 1024),
+            "late_mean_anon_MiB": round(sum(anon[len(anon) // 2:]) / max(len(anon) - len(anon) // 2, 1) / 1024)}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,8000", help="LAION subset sizes (images)")
     p.add_argument("--batch_sizes", default="100,400")
-    p.add_argument("--allocators", default="default,64KiB,1MiB,32MiB", help="subset of: " + ", ".join(ALLOCATORS))
+    p.add_argument("--allocators", default="glibc,trim,1MiB", help="subset of: " + ", ".join(HEAP_POLICIES))
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), int(args.child[2]), args.child[3])))
         return
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"{'allocator':<24} {'images':>7} {'rows':>7} {'B':>5} {'seconds':>8} {'peak anon MiB':>14} "
-          f"{'peak file MiB':>14} {'arrays MiB':>11}")
+    print(f"{'allocator':<46} {'images':>7} {'rows':>7} {'B':>5} {'seconds':>8} {'peak anon MiB':>14} "
+          f"{'late mean anon MiB':>19} {'peak file MiB':>14} {'arrays MiB':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             root = Path(tmp) / str(n)
@@ -115,8 +117,9 @@ def main():
                                          capture_output=True, text=True, check=True,
                                          env={**os.environ, "TQDM_DISABLE": "1"})
                     r = json.loads(out.stdout.strip().splitlines()[-1])
-                    print(f"{r['allocator']:<24} {r['n_images']:>7} {r['rows']:>7} {r['batch_size']:>5} "
-                          f"{r['seconds']:>8} {r['peak_anon_MiB']:>14} {r['peak_file_MiB']:>14} {arrays:>11.0f}",
+                    print(f"{r['allocator']:<46} {r['n_images']:>7} {r['rows']:>7} {r['batch_size']:>5} "
+                          f"{r['seconds']:>8} {r['peak_anon_MiB']:>14} {r['late_mean_anon_MiB']:>19} "
+                          f"{r['peak_file_MiB']:>14} {arrays:>11.0f}",
                           flush=True)
             for f in root.iterdir():
                 f.unlink()

@@ -2,6 +2,7 @@
 
     python benchmarks/sd_shaped.py --out /tmp/sd_shaped --images 200            # SD v1.4 shapes (GPU timing)
     python benchmarks/sd_shaped.py --out /tmp/sd_shaped --images 12 --scale tiny  # the same layout, tiny (CPU)
+    python benchmarks/sd_shaped.py --out /tmp/attn16 --images 12 --scale attn16   # tiny, attention at 16 x 16
 
 Speed does not depend on the weights, so the CLIs themselves (both stages, exact and two-stage, every
 --precision and --compile) can be timed on it where the real SD weights cannot be downloaded: writes
@@ -38,8 +39,9 @@ def build_pipeline(out: Path, scale: str):
                             sample_size=512, scaling_factor=0.18215)
         text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                               num_attention_heads=12, max_position_embeddings=77)
-    else:
-        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+    else:  # tiny: attention at 8 x 8 latents; attn16: at 16 x 16 (the CPU timing fixture of the heap policies)
+        unet = UNet2DConditionModel(sample_size=8 if scale == "tiny" else 16, block_out_channels=(32, 64),
+                                    layers_per_block=1,
                                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                     attention_head_dim=8)
@@ -93,7 +95,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--images", type=int, default=200, help="LAION-like candidates (each also flipped)")
-    p.add_argument("--scale", default="sd14", choices=["sd14", "tiny"])
+    p.add_argument("--scale", default="sd14", choices=["sd14", "tiny", "attn16"])
     args = p.parse_args()
     out = Path(args.out)
     pipe = build_pipeline(out / "sd", args.scale)

@@ -26,13 +26,26 @@ PROMPT = "a school of <new1> fish swimming in the ocean"
 MEASURE = LossMeasurement(batch_size=20, time_samples=5, seed=0, precision="fp32", compiled=False, device="cpu")
 
 
-def losses(base, pristine, model_dir, prompt=PROMPT) -> np.ndarray:
-    """Losses of the 24 LAION rows and of 4 LAION latents captioned with `prompt`, under `model_dir`."""
-    apply_customization(base, pristine, model_dir)
-    laion = LaionCandidates(Path(model_dir).parents[2], 12)
+def measure(base, dataroot, prompt) -> np.ndarray:
+    """Losses of the 24 LAION rows and of 4 LAION latents captioned with `prompt`, under the model as it is."""
+    laion = LaionCandidates(dataroot, 12)
     latents, _ = laion.batch(0, 4)
     captioned = ExemplarCandidates(latents, encode_prompt(base.tokenizer, base.text_encoder, prompt))
     return np.concatenate([MEASURE.collect(base.unet, base.scheduler, c, "losses") for c in (laion, captioned)])
+
+
+def losses(base, pristine, model_dir, prompt=PROMPT) -> np.ndarray:
+    """`measure` under the customized model of `model_dir` (a folder of <dataroot>/models/<family>/)."""
+    apply_customization(base, pristine, model_dir)
+    return measure(base, Path(model_dir).parents[2], prompt)
+
+
+def assert_back_to_the_base(base, pristine, root, sd_version) -> None:
+    """After another form, a Custom Diffusion model gives a fresh base model's losses bit for bit: the UNet and
+    the text encoder were restored."""
+    fresh = load_base_model(sd_version, "cpu")
+    np.testing.assert_array_equal(losses(base, pristine, root / MODEL),
+                                  losses(fresh, PristineWeights(fresh.unet), root / MODEL))
 
 
 @pytest.fixture
@@ -162,12 +175,7 @@ def reference_losses_with_unfused_lora(sd_version, lora_dir, root) -> np.ndarray
     pipe.load_lora_weights(str(lora_dir))
     fresh = load_base_model(sd_version, "cpu")
     fresh.unet, fresh.text_encoder = pipe.unet, pipe.text_encoder
-    laion = LaionCandidates(root, 12)
-    latents, _ = laion.batch(0, 4)
-    prompt = "a school of fish"
-    captioned = ExemplarCandidates(latents, encode_prompt(fresh.tokenizer, fresh.text_encoder, prompt))
-    with torch.no_grad():
-        return np.concatenate([MEASURE.collect(fresh.unet, fresh.scheduler, c, "losses") for c in (laion, captioned)])
+    return measure(fresh, root, "a school of fish")
 
 
 def test_a_lora_is_merged_by_diffusers_and_restored_exactly(bench, base, tiny_abc):
@@ -178,10 +186,7 @@ def test_a_lora_is_merged_by_diffusers_and_restored_exactly(bench, base, tiny_ab
     merged = losses(model, pristine, lora, "a school of fish")
     np.testing.assert_allclose(merged, reference_losses_with_unfused_lora(tiny_abc["sd_version"], lora, root),
                                rtol=1e-5, atol=1e-6)
-    # the next model starts from the base again: UNet and text encoder both restored
-    after_lora = losses(model, pristine, root / MODEL)
-    fresh = load_base_model(tiny_abc["sd_version"], "cpu")
-    np.testing.assert_array_equal(after_lora, losses(fresh, PristineWeights(fresh.unet), root / MODEL))
+    assert_back_to_the_base(model, pristine, root, tiny_abc["sd_version"])
     assert all(type(m).__name__ != "LoraLayer" and "lora" not in n for n, m in model.unet.named_modules())
 
 
@@ -211,10 +216,8 @@ def test_a_full_finetune_replaces_the_weights_and_is_restored(bench, base, tiny_
     ref = load_base_model(tiny_abc["sd_version"], "cpu")
     ref.unet = UNet2DConditionModel.from_pretrained(full, subfolder="unet").eval()
     ref.text_encoder = CLIPTextModel.from_pretrained(full, subfolder="text_encoder").eval()
-    np.testing.assert_array_equal(ours, losses(ref, PristineWeights(ref.unet), full, "a school of fish"))
-    fresh = load_base_model(tiny_abc["sd_version"], "cpu")
-    np.testing.assert_array_equal(losses(model, pristine, root / MODEL),
-                                  losses(fresh, PristineWeights(fresh.unet), root / MODEL))
+    np.testing.assert_array_equal(ours, measure(ref, root, "a school of fish"))  # diffusers' own loading
+    assert_back_to_the_base(model, pristine, root, tiny_abc["sd_version"])
 
 
 def test_a_lora_model_runs_through_both_stages(bench, tiny_abc):

@@ -1,27 +1,71 @@
-"""Host memory of long loss passes: keep the process's heap from growing with the number of candidates."""
+"""Host memory of long loss passes: keep the process's resident memory from growing with the number of
+candidates, without page faults in the hot loops (docs/performance.md, section Memory).
+
+The scripts leave glibc's allocator as it is (its heap serves the per-batch buffers again and again, with no
+fresh pages) and trim the heap every TRIM_EVERY_BATCHES loss batches, so the free pages that fragmentation
+leaves behind go back to the system instead of accumulating over a 100K-candidate pass. The earlier policy,
+a fixed mmap threshold of 1 MiB, bounded memory too but mapped every larger buffer afresh each time: its page
+faults cost up to a third of the CPU time in system time, depending on the model and batch sizes.
+`ABU_HEAP=1MiB` or `ABU_HEAP=glibc` (no trimming) select the other policies, for the benchmarks that compare them.
+"""
 import ctypes
 import ctypes.util
+import os
 import sys
-
+from functools import lru_cache
 
 # glibc mmap thresholds compared by benchmarks/memory_scaling.py and benchmarks/unlearning_step.py
 MMAP_THRESHOLDS = {"64KiB": 64 * 1024, "1MiB": 2**20, "32MiB": 32 * 2**20}
+HEAP_POLICIES = ("trim", "glibc", *MMAP_THRESHOLDS)  # trim: the scripts' default
+TRIM_EVERY_BATCHES = 16  # loss batches between two trims; 0: never
+
+
+@lru_cache(maxsize=1)
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def configure_heap(policy: str = "") -> str:
+    """Set this process's heap policy: `policy`, else the environment's ABU_HEAP, else "trim". Returns it.
+    "trim": glibc's allocator, its heap trimmed every TRIM_EVERY_BATCHES loss batches; "glibc": untouched, never
+    trimmed (the allocator the authors' code runs under); "64KiB" / "1MiB" / "32MiB": a fixed mmap threshold."""
+    global TRIM_EVERY_BATCHES
+    policy = policy or os.environ.get("ABU_HEAP", "") or "trim"
+    if policy not in HEAP_POLICIES:
+        raise ValueError(f"ABU_HEAP={policy!r}: choose one of {', '.join(HEAP_POLICIES)}")
+    TRIM_EVERY_BATCHES = 16 if policy == "trim" else 0
+    if policy in MMAP_THRESHOLDS:
+        bound_heap_growth(MMAP_THRESHOLDS[policy])
+    return policy
+
+
+def trim_heap() -> bool:
+    """Give the free pages of glibc's heap back to the system (malloc_trim(0)). Linux/glibc only; else False."""
+    libc = _libc()
+    try:
+        return bool(libc.malloc_trim(0)) if libc is not None else False
+    except AttributeError:
+        return False
+
+
+def after_loss_batch(batch: int) -> None:
+    """Called after each loss batch: trims the heap after every TRIM_EVERY_BATCHES-th."""
+    if TRIM_EVERY_BATCHES and batch % TRIM_EVERY_BATCHES == TRIM_EVERY_BATCHES - 1:
+        trim_heap()
 
 
 def bound_heap_growth(threshold: int = MMAP_THRESHOLDS["1MiB"]) -> bool:
-    """Have glibc return every buffer larger than `threshold` (1 MiB) to the system when freed.
-
-    By default glibc raises its mmap threshold after large frees and then serves the per-batch buffers
-    (tens of MB each) from a heap that only grows: measured by benchmarks/memory_scaling.py, the peak
-    anonymous memory of one pass rose with the LAION subset size (1,034 -> 1,188 MiB from 1,000 to 8,000
-    images at B = 400) and stays flat with this (800 -> 804 MiB). The threshold is 1 MiB, not lower: at
-    64 KiB every mid-sized tensor of the backward pass costs fresh page faults and an unlearning step on
-    the CPU took twice as long as the authors' plain loop (benchmarks/unlearning_step.py: 2.36 s against
-    1.22 s; 1.16 s at 1 MiB). Linux/glibc only; elsewhere it does nothing and returns False."""
-    if not sys.platform.startswith("linux"):
-        return False
+    """Have glibc return every buffer larger than `threshold` to the system when freed (mallopt
+    M_MMAP_THRESHOLD, which also stops glibc from adapting it). Measured by benchmarks/memory_scaling.py it keeps
+    memory flat in the subset size, but each such buffer is then mapped afresh (page faults, system time).
+    Linux/glibc only; elsewhere it does nothing and returns False."""
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
+        return bool(libc.mallopt(-3, threshold)) if libc is not None else False  # -3 = M_MMAP_THRESHOLD
+    except AttributeError:
         return False

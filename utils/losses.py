@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .faults import checkpoint
+from .host_memory import after_loss_batch
 from .errors import InputError
 from .precision import autocast
 
@@ -113,12 +114,13 @@ def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samp
             len(timestep_index) and (timestep_index.min() < 0 or timestep_index.max() >= time_samples):
         raise ValueError(f"rows must lie in [0, {len(candidates)}) and timestep indices in [0, {time_samples})")
     out = torch.empty(len(rows) * len(timestep_index), dtype=torch.float32)
-    for positions, latents, text, timesteps, noise in selected_rows(candidates, rows, timestep_index, per_batch,
-                                                                    step_grid, seed, batch_size, desc):
+    chunks = selected_rows(candidates, rows, timestep_index, per_batch, step_grid, seed, batch_size, desc)
+    for batch, (positions, latents, text, timesteps, noise) in enumerate(chunks):
         latents, text, timesteps, noise = (x.to(device) for x in (latents, text, timesteps, noise))
         with autocast(device, precision):
             loss = per_row_loss(unet, scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
         out[positions] = loss.cpu()
+        after_loss_batch(batch)
         checkpoint("loss-batch")
     by_t = out.view(len(rows), len(timestep_index))
     return (by_t if per_timestep else mean_over_timesteps(by_t)).numpy()

@@ -1,0 +1,91 @@
+"""Wall, user and system seconds of stage 2 through the CLI under each heap policy (utils/host_memory.py), on two
+model sizes, each run a fresh process as a user runs it.
+
+    python benchmarks/heap_cli.py          # about 10 minutes on 2 cores; writes benchmarks/results/heap_cli_cpu.md
+
+Fixtures: `attn16`, a random SD-shaped pipeline with cross-attention at 16 x 16 latents, 12 LAION-like candidates,
+3 exemplars and 2 queries (benchmarks/sd_shaped.py --scale attn16), stage 2 at --precision fp32
+--loss_batch_size 20 --loss_time_samples 10 --unlearn_steps 10 (the authors' 16 x 10 micro-batches a step);
+and `mini-AbC`, run_demo.sh's query at its settings. Stage 1 runs once per fixture; every stage-2 run recomputes
+(--overwrite) with ABU_HEAP set to the policy, and its times come from the child's own resource usage.
+Policies: `trim` (the scripts' default), `1MiB` (the previous default, a fixed mmap threshold) and `glibc`
+(nothing set, never trimmed: the allocator the authors' code runs under). The runs of a fixture alternate
+between the policies, `--repeats` times, and the table gives each policy's median.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.runner import REPO, SIZING, TUNED, derive_arrays
+
+POLICIES = ("trim", "1MiB", "glibc")
+
+
+def fixtures(work: Path) -> dict:
+    """{name: (stage-1 flags, stage-2 flags)} with the paths filled in; builds attn16 when missing."""
+    attn16 = work / "attn16"
+    if not (attn16 / "tasks.json").is_file():
+        run([str(REPO / "benchmarks" / "sd_shaped.py"), "--out", str(attn16), "--images", "12", "--scale", "attn16"])
+    derive_arrays(REPO / "data" / "mini_abc", all_weights_fisher=False)
+    mini = REPO / "data" / "mini_abc"
+    common_attn16 = ["--sd_version", attn16 / "sd", "--dataroot", attn16 / "abc", "--task_json", attn16 / "tasks.json",
+                     "--laion_subset_size", "12", "--precision", "fp32", "--device", "cpu"]
+    common_mini = ["--sd_version", mini / "sd-mini", "--dataroot", mini / "abc", "--task_json", mini / "tasks" / "demo.json",
+                   "--laion_subset_size", SIZING["laion_subset_size"], "--precision", "fp32", "--device", "cpu"]
+    return {
+        "attn16": (common_attn16 + ["--batch_size", "20", "--time_samples", "10"],
+                   common_attn16 + ["--loss_batch_size", "20", "--loss_time_samples", "10", "--unlearn_steps", "10"]),
+        "mini-AbC": (common_mini + ["--batch_size", SIZING["batch_size"], "--time_samples", SIZING["time_samples"]],
+                     common_mini + ["--loss_batch_size", SIZING["batch_size"], "--loss_time_samples",
+                                    SIZING["time_samples"], "--fisher_dataset_size", int(TUNED["fisher_dataset_size"]),
+                                    "--unlearn_steps", SIZING["unlearn_steps"], "--unlearn_grad_accum_steps",
+                                    SIZING["unlearn_grad_accum_steps"]]),
+    }
+
+
+def run(cmd, env=None) -> dict:
+    """Run a command to its end; {wall, user, sys} seconds of that child alone (os.wait4's resource usage)."""
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable] + [str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{out.decode(errors='replace')[-3000:]}")
+    return {"wall": time.time() - t0, "user": usage.ru_utime, "sys": usage.ru_stime}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="results/heap_cli", help="fixtures and results")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "heap_cli_cpu.md"))
+    args = p.parse_args()
+    work = (REPO / args.work).resolve()
+    lines = ["| fixture | heap policy | wall s | user s | sys s | sys / user |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, (stage1, stage2) in fixtures(work).items():
+        results = work / name.replace("-", "_")
+        run(["compute_training_loss.py", *stage1, "--result_dir", results])
+        times = {policy: [] for policy in POLICIES}
+        for _ in range(args.repeats):
+            for policy in POLICIES:
+                times[policy].append(run(["compute_influence.py", *stage2, "--result_dir", results, "--overwrite"],
+                                         env={"ABU_HEAP": policy}))
+                print(name, policy, {k: round(v, 1) for k, v in times[policy][-1].items()}, flush=True)
+        for policy in POLICIES:
+            med = {k: statistics.median(t[k] for t in times[policy]) for k in ("wall", "user", "sys")}
+            lines.append(f"| {name} | {policy} | {med['wall']:.1f} | {med['user']:.1f} | {med['sys']:.1f} | "
+                         f"{med['sys'] / med['user']:.1%} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    Path(args.out).write_text(f"`python benchmarks/heap_cli.py --repeats {args.repeats}`, this CPU "
+                              f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}: median of the runs\n\n" + table)
+
+
+if __name__ == "__main__":
+    main()
