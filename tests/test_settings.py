@@ -1,7 +1,7 @@
 """Settings declared once (utils/settings.py): every field is a flag, is recorded beside the result, and a change of
 any field that acts on the result stops a finished query from being reused, with no list of names kept by hand."""
 import pickle
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 
 import pytest
 
@@ -10,7 +10,8 @@ import compute_training_loss
 from helpers import STAGE1, paths, stage2_flags
 from utils.errors import InputError
 from utils.settings import (CommonSettings, InfluenceSettings, ScreeningSettings, StoppingSettings,
-                            TrainingLossSettings, changed_settings, parse_settings, record, setting)
+                            TrainingLossSettings, changed_settings, field_default, parse_settings, record,
+                            setting)
 
 QUERY = "imagenet/gpt/n01440764_0000/samples/00000.png"
 # what each switch must be set to for the fields it gates to act (ScreeningSettings.idle, StoppingSettings.idle)
@@ -28,10 +29,6 @@ def finished(tiny_abc, tmp_path_factory):
 def result_fields():
     """(class, field) of every setting recorded with a query's result."""
     return [(f.type, g) for f in fields(InfluenceSettings) if f.name != "execution" for g in fields(f.type)]
-
-
-def default(f):
-    return f.default_factory() if f.default is MISSING else f.default
 
 
 def another_value(f, now):
@@ -120,4 +117,4 @@ def test_defaults_are_the_papers():
             s.unlearning.unlearn_grad_accum_steps, s.unlearning.fisher_dataset_size) == (0.1, 100, 16, 10, 400_000_000)
     assert (s.loss.loss_batch_size, s.loss.loss_time_samples, s.unlearning.weight_selection) == (200, 10,
                                                                                                  "cross-attn-kv")
-    assert default(fields(CommonSettings)[4]) == 100_000  # laion_subset_size
+    assert field_default(fields(CommonSettings)[4]) == 100_000  # laion_subset_size

@@ -220,8 +220,8 @@ def _quiet_pipeline(base: BaseModel):
 def load_lora(base: BaseModel, model_dir, pristine: PristineWeights, text_pristine: PristineWeights) -> List[str]:
     """Merge a diffusers-format LoRA into the UNet (and text encoder) with diffusers + peft: load, fuse at
     scale 1, remove the LoRA layers. Returns the UNet parameters whose values changed."""
-    before = {n: p.detach().clone() for n, p in base.unet.named_parameters()}
-    pristine.protect(before)  # every parameter: which ones a LoRA targets is the file's business
+    names = [n for n, _ in base.unet.named_parameters()]
+    pristine.protect(names)  # every parameter (base values, on the CPU): which ones a LoRA targets is the file's
     text_pristine.protect(name for name, _ in base.text_encoder.named_parameters())
     pipe = _quiet_pipeline(base)
     try:
@@ -231,7 +231,7 @@ def load_lora(base: BaseModel, model_dir, pristine: PristineWeights, text_pristi
                          f"a LoRA of --sd_version saved with save_lora_weights?") from e
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()
-    return [n for n, p in base.unet.named_parameters() if not torch.equal(p, before[n])]
+    return [n for n, p in base.unet.named_parameters() if not torch.equal(p.detach().cpu(), pristine.saved[n])]
 
 
 def load_full_model(base: BaseModel, model_dir, pristine: PristineWeights, text_pristine: PristineWeights) -> List[str]:

@@ -166,7 +166,6 @@ class ControlSettings:
                                                  "candidate)")
 
 
-
 # ---- compute_baselines.py ----
 
 @dataclass(frozen=True)
@@ -188,6 +187,12 @@ class BaselineSettings:
     fisher_path: Optional[str] = setting(None, "gradient: diagonal Fisher (default: <dataroot>/sd_fisher.pt)")
     overwrite: bool = setting(False, "recompute queries that already have results")
 
+
+def field_default(f):
+    """A settings field's default (its default_factory's value for one made at run time, like --device's)."""
+    return f.default_factory() if f.default is MISSING else f.default
+
+
 def _flag_type(hint):
     """int / float / str / bool from a field's type hint (Optional[X] -> X)."""
     if get_origin(hint) is Union:
@@ -202,9 +207,9 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type) -> None:
         group = parser.add_argument_group(cls.__name__, cls.__doc__)
         for f in fields(cls):
             meta, typ = f.metadata, _flag_type(hints[f.name])
-            default = f.default_factory() if f.default is MISSING else f.default
+            default = field_default(f)
             if typ is bool:
-                assert default is False, f"{cls.__name__}.{f.name}: a boolean setting is a switch that is off by default"
+                assert default is False, f"{cls.__name__}.{f.name}: a boolean setting is a switch, off by default"
                 group.add_argument(f"--{f.name}", action="store_true", help=meta["help"])
             else:
                 group.add_argument(f"--{f.name}", type=typ, default=default, choices=meta["choices"],
@@ -233,8 +238,7 @@ def changed_settings(recorded: dict, *settings) -> List[str]:
         for f in fields(s):
             if not f.metadata["compared"] or f.name in idle:
                 continue
-            default = f.default_factory() if f.default is MISSING else f.default
-            was, now = recorded.get(f.name, default), getattr(s, f.name)
+            was, now = recorded.get(f.name, field_default(f)), getattr(s, f.name)
             if was != now:
                 diffs.append(f"{f.name}: result has {was!r}, this run uses {now!r}")
     return diffs
