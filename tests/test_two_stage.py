@@ -12,7 +12,7 @@ from utils.data import LaionCandidates
 from utils.errors import InputError
 from utils.losses import collect_losses
 from utils.weights import select_parameter_names
-from utils.screening import first_order_screen, screen_timesteps
+from utils.screening import SCREENS, caption_screen, first_order_screen, screen_timesteps
 from helpers import STAGE1, paths, stage2_flags
 
 STAGE2 = stage2_flags()
@@ -80,7 +80,7 @@ def test_first_order_screen_is_the_directional_derivative(base_model, tiny_abc):
         assert np.abs(finite).max() > 1e-3  # the check is not vacuous
 
 
-@pytest.mark.parametrize("screen", ["coarse", "first-order"])
+@pytest.mark.parametrize("screen", SCREENS)
 def test_rescoring_every_candidate_is_exact_abu(tiny_abc, cache, tmp_path, screen):
     exact, two = tmp_path / "exact", tmp_path / "two"
     shared = ["--loss_cache_dir", str(cache / "orig_loss")]
@@ -94,6 +94,36 @@ def test_rescoring_every_candidate_is_exact_abu(tiny_abc, cache, tmp_path, scree
         assert b["screen"].shape == (15,) and np.isfinite(b["screen"]).all()
         cost_a, cost_b = a["forward_equivalents"], b["forward_equivalents"]
         assert cost_a["loss tracking"] == 30 * 5 == cost_b["re-scoring"]  # 15 candidates x 2 flips x T
+
+        if screen == "caption":
+            assert cost_b["screen"] == 0  # no UNet pass
+
+
+def test_the_caption_screen_is_what_the_k_v_change_does_to_a_caption(base_model, tiny_abc):
+    """One candidate's caption score equals sum over the cross-attention K/V layers of ||to_k'(c) - to_k(c)||^2,
+    computed by the UNet's own modules before and after a weight change; flips share it, exemplars share one."""
+    from utils.encoders import encode_prompt
+
+    laion = LaionCandidates(tiny_abc["dataroot"], subset_size=12)
+    gen = torch.Generator().manual_seed(0)
+    names = [n for n in select_parameter_names(base_model.unet, "cross-attn-kv") if n.endswith(".weight")]
+    params = dict(base_model.unet.named_parameters())
+    deltas = [{n: torch.randn(params[n].shape, generator=gen) * 0.1 for n in names} for _ in range(2)]
+    exemplar_text = encode_prompt(base_model.tokenizer, base_model.text_encoder, "<new1> fish").cpu()
+    scores = caption_screen(deltas, exemplar_text, 6, laion.text_embeddings[:12])
+    assert scores["exemplar"].shape == (6, 2) and scores["laion"].shape == (24, 2)
+    np.testing.assert_array_equal(scores["laion"][:12], scores["laion"][12:])
+    caption = torch.from_numpy(np.array(laion.text_embeddings[7]))
+    for q, delta in enumerate(deltas):
+        direct = 0.0
+        for n in names:
+            module = base_model.unet.get_submodule(n[:-len(".weight")])
+            with torch.no_grad():
+                before = module(caption).double()
+                moved = torch.nn.functional.linear(caption, module.weight + delta[n]).double()
+            direct += float((moved - before).pow(2).sum())
+        assert scores["laion"][7, q] == pytest.approx(direct, rel=1e-5)
+        assert np.all(scores["exemplar"][:, q] == scores["exemplar"][0, q])
 
 
 def test_two_stage_ranks_the_rest_by_the_screen(tiny_abc, cache, tmp_path):

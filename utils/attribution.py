@@ -24,7 +24,7 @@ from .loss_cache import check_loss_cache, load_losses_by_timestep, loss_settings
 from .losses import check_finite_losses
 from .metrics import fold_flips, influence_and_rank, rank_candidates
 from .precision import loss_unet
-from .screening import first_order_screen, rescore_rows, scatter_rows, screen_timesteps
+from .screening import caption_screen, first_order_screen, rescore_rows, scatter_rows, screen_timesteps
 from .settings import InfluenceSettings, changed_settings, record
 from .tasks import exemplar_paths
 from .transforms import load_image_tensor, load_rgb
@@ -225,11 +225,14 @@ class Attributor:
         t_index = screen_timesteps(self.measurement.time_samples, screening.screen_time_samples)
         screens = self.screen_model(task0, exemplars, start, weights, t_index)
         n_rows = len(ex_before) + len(laion_before)
-        model_screen_cost = n_rows * len(t_index) * (3 if screening.screen == "first-order" else len(tasks))
+        passes = {"coarse": len(tasks), "first-order": 3, "caption": 0, "coarse+caption": len(tasks)}
+        model_screen_cost = n_rows * len(t_index) * passes[screening.screen]  # the caption screen: no UNet pass
+        n_ex = len(ex_before) // 2
         for q, task in enumerate(tasks):
-            screen = np.concatenate([fold_flips(screens["exemplar"][:, q]), fold_flips(screens["laion"][:, q])])
-            n_ex = len(ex_before) // 2
-            top = rank_candidates(screen, n_ex)[:screening.rescore_top]
+            folded = [np.concatenate([fold_flips(s["exemplar"][:, q]), fold_flips(s["laion"][:, q])]) for s in screens]
+            screen = folded[0]  # ranks what is not re-scored
+            tops = [rank_candidates(f, n_ex)[:screening.rescore_top] for f in folded]
+            top = tops[0] if len(tops) == 1 else np.unique(np.concatenate(tops))  # a union: each screen's top M
             ex_rows = rescore_rows(top[top < n_ex], n_ex)
             laion_rows = rescore_rows(top[top >= n_ex] - n_ex, len(laion_before) // 2)
             load_weights(self.params, weights[q])
@@ -247,18 +250,29 @@ class Attributor:
                 "screen_timesteps": t_index.tolist()})
         self.pristine.restore()
 
-    def screen_model(self, task, exemplars, start, weights, t_index) -> dict:
-        """{"exemplar": [rows, Q], "laion": [rows, Q]}: each row's estimated loss rise for each query."""
-        m = self.measurement
-        if self.settings.screening.screen == "first-order":
-            deltas = [{n: w[n] - start[n] for n in start} for w in weights]
+    def screen_model(self, task, exemplars, start, weights, t_index) -> list:
+        """The screens of --screen, each {"exemplar": [rows, Q], "laion": [rows, Q]}: every row's estimated loss
+        rise (or, for the caption screen, a score that orders rows alike) for each query; the first ranks the rest."""
+        m, kind = self.measurement, self.settings.screening.screen
+        deltas = [{n: w[n] - start[n] for n in start} for w in weights]
+        screens = []
+        if kind == "first-order":
             kw = dict(batch_size=m.batch_size, time_samples=m.time_samples, seed=m.seed, timestep_index=t_index,
                       device=m.device, precision=m.precision, chunk=self.settings.screening.screen_batch_size)
-            return {"exemplar": first_order_screen(self.base.unet, self.base.scheduler, exemplars, deltas, **kw),
-                    "laion": first_order_screen(self.base.unet, self.base.scheduler, self.laion, deltas, **kw)}
+            screens.append({"exemplar": first_order_screen(self.base.unet, self.base.scheduler, exemplars, deltas, **kw),
+                            "laion": first_order_screen(self.base.unet, self.base.scheduler, self.laion, deltas, **kw)})
+        if kind in ("coarse", "coarse+caption"):
+            screens.append(self.coarse_screen(task, exemplars, start, weights, t_index))
+        if kind in ("caption", "coarse+caption"):
+            screens.append(caption_screen(deltas, exemplars.text_embedding, len(exemplars),
+                                          self.laion.text_embeddings[:self.laion.subset_size]))
+        return screens
+
+    def coarse_screen(self, task, exemplars, start, weights, t_index) -> dict:
+        """The exact rise at the screen timesteps, one pass over the candidates per query."""
         ex_before_t, laion_before_t = load_losses_by_timestep(self.layout.loss_cache(task))
         out = {"exemplar": [], "laion": []}
-        for w in weights:  # coarse: the exact rise at the screen timesteps, one pass per query
+        for w in weights:
             load_weights(self.params, w)
             for key, candidates, before in (("exemplar", exemplars, ex_before_t), ("laion", self.laion, laion_before_t)):
                 after = self.collect(candidates, f"coarse screen ({key})", timestep_index=t_index, per_timestep=True)

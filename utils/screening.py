@@ -15,6 +15,12 @@ Screens (`--screen`):
   inner product needs only the layer's input x and output gradient g, sum_t g_t^T delta x_t, which hooks
   compute without forming per-row gradients.
 
+* `caption`: no UNet pass at all. Unlearning moves the cross-attention K/V weights, and those read only the
+  caption: a candidate whose caption embedding c the change delta W barely moves can barely change its loss.
+  The score of a row is sum over the K/V layers of ||delta W c||^2 (over c's 77 tokens), the same for a
+  candidate's two flips; for all of a model's exemplars (one caption) it is one value.
+* `coarse+caption`: re-score the union of both screens' top M; the rest are ranked by the coarse screen.
+
 Ranking: the re-scored candidates by their exact influence, then the others by their screen (ties against
 the exemplars throughout, utils.metrics.rank_candidates). A candidate the screen drops can only move down,
 so a two-stage setting is judged by its agreement with exact AbU (benchmarks/two_stage.py).
@@ -27,7 +33,8 @@ import torch
 from .losses import batch_plan, per_row_loss, selected_rows
 from .precision import FP16_LOSS_SCALE, autocast
 
-SCREENS = ("coarse", "first-order")
+SCREENS = ("coarse", "first-order", "caption", "coarse+caption")
+CAPTION_LAYERS = ("attn2.to_k.weight", "attn2.to_v.weight")  # the weights that read a caption
 
 
 def screen_timesteps(time_samples: int, screen_time_samples: int) -> np.ndarray:
@@ -117,6 +124,37 @@ def first_order_screen(unet, scheduler, candidates, deltas: List[Dict[str, torch
         for n in names:
             params[n].requires_grad_(was[n])
     return out.view(len(rows), len(timestep_index), len(deltas)).mean(dim=1).numpy()
+
+
+def caption_gram(delta: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """[D, D] float64: sum over the cross-attention K/V weight changes dW [out, D] of dW^T dW, so that
+    c^T G c = sum over layers ||dW c||^2 for a token embedding c."""
+    grams = [d.detach().double().cpu().T @ d.detach().double().cpu()
+             for name, d in delta.items() if name.endswith(CAPTION_LAYERS) and d.ndim == 2]
+    if not grams:
+        raise ValueError("the unlearned weights hold no cross-attention K/V weight: the caption screen has nothing "
+                         "to read (use --screen coarse)")
+    return torch.stack(grams).sum(0)
+
+
+def caption_scores(text: np.ndarray, grams: List[torch.Tensor], chunk: int = 1024) -> np.ndarray:
+    """[n, Q]: sum over tokens of c^T G_q c for each of n caption embeddings [n, 77, D] and each query's gram."""
+    out = []
+    for s in range(0, len(text), chunk):
+        t = torch.from_numpy(np.array(text[s:s + chunk], dtype=np.float64))  # a copy: the arrays are read-only maps
+        out.append(torch.stack([((t @ g) * t).sum(dim=(1, 2)) for g in grams], dim=1))
+    return torch.cat(out).numpy()
+
+
+def caption_screen(deltas: List[Dict[str, torch.Tensor]], exemplar_text: torch.Tensor, n_exemplar_rows: int,
+                   laion_text: np.ndarray) -> Dict[str, np.ndarray]:
+    """{"exemplar": [rows, Q], "laion": [rows, Q]}: the caption-side size of each query's K/V change for every
+    candidate row. `exemplar_text` [1, 77, D] is the model's training caption (every exemplar row's), `laion_text`
+    [S, 77, D] the S candidates' captions (rows r and S + r, a candidate and its flip, share caption r)."""
+    grams = [caption_gram(d) for d in deltas]
+    exemplar = np.repeat(caption_scores(exemplar_text.numpy(), grams), n_exemplar_rows, axis=0)
+    laion = caption_scores(laion_text, grams)
+    return {"exemplar": exemplar, "laion": np.concatenate([laion, laion])}
 
 
 def rescore_rows(candidate_index: np.ndarray, n_candidates: int) -> np.ndarray:

@@ -123,8 +123,9 @@ class ScreeningSettings:
     mode: str = setting("exact", "exact: re-measure every candidate after unlearning (the paper); two-stage: "
                                  "screen every candidate cheaply, re-measure only the top --rescore_top "
                                  "(utils/screening.py)", choices=["exact", "two-stage"])
-    screen: str = setting("coarse", "two-stage: the estimate of each candidate's loss rise (utils/screening.py)",
-                          choices=list(SCREENS))
+    screen: str = setting("coarse", "two-stage: the estimate of each candidate's loss rise (utils/screening.py): "
+                                    "coarse, first-order, caption (no UNet pass), or coarse+caption (re-score the "
+                                    "union of both tops)", choices=list(SCREENS))
     screen_time_samples: int = setting(1, "two-stage: grid timesteps the screen measures (of "
                                           "--loss_time_samples)")
     rescore_top: int = setting(5000, "two-stage: candidates re-measured exactly per query; the rest are ranked by "
