@@ -11,7 +11,7 @@ from utils.losses import collect_losses
 @pytest.fixture(autouse=True)
 def restore_policy():
     yield
-    host_memory.TRIM_EVERY_BATCHES = 16
+    host_memory.TRIM_EVERY_BATCHES = host_memory.TRIM_EVERY
 
 
 def test_policies_and_their_names(monkeypatch):
@@ -31,7 +31,7 @@ def test_a_loss_pass_trims_every_16_batches_and_the_losses_do_not_change(base_mo
     host_memory.TRIM_EVERY_BATCHES = 0
     untrimmed = collect_losses(base_model.unet, base_model.scheduler, laion, batch_size=5, time_samples=5)
     assert trims == []
-    host_memory.TRIM_EVERY_BATCHES = 16
+    host_memory.TRIM_EVERY_BATCHES = host_memory.TRIM_EVERY
     trimmed = collect_losses(base_model.unet, base_model.scheduler, laion, batch_size=5, time_samples=5)
     assert len(trims) == 1  # after batch 16 of 24
     host_memory.TRIM_EVERY_BATCHES = 1

@@ -12,7 +12,7 @@
 
 With any form, one `<token>.bin` / `<token>.safetensors` file per modifier token (torch pickle or safetensors
 bytes, whatever the name says): `{token: embedding}`. Every token file of the folder is loaded; a prompt
-that names a `<token>` the folder does not hold is refused before any work (`check_prompt_tokens`).
+that names a `<token>` the folder does not hold is refused before any work (`check_customized_model`).
 """
 import logging
 import re
@@ -37,7 +37,6 @@ CONCEPT_TOKEN = "<new1>"
 CONCEPT_FILE = "<new1>.bin"
 TOKEN_FILE = re.compile(r"^(<[^<>\s/]+>)\.(bin|safetensors)$")
 PROMPT_TOKEN = re.compile(r"<[^<>\s]+>")
-FORMS = ("custom-diffusion", "lora", "full")
 ACCEPTED = (f"{' / '.join(CUSTOM_WEIGHTS_FILES)} (Custom Diffusion), {' / '.join(LORA_FILES)} (LoRA), or "
             f"{FULL_MODEL_FILE} with unet/ (a full fine-tune, e.g. DreamBooth)")
 
@@ -63,8 +62,8 @@ def customization_form(model_dir) -> Tuple[str, List[Path]]:
     forms = [k for k, v in found.items() if v]
     if not forms:
         raise InputError(f"{model_dir} holds no customized model: expected {ACCEPTED}")
-    several = [p for k in forms for p in found[k]] if len(forms) > 1 or len(found[forms[0]]) > 1 else []
-    if several and forms != ["full"]:
+    if len(forms) > 1 or (forms != ["full"] and len(found[forms[0]]) > 1):  # a full model is many files
+        several = [p for k in forms for p in found[k]]
         raise InputError(f"{model_dir} holds {len(several)} customized weight files "
                          f"({', '.join(p.name for p in several)}); keep the one the model was saved as")
     return forms[0], found[forms[0]]
@@ -98,20 +97,14 @@ def check_customized_model(model_dir, prompts, where: str) -> str:
     """Before any work: the folder holds one accepted form, and every `<token>` the prompts name has its embedding
     there. Returns the form."""
     form, _ = customization_form(model_dir)
-    for prompt in prompts:
-        check_prompt_tokens(prompt, model_dir, where)
-    return form
-
-
-def check_prompt_tokens(prompt: str, model_dir, where: str) -> None:
-    """Refuse a prompt that names a `<token>` the model folder holds no embedding for: the tokenizer would read
-    it as plain text, and the losses would silently belong to another prompt."""
     held = token_files(model_dir)
-    missing = [t for t in PROMPT_TOKEN.findall(prompt) if t not in held]
-    if missing:
-        raise InputError(f"{where}: the prompt {prompt!r} names {', '.join(missing)}, but {model_dir} holds no "
-                         f"embedding for it (files {', '.join(f'{t}.bin' for t in missing)}; it has "
-                         f"{', '.join(held) or 'none'}): add the token's file from the training run, or fix the prompt")
+    for prompt in prompts:  # a token without its embedding would be read as plain text, silently another prompt
+        missing = [t for t in PROMPT_TOKEN.findall(prompt) if t not in held]
+        if missing:
+            raise InputError(f"{where}: the prompt {prompt!r} names {', '.join(missing)}, but {model_dir} holds "
+                             f"no embedding for it (files {', '.join(f'{t}.bin' for t in missing)}; it has "
+                             f"{', '.join(held) or 'none'}): add the token's file from the training run, or fix the "
+                             f"prompt")
 
 
 def load_custom_diffusion_weights(unet: torch.nn.Module, model_dir,
@@ -221,7 +214,7 @@ def load_lora(base: BaseModel, model_dir, pristine: PristineWeights, text_pristi
     """Merge a diffusers-format LoRA into the UNet (and text encoder) with diffusers + peft: load, fuse at
     scale 1, remove the LoRA layers. Returns the UNet parameters whose values changed."""
     names = [n for n, _ in base.unet.named_parameters()]
-    pristine.protect(names)  # every parameter (base values, on the CPU): which ones a LoRA targets is the file's
+    pristine.protect(names)  # every parameter, on the CPU: which ones a LoRA targets is up to its file
     text_pristine.protect(name for name, _ in base.text_encoder.named_parameters())
     pipe = _quiet_pipeline(base)
     try:

@@ -17,7 +17,8 @@ from functools import lru_cache
 # glibc mmap thresholds compared by benchmarks/memory_scaling.py and benchmarks/unlearning_step.py
 MMAP_THRESHOLDS = {"64KiB": 64 * 1024, "1MiB": 2**20, "32MiB": 32 * 2**20}
 HEAP_POLICIES = ("trim", "glibc", *MMAP_THRESHOLDS)  # trim: the scripts' default
-TRIM_EVERY_BATCHES = 16  # loss batches between two trims; 0: never
+TRIM_EVERY = 16  # loss batches between two trims under the "trim" policy
+TRIM_EVERY_BATCHES = TRIM_EVERY  # this process's setting (configure_heap); 0: never
 
 
 @lru_cache(maxsize=1)
@@ -38,7 +39,7 @@ def configure_heap(policy: str = "") -> str:
     policy = policy or os.environ.get("ABU_HEAP", "") or "trim"
     if policy not in HEAP_POLICIES:
         raise ValueError(f"ABU_HEAP={policy!r}: choose one of {', '.join(HEAP_POLICIES)}")
-    TRIM_EVERY_BATCHES = 16 if policy == "trim" else 0
+    TRIM_EVERY_BATCHES = TRIM_EVERY if policy == "trim" else 0
     if policy in MMAP_THRESHOLDS:
         bound_heap_growth(MMAP_THRESHOLDS[policy])
     return policy

@@ -96,8 +96,7 @@ def damaged(path, what: str, error: Exception, remedy: str) -> InputError:
 def load_json(path, what: str):
     """Read a JSON file, turning a missing or malformed file into an InputError that names it."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what} not found: {path}")
+    _check_exists(path, what, "")
     try:
         with open(path) as f:
             return json.load(f)
