@@ -6,14 +6,16 @@ Reads <result_dir>/influence/<query>/influence.pkl for every query of --task_jso
 the influence, ties against the exemplars) and writes, under --out_dir (default
 <result_dir>/eval/<task file name>): per_query.csv, summary.csv and summary.md with the mean and standard
 error per test case, per family (object: *_imagenet; style: artchive, bamfg; any other test case is its
-own family) and overall. The scorer is utils/evaluation.py. Beside them, index.html (utils/report.py): each query
+own family) and overall. Queries with image-level ground truth (mini-AbC's test_looks_* and
+test_pretraining_style, docs/mini_abc.md) also get AUC (a matching candidate above a non-matching one) and
+image mAP, read from --dataroot's json files. The scorer is utils/evaluation.py. Beside them, index.html (utils/report.py): each query
 with its top --top_k candidates, sortable by AP; open the file in a browser (it needs --dataroot's images).
 """
 import argparse
 from pathlib import Path
 
 from utils.cli import run
-from utils.evaluation import load_results, score_queries, summarize, to_csv, to_markdown
+from utils.evaluation import load_results, metric_columns, score_queries, summarize, to_csv, to_markdown
 from utils.errors import InputError
 from utils.io import atomic_write
 from utils.layout import ResultsLayout
@@ -46,8 +48,9 @@ def main(argv=None):
     if missing:
         print(f"warning: {len(missing)} of {len(tasks)} queries have no results yet (e.g. "
               f"{missing[0].synth_image_path}); scoring the {len(found)} that do")
-    metric_names = [f"recall@{k}" for k in args.ks] + ["ap"]
-    rows = score_queries(found, args.ks)
+    has_data = Path(args.dataroot).is_dir()
+    rows = score_queries(found, args.ks, dataroot=args.dataroot if has_data else None)
+    metric_names = metric_columns(rows, args.ks)
     summary = summarize(rows, metric_names)
     out_dir = Path(args.out_dir or layout.eval_dir(args.task_json))
     per_query_columns = ["query", "test_case", "family", "n_exemplar"] + metric_names
@@ -58,8 +61,9 @@ def main(argv=None):
     atomic_write(out_dir / "summary.md", lambda f: f.write(table), binary=False)
     print(table)
     print(f"tables written to {out_dir}/ (per_query.csv, summary.csv, summary.md)")
-    if not Path(args.dataroot).is_dir():
-        print(f"warning: dataroot {args.dataroot} not found: tables written, {PAGE_NAME} skipped (pass --dataroot)")
+    if not has_data:
+        print(f"warning: dataroot {args.dataroot} not found: tables written without image-level metrics, {PAGE_NAME} "
+              f"skipped (pass --dataroot)")
         return
     page = write_report(out_dir / PAGE_NAME, found, rows, summary, metric_names, args.dataroot, args.top_k,
                         Path(args.task_json).stem, len(tasks))

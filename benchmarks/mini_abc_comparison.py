@@ -20,6 +20,7 @@ import numpy as np
 
 from benchmarks.runner import (BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, derive_arrays, run, stage1,
                                timed, write_table)
+from data.mini_abc_build.image_level import ImageLevelConfig
 from utils.evaluation import load_result, mean_metric, overlap, score_queries
 from utils.metrics import mean_and_stderr, rank_candidates
 from utils.io import atomic_write, save_json
@@ -55,6 +56,9 @@ STOP_METHODS = [m for m in METHODS if m.startswith("AbU, stop rule")]
 # the table's rows: the authors' unscaled latent (a pitfall of their release, not part of the method; docs/mini_abc.md)
 # is left out by default, and the stopping rule's rows come with --with_stop_rule
 DEFAULT_METHODS = [m for m in METHODS if m != "AbU, unscaled synth latent (authors)" and m not in STOP_METHODS]
+IMAGE_METHODS = ["AbU", "AbU, plain gradient ascent (no Fisher)", "AbU, wrong-image control", "AbU, noise-image control",
+                 "random", "pixel cosine", "VAE-latent cosine", "gradient similarity (Fisher-whitened, K/V)"]
+IMAGE_LAION_SUBSET = ImageLevelConfig().pretraining_candidates  # the pretraining level's concepts are among these
 
 
 def slug(name: str) -> str:
@@ -64,27 +68,47 @@ def slug(name: str) -> str:
 def wrong_image_tasks(tasks_path: Path, out_path: Path) -> Path:
     """Each query's image replaced by a query image of another model, a derangement, the prompt unchanged: of
     the same family (object or style) where the split has two models of it, else of any model of the families
-    that have only one (the validation split)."""
+    that have only one (the validation split; joined to another family's pool when that leaves one model)."""
     tasks = json.loads(tasks_path.read_text())
     rng = np.random.default_rng(0)
     groups = {}
     for i, t in enumerate(tasks):
-        groups.setdefault(FAMILIES[t["test_case"]], []).append(i)
+        groups.setdefault(FAMILIES.get(t["test_case"], t["test_case"]), []).append(i)
     single = [g for g, idx in groups.items() if len({tasks[i]["model_path"] for i in idx}) < 2]
-    pools = [idx for g, idx in groups.items() if g not in single] + [sum((groups[g] for g in single), [])]
+    pools = [idx for g, idx in groups.items() if g not in single]
+    singles = sum((groups[g] for g in single), [])
+    if pools and len({tasks[i]["model_path"] for i in singles}) == 1:
+        pools[0] = pools[0] + singles
+    else:
+        pools.append(singles)
     for idx in filter(None, pools):
         images = [tasks[i]["synth_image_path"] for i in idx]
-        models = [tasks[i]["model_path"] for i in idx]
-        for _ in range(1000):
-            perm = rng.permutation(len(idx))
-            if all(models[p] != models[k] for k, p in enumerate(perm)):
-                break
-        else:
-            raise RuntimeError(f"cannot swap query images between models of {tasks_path}: it needs two models")
+        perm = cross_model_derangement([tasks[i]["model_path"] for i in idx], rng)
+        if perm is None:
+            raise RuntimeError(f"cannot swap query images between models of {tasks_path}: no model may hold more "
+                               f"than half of a pool's queries")
         for k, p in enumerate(perm):
             tasks[idx[k]]["synth_image_path"] = images[p]
     save_json(out_path, tasks)
     return out_path
+
+
+def cross_model_derangement(models, rng, tries: int = 1000):
+    """A permutation p with models[p[k]] != models[k] for every k: a random one if `tries` draws find it, else the
+    queries grouped by model and shifted by the largest group's size (possible when no model holds more than
+    half); None when impossible."""
+    for _ in range(tries):
+        perm = rng.permutation(len(models))
+        if all(models[p] != models[k] for k, p in enumerate(perm)):
+            return perm
+    order = sorted(range(len(models)), key=lambda i: models[i])
+    shift = max(models.count(m) for m in models) if models else 0
+    if 2 * shift > len(models):
+        return None
+    perm = np.empty(len(models), dtype=np.int64)
+    for j, i in enumerate(order):
+        perm[i] = order[(j + shift) % len(models)]
+    return perm
 
 
 STYLE_QUERY = re.compile(r"^a picture of an? (.+) in the style of <new1> art$")
@@ -102,11 +126,13 @@ def object_match(rank, n_exemplar: int, prompt: str, captions, k: int = 10):
     return float(np.mean([names[i] for i in top])), float(np.mean(names))
 
 
-def score(layout: ResultsLayout, tasks, captions):
-    """utils.evaluation's per-query rows, plus what the comparison's extra columns need."""
-    found = [(t, load_result(layout, t)) for t in tasks]
-    rows = score_queries(found)
-    for row, (t, r) in zip(rows, found):
+def score(layout: ResultsLayout, tasks, captions, dataroot, truth_tasks=None):
+    """utils.evaluation's per-query rows (image-level metrics included), plus what the extra columns need.
+    `truth_tasks`: the queries whose ground truth each result is scored against, when it is not the task's own (the
+    wrong-image control runs query i's prompt on another query's image: it is scored as query i)."""
+    results = [load_result(layout, t) for t in tasks]
+    rows = score_queries(list(zip(truth_tasks or tasks, results)), dataroot=dataroot)
+    for row, t, r in zip(rows, tasks, results):
         row.update(task=t, rank=r["rank"], query_loss=r.get("query_loss"), steps=r.get("unlearn_steps_taken"))
         row["object_match"], row["object_chance"] = object_match(r["rank"], r["n_exemplar"], t.prompt,
                                                                  captions[:len(r["rank"]) - r["n_exemplar"]])
@@ -142,11 +168,12 @@ def exemplar_rise_z(rows, rises):
     whether through the image or through the prompt's <new1>."""
     z = {"style": [], "object": []}
     for r, (ex, laion) in zip(rows, rises):
-        z[r["family"]].append(float((ex.mean() - laion.mean()) / max(laion.std(), 1e-12)))
+        if r["family"] in z:  # AbC's families: an image-level test case's exemplars are not all its answer
+            z[r["family"]].append(float((ex.mean() - laion.mean()) / max(laion.std(), 1e-12)))
     return {f: float(np.mean(v)) if v else float("nan") for f, v in z.items()}
 
 
-def image_share(layout: ResultsLayout, noise_layout: ResultsLayout, tasks):
+def image_share(layout: ResultsLayout, noise_layout: ResultsLayout, tasks, dataroot):
     """Per query, the candidates ranked by AbU's influence minus the noise-image control's (same cache, same
     noise, same prompt): what the query's image adds to what its prompt alone does. Score rows as `score`."""
     found = []
@@ -154,7 +181,7 @@ def image_share(layout: ResultsLayout, noise_layout: ResultsLayout, tasks):
         a, b = load_result(layout, t), load_result(noise_layout, t)
         found.append((t, {"n_exemplar": a["n_exemplar"],
                           "rank": rank_candidates(a["influence"] - b["influence"], a["n_exemplar"])}))
-    return score_queries(found)
+    return score_queries(found, dataroot=dataroot)
 
 
 def specificity(rows, k: int = 10):
@@ -172,6 +199,10 @@ NO_EXTRA = {"collateral": float("nan"), "specificity": float("nan"), "style exem
             "object exemplar z": float("nan"), "style top-10 object match": float("nan"),
             "object match chance": float("nan")}
 TEST_CASES = ("test_artchive", "test_bamfg", "test_unobserved_imagenet", "test_observed_imagenet")
+# the image-level test cases (docs/mini_abc.md): same prompt, different image, different answer
+IMAGE_CASES = {"test_looks_style": "customization, style", "test_looks_object": "customization, object",
+               "test_pretraining_style": "pretraining, style"}
+IMAGE_METRICS = ("auc", "auc (that style)", "image_ap", "ap")
 
 
 def summarize(name, rows, seconds, extra):
@@ -184,6 +215,10 @@ def summarize(name, rows, seconds, extra):
     for group, members in groups:
         for metric in ("recall@5", "recall@10", "recall@100", "ap"):
             out[f"{group} {metric}"], out[f"{group} {metric} se"] = mean_metric(members, metric)
+    for tc in IMAGE_CASES:
+        members = [r for r in rows if r["test_case"] == tc]
+        for metric in IMAGE_METRICS:
+            out[f"{tc[5:]} {metric}"], out[f"{tc[5:]} {metric} se"] = mean_metric(members, metric)
     return out
 
 
@@ -212,6 +247,23 @@ def markdown(table):
     return "\n".join(lines) + "\n"
 
 
+def image_markdown(table):
+    """The image-level table: AUC per level and family (0.5: the ranking ignores the image), image mAP (the
+    matching set as ground truth), and the model-level mAP of the customization level (AbC's ground truth)."""
+    cases = list(IMAGE_CASES)
+    head = ("| method | " + " | ".join(f"AUC, {IMAGE_CASES[tc]}" for tc in cases) + " | AUC, pretraining, every "
+            "picture in that style | " + " | ".join(f"image mAP, {IMAGE_CASES[tc]}" for tc in cases) +
+            " | model-level mAP, customization (style / object) | time (s) |")
+    lines = [head, "|" + "---|" * (2 * len(cases) + 4)]
+    f = lambda r, k: "–" if r[k] != r[k] else f"{r[k]:.3f} ± {r[k + ' se']:.3f}"  # noqa: E731
+    for r in table:
+        lines.append(f"| {md_text(r['method'])} | " + " | ".join(f(r, f"{tc[5:]} auc") for tc in cases) +
+                     f" | {f(r, 'pretraining_style auc (that style)')} | " +
+                     " | ".join(f(r, f"{tc[5:]} image_ap") for tc in cases) +
+                     f" | {r['looks_style ap']:.3f} / {r['looks_object ap']:.3f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 CONTROLS = ("wrong-image control", "noise-image control")
 
 
@@ -222,54 +274,103 @@ def control_of(method: str, control: str, per_query):
     return own if own in per_query else f"AbU, {control}"
 
 
-def margins(per_query) -> str:
-    """Each AbU row's mAP minus each control's, per family: the mean and standard error of the paired
-    per-query difference (the control's query i is query i with its image swapped or replaced by noise)."""
+def margins(per_query, metric: str = "ap", groups=(("style", "family", "style"), ("object", "family", "object"))) -> str:
+    """Each AbU row's `metric` minus each control's, per group (name, row key, value): the mean and standard error of
+    the paired per-query difference (the control's query i is query i with its image swapped or replaced by
+    noise)."""
     rows = [m for m in per_query if m.startswith("AbU") and not m.endswith(CONTROLS)]
     if not rows or not any(control_of(m, c, per_query) in per_query for m in rows for c in CONTROLS):
         return ""
-    lines = ["", "AbU minus its controls, mAP, paired by query (mean ± standard error of the difference; a row with "
-             "controls of its own is paired with those):", "",
-             "| method | " + " | ".join(f"{c}: {fam}" for c in CONTROLS for fam in ("style", "object")) + " |",
-             "|" + "---|" * (1 + 2 * len(CONTROLS))]
+    label = {"ap": "mAP", "auc": "AUC"}.get(metric, metric)
+    lines = ["", f"AbU minus its controls, {label}, paired by query (mean ± standard error of the difference; a row "
+             "with controls of its own is paired with those):", "",
+             "| method | " + " | ".join(f"{c}: {g[0]}" for c in CONTROLS for g in groups) + " |",
+             "|" + "---|" * (1 + len(groups) * len(CONTROLS))]
     for m in rows:
         cells = []
         for control in CONTROLS:
             c = control_of(m, control, per_query)
-            for fam in ("style", "object"):
-                d = [a - b for (fa, a), (fb, b) in zip(per_query[m], per_query.get(c, [])) if fa == fb == fam]
+            for _, key, value in groups:
+                d = [a[metric] - b[metric] for a, b in zip(per_query[m], per_query.get(c, []))
+                     if a[key] == b[key] == value]
                 mean, se = mean_and_stderr(d) if d else (float("nan"), float("nan"))
                 cells.append(f"{mean:+.3f} ± {se:.3f}")
         lines.append(f"| {md_text(m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(table, path):
-    """Recall@10 (x) against mAP (y), one marker per method and family."""
+# 16 colours no two of which are alike (from Kelly's list of maximally distinct colours): one a row
+COLOURS = [(34, 34, 34), (0, 103, 165), (243, 132, 0), (0, 136, 86), (190, 0, 50), (135, 86, 146), (161, 202, 241),
+           (243, 195, 0), (230, 143, 172), (132, 132, 130), (136, 45, 23), (194, 178, 128), (141, 182, 0),
+           (96, 78, 151), (249, 150, 121), (43, 61, 38)]
+
+
+def _canvas(w: int, h: int):
     from PIL import Image, ImageDraw, ImageFont
 
-    w, h, pad = 1000, 620, 70
     img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=13)
-    d.rectangle([pad, 20, w - 340, h - pad], outline="black")
-    X = lambda v: pad + v * (w - 340 - pad)  # noqa: E731
+    return img, ImageDraw.Draw(img), ImageFont.load_default(size=13)
+
+
+def plot(table, path):
+    """Recall@10 (x) against mAP (y), one colour per method (circle: object, square: style); the legend beside it
+    names every method in full."""
+    font_probe = _canvas(1, 1)
+    legend_w = 40 + max(int(font_probe[1].textlength(r["method"], font=font_probe[2])) for r in table)
+    plot_w, h, pad = 620, max(620, 60 + 22 * len(table)), 70
+    img, d, font = _canvas(plot_w + legend_w + 20, h)
+    right = plot_w
+    d.rectangle([pad, 20, right, h - pad], outline="black")
+    X = lambda v: pad + v * (right - pad)  # noqa: E731
     Y = lambda v: h - pad - v * (h - pad - 20)  # noqa: E731
     for v in (0, 0.25, 0.5, 0.75, 1.0):
         d.text((X(v) - 10, h - pad + 6), f"{v:.2f}", fill="black", font=font)
         d.text((pad - 40, Y(v) - 7), f"{v:.2f}", fill="black", font=font)
-    d.text(((pad + w - 340) / 2 - 30, h - 30), "Recall@10", fill="black", font=font)
+    d.text(((pad + right) / 2 - 30, h - 30), "Recall@10", fill="black", font=font)
     d.text((8, 4), "mAP", fill="black", font=font)
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
     for i, r in enumerate(table):
-        c = colours[i % len(colours)]
+        c = COLOURS[i % len(COLOURS)]
         for fam, shape in (("object", "o"), ("style", "s")):
             x, y = X(r[f"{fam} recall@10"]), Y(r[f"{fam} ap"])
-            (d.ellipse if shape == "o" else d.rectangle)([x - 6, y - 6, x + 6, y + 6], fill=c)
-        d.rectangle([w - 325, 30 + 22 * i, w - 313, 42 + 22 * i], fill=c)
-        d.text((w - 305, 29 + 22 * i), r["method"][:46], fill="black", font=font)
-    d.text((w - 325, 40 + 22 * len(table)), "circle: object, square: style", fill="black", font=font)
+            if x == x and y == y:
+                (d.ellipse if shape == "o" else d.rectangle)([x - 6, y - 6, x + 6, y + 6], fill=c, outline="black")
+        d.rectangle([right + 20, 30 + 22 * i, right + 32, 42 + 22 * i], fill=c, outline="black")
+        d.text((right + 40, 29 + 22 * i), r["method"], fill="black", font=font)
+    d.text((right + 20, 40 + 22 * len(table)), "circle: object, square: style", fill="black", font=font)
+    atomic_write(path, lambda fh: img.save(fh, format="PNG"))
+
+
+def plot_auc(table, path):
+    """The image-level AUC of every method, one line each, a marker per level and family with its standard error;
+    the dashed line at 0.5 is where a ranking that ignores the image lands."""
+    cases = [(f"{tc[5:]} auc", IMAGE_CASES[tc]) for tc in IMAGE_CASES] + \
+            [("pretraining_style auc (that style)", "pretraining, style (every picture in that style)")]
+    _, probe, font = _canvas(1, 1)
+    label_w = 20 + max(int(probe.textlength(r["method"], font=font)) for r in table)
+    row_h, top, plot_w = 36, 30, 520
+    h = top + row_h * len(table) + 40 + 20 * len(cases)
+    img, d, font = _canvas(label_w + plot_w + 40, h)
+    X = lambda v: label_w + 10 + v * plot_w  # noqa: E731
+    bottom = top + row_h * len(table)
+    d.rectangle([X(0), top - 10, X(1), bottom], outline="black")
+    for v in (0, 0.25, 0.5, 0.75, 1.0):
+        d.text((X(v) - 10, bottom + 4), f"{v:.2f}", fill="black", font=font)
+    for y in range(top - 10, bottom, 6):
+        d.line([X(0.5), y, X(0.5), y + 3], fill="black")
+    for i, r in enumerate(table):
+        y = top + row_h * i + row_h // 2 - 6
+        d.text((8, y - 7), r["method"], fill="black", font=font)
+        for j, (key, _) in enumerate(cases):
+            v, se = r[key], r[key + " se"]
+            if v != v:
+                continue
+            c, yy = COLOURS[j], y + 7 * (j - 1.5)
+            d.line([X(max(v - se, 0)), yy, X(min(v + se, 1)), yy], fill=c, width=2)
+            d.ellipse([X(v) - 5, yy - 5, X(v) + 5, yy + 5], fill=c, outline="black")
+    for j, (_, label) in enumerate(cases):
+        y = bottom + 26 + 20 * j
+        d.ellipse([X(0), y, X(0) + 10, y + 10], fill=COLOURS[j], outline="black")
+        d.text((X(0) + 16, y - 2), f"AUC, {label}", fill="black", font=font)
     atomic_write(path, lambda fh: img.save(fh, format="PNG"))
 
 
@@ -295,15 +396,21 @@ def example_figure(layout: ResultsLayout, tasks, path: Path, width: int = 1400) 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="subset of: " + "; ".join(METHODS))
+    p.add_argument("--cases", default="abc", choices=["abc", "image"],
+                   help="abc: AbC's four test cases (tasks/<split>.json); image: the image-level test cases "
+                        "(tasks/image_<split>.json: same prompt, different image, different answer)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="subset of: " + "; ".join(METHODS) + " (default: every row but the authors' unscaled latent "
+                        "and the stopping rule's; with --cases image, AbU, its no-Fisher ablation, its two controls "
+                        "and the baselines)")
     p.add_argument("--bench", default=str(BENCH))
-    p.add_argument("--out", default=None, help="default results/mini_abc/<split>")
+    p.add_argument("--out", default=None, help="default results/mini_abc/<split> (--cases image: image_<split>)")
     p.add_argument("--fisher_dataset_size", type=float, default=TUNED["fisher_dataset_size"])
     p.add_argument("--unlearn_lr", type=float, default=TUNED["unlearn_lr"])
     p.add_argument("--sgd_lr", type=float, default=TUNED["sgd_lr"])
     p.add_argument("--all_weights_n", type=float, default=TUNED["all_weights_n"], help="N of the all-weights row")
-    p.add_argument("--laion_subset_size", type=int, default=SIZING["laion_subset_size"],
-                   help="candidates: the first S pretraining images (0: all)")
+    p.add_argument("--laion_subset_size", type=int, default=None,
+                   help="candidates: the first S pretraining images (0: all; default 600, --cases image 300)")
     p.add_argument("--time_samples", type=int, default=SIZING["time_samples"])
     p.add_argument("--batch_size", type=int, default=SIZING["batch_size"])
     p.add_argument("--unlearn_steps", type=int, default=SIZING["unlearn_steps"])
@@ -318,18 +425,25 @@ def main():
     p.add_argument("--abu_extra", default="", help="extra compute_influence.py flags for every AbU row (tuning runs), "
                                                     "e.g. '--stop_rule rise --stop_target 2'")
     args = p.parse_args()
+    image = args.cases == "image"
+    if args.methods is None:
+        args.methods = IMAGE_METHODS if image else DEFAULT_METHODS
+    if args.laion_subset_size is None:
+        args.laion_subset_size = IMAGE_LAION_SUBSET if image else SIZING["laion_subset_size"]
     if args.with_stop_rule:
         args.methods = list(args.methods) + [m for m in STOP_METHODS if m not in args.methods]
     bench = Path(args.bench)
-    out = Path(args.out or REPO / "results" / "mini_abc" / args.split)
-    task_json = bench / "tasks" / f"{args.split}.json"
+    stem = f"image_{args.split}" if image else args.split
+    out = Path(args.out or REPO / "results" / "mini_abc" / stem)
+    task_json = bench / "tasks" / f"{stem}.json"
     load_tasks(task_json)  # checks the task file before any work
     captions = (bench / "abc" / "laion_subset" / "captions.txt").read_text().splitlines()
+    dataroot = bench / "abc"
     n_laion = args.laion_subset_size or len(captions)
     flags = common_flags(bench, n_laion)
     device = ["--device", "cpu"]
     cache = out / "orig_loss"
-    derive_arrays(bench)  # both Fishers: the all-weights ablation has its own
+    derive_arrays(bench, all_weights_fisher="AbU, all weights" in args.methods)  # the all-weights ablation's own Fisher
     ok, stage1_seconds = stage1(task_json, out, args, flags + device)
     if not ok:
         sys.exit("stage 1 failed; see the error above")
@@ -355,7 +469,7 @@ def main():
             write_outputs(out, table, stage1_seconds, per_query)
             continue
         layout = ResultsLayout(result_dir, cache)
-        rows = score(layout, load_tasks(tj), captions)
+        rows = score(layout, load_tasks(tj), captions, dataroot, truth_tasks=load_tasks(task_json))
         match, chance = mean_object_match(rows)
         unlearned = kind.startswith("abu")
         rises = [loss_rises(layout, r["task"]) for r in rows] if unlearned else None
@@ -364,22 +478,31 @@ def main():
                       "specificity": specificity(rows), "style exemplar z": z["style"], "object exemplar z": z["object"],
                       "style top-10 object match": match, "object match chance": chance}
         table.append(summarize(name + args.tag, rows, seconds, extra_cols))
-        per_query[name + args.tag] = [(r["family"], r["ap"]) for r in rows]
+        per_query[name + args.tag] = rows
         layouts[name] = layout
         if name == "AbU":
             example_figure(layout, load_tasks(tj), out / f"examples{args.tag}.png")
-        write_outputs(out, table, stage1_seconds, per_query)  # after every method, so a failure later loses nothing
+        write_outputs(out, table, stage1_seconds, per_query, image)  # after every method: a failure later loses nothing
     # AbU only: the stopping rule's rows stop at different steps than their noise control, so their influences are
     # on different scales and a difference would not isolate the image
     if "AbU" in layouts and "AbU, noise-image control" in layouts:
-        rows = image_share(layouts["AbU"], layouts["AbU, noise-image control"], load_tasks(task_json))
+        rows = image_share(layouts["AbU"], layouts["AbU, noise-image control"], load_tasks(task_json), dataroot)
         table.append(summarize(f"AbU, the image's share (influence minus the noise control's){args.tag}", rows, 0.0,
                                NO_EXTRA))
-        write_outputs(out, table, stage1_seconds, per_query)
-    print(markdown(table))
+        write_outputs(out, table, stage1_seconds, per_query, image)
+    print((image_markdown if image else markdown)(table))
 
 
-def write_outputs(out: Path, table, stage1: float, per_query) -> None:
+def write_outputs(out: Path, table, stage1: float, per_query, image: bool = False) -> None:
+    if image:
+        groups = tuple((IMAGE_CASES[tc], "test_case", tc) for tc in IMAGE_CASES)
+        md = (image_markdown(table) + f"\nStage 1 (shared by every AbU row): {stage1:.0f} s. AUC: the chance that a "
+              f"candidate matching what the query's image shows is ranked above one matching its pair partner's image "
+              f"(0.5 when a ranking ignores the image). Image mAP: AP with the matching set as ground truth over all "
+              f"candidates.\n" + margins(per_query, "auc", groups))
+        write_table(out, "comparison", md, table)
+        plot_auc(table, out / "comparison.png")
+        return
     chance = next((r["object match chance"] for r in table if r["object match chance"] == r["object match chance"]),
                   float("nan"))
     md = markdown(table) + (f"\nStage 1 (shared by every AbU row): {stage1:.0f} s. 'style: top-10 names the object': "

@@ -26,7 +26,8 @@ Design (docs/mini_abc.md):
 * Queries: images synthesized by each customized model (DDIM, 50 steps, guidance 5) from AbC-like prompts.
 
 Stages: data (fetch, choose, rasterize; writes plan.json) -> base -> judge (gate 1, base grid) -> models
-(customize, synthesize, gate 2, grids) -> derive (the arrays and Fishers not committed). Each later stage
+(customize, synthesize, gate 2, grids) -> image_level (the test cases whose answer depends on the image:
+data/mini_abc_build/image_level.py) -> derive (the arrays and Fishers not committed). Each later stage
 reads plan.json, so any subset of stages can be rerun.
 """
 import argparse
@@ -46,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 from data.mini_abc_build import sources
 from data.mini_abc_build.customize import CustomizationConfig, customize
+from data.mini_abc_build.image_level import ImageLevelConfig, ImageLevelStage, image_level_report
 from data.mini_abc_build.judge import JudgeConfig, customization_gate, load_judge, prompt_gate, train_judge
 from data.mini_abc_build.sampling import load_pipeline, sample, save_grid
 from data.mini_abc_build.tokenizer import build_clip_tokenizer
@@ -97,6 +99,7 @@ class BuildConfig:
     # base model's samples are (judge features, cosine) did not take
     query_guidance: float = 5.0  # classifier-free guidance of the queries (and the base's samples gate 2 compares)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    image_level: ImageLevelConfig = field(default_factory=ImageLevelConfig)  # the image-level test cases
     gate_prompts: int = 100  # (concept, style) prompts sampled for gate 1
     gate_samples: int = 4  # images per prompt
     sample_steps: int = 50  # DDIM steps of every sample (queries, grids, gates); guidance 3 but for the queries
@@ -399,6 +402,11 @@ class Builder:
                                                                if not made[i]["kept"]]})
         print(gates_report(self.out), flush=True)
 
+    def image_level(self) -> None:
+        """The image-level test cases (data/mini_abc_build/image_level.py): same prompt, different image,
+        different answer."""
+        ImageLevelStage(self, self.config.image_level).run()
+
     def customize_model(self, spec, i: int, attempt: int, pipe, judge, pretraining, exemplar_captions) -> dict:
         """Train one model (seeded by its index and attempt), sample its queries and, from the base model, the
         same prompts without <new1> (same seeds); score gate 2."""
@@ -513,7 +521,7 @@ def derive(out: Path, config: BuildConfig, all_weights_fisher: bool = True, over
             seed=config.seed), config.device, overwrite=overwrite)
 
 
-STAGES = ("data", "base", "judge", "models", "derive")  # the judge trains before the base model if asked
+STAGES = ("data", "base", "judge", "models", "image_level", "derive")  # the judge trains before the base model if asked
 
 
 def build(out, config: BuildConfig, stages=STAGES, cache=None, overwrite: bool = False,
@@ -551,6 +559,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.report:
         print(gates_report(Path(args.out)), end="")
+        if (Path(args.out) / "image_level_log.json").is_file():
+            print("\n" + image_level_report(Path(args.out)), end="")
         return
     config = BuildConfig(device=args.device)
     config.base.device = args.device

@@ -12,6 +12,7 @@ from data.build_mini_abc import (HELDOUT_STYLES, TRAINING_STYLES, BuildConfig, b
                                  gates_report, usable_concepts)
 from data.mini_abc_build import sources
 from data.mini_abc_build.customize import CustomizationConfig
+from data.mini_abc_build.image_level import ImageLevelConfig
 from data.mini_abc_build.judge import JudgeConfig
 from data.mini_abc_build.train_base import BaseModelConfig
 from utils.tasks import exemplar_paths, load_tasks
@@ -61,6 +62,9 @@ def tiny_config() -> BuildConfig:
                              checkpoint_every=5, diffusion_batch_size=16),
         customization=CustomizationConfig(steps=3, batch_size=2), style_customization=CustomizationConfig(steps=3, batch_size=2),
         gain_floor=-1.0, judge=JudgeConfig(width=8, epochs=2),
+        image_level=ImageLevelConfig(style_exemplars_per_look=2, style_prompts=2, seeds_per_prompt=4, pairs_per_model=2,
+                                     min_gap=0.0, style_steps=3, pretraining_pairs=(2, 2), pretraining_seeds=4,
+                                     min_style_probability=0.0, attempts=1),
         fisher_samples=16, fisher_samples_all=4)
 
 
@@ -162,7 +166,8 @@ def test_comparison_runner_end_to_end(built, tmp_path):
     noise = pickle_load(tmp_path / "abu_noise_image_control" / "influence" / original[0]["synth_image_path"][6:]
                         / "influence.pkl")
     assert noise["settings"]["noise_image"] is True
-    assert Image.open(tmp_path / "comparison.png").size == (1000, 620)
+    width, height = Image.open(tmp_path / "comparison.png").size
+    assert height >= 620 and width > 620 + 5 * max(len(r["method"]) for r in rows)  # the legend is not cut off
     md = (tmp_path / "comparison.md").read_text()
     assert "| AbU |" in md and "| method | artchive | bamfg | unobserved_imagenet | observed_imagenet |" in md
     assert "exemplar rise z (style / object)" in md and "AbU minus its controls" in md
@@ -212,11 +217,14 @@ def test_wrong_image_control_swaps_across_families_only_when_a_family_has_one_mo
     def task(case, model, q):
         return {"test_case": case, "model_path": model, "synth_image_path": f"{model}/{q}.png", "prompt": model + q}
 
-    # two style models: swapped among themselves; one object model: nothing to swap with in its own family
+    # two style models and one object model, which has nothing to swap with in its own family: its queries join the
+    # style pool (the image-level test split's pretraining level is such a family)
     tasks = [task("test_artchive", "s1", "a"), task("test_artchive", "s1", "b"), task("test_bamfg", "s2", "a"),
              task("test_observed_imagenet", "o1", "a"), task("test_observed_imagenet", "o1", "b")]
-    with pytest.raises(RuntimeError, match="two models"):  # the object pool holds one model only
-        wrong_image_tasks(_write(tmp_path / "t.json", tasks), tmp_path / "w.json")
+    swapped = json.loads(wrong_image_tasks(_write(tmp_path / "t.json", tasks), tmp_path / "w.json").read_text())
+    assert all(a["synth_image_path"].split("/")[0] != b["model_path"] for a, b in zip(swapped, tasks))
+    with pytest.raises(RuntimeError, match="more than half"):  # one model: no other model's image to swap in
+        wrong_image_tasks(_write(tmp_path / "o.json", tasks[3:]), tmp_path / "w.json")
     # validation-like: one style model and one object model: images swapped across the two
     val = [t for t in tasks if t["model_path"] in ("s1", "o1")]
     swapped = json.loads(wrong_image_tasks(_write(tmp_path / "v.json", val), tmp_path / "w.json").read_text())
@@ -251,3 +259,153 @@ def test_run_demo_uses_the_comparisons_sizing_and_tuned_n():
     assert flag("unlearn_steps") == SIZING["unlearn_steps"]
     assert flag("unlearn_grad_accum_steps") == SIZING["unlearn_grad_accum_steps"]
     assert flag("fisher_dataset_size") == TUNED["fisher_dataset_size"]
+
+
+def test_look_position_and_contrast_pairs():
+    from data.mini_abc_build.image_level import contrast_pairs, ink_colour, look_position, style_pair_of
+
+    red, blue = np.array([200.0, 0, 0]), np.array([0.0, 0, 200])
+    img = Image.new("RGB", (8, 8), "white")
+    for x in range(8):
+        for y in range(4):
+            img.putpixel((x, y), (150, 0, 50))  # 32 inked pixels, a quarter of the way from red to blue
+    assert ink_colour(img).tolist() == [150, 0, 50] and look_position(img, red, blue) == pytest.approx(0.25)
+    assert np.isnan(look_position(Image.new("RGB", (8, 8), "white"), red, blue))  # no ink, no position
+    # prompt 0's extremes pair first (0.1, 0.9), then the next two inwards (0.2, 0.5) while far enough apart; prompt
+    # 1's two samples are 0.1 apart
+    prompt_of = [0, 0, 0, 0, 0, 1, 1]
+    position = [0.1, 0.9, 0.5, 0.2, 0.45, 0.4, 0.5]
+    assert contrast_pairs(prompt_of, position, 0.35, n_pairs=5, per_prompt=3) == [(0, 1)]  # 0.5 - 0.2 < 0.35
+    assert contrast_pairs(prompt_of, position, 0.3, n_pairs=5, per_prompt=3) == [(0, 1), (3, 2)]
+    assert contrast_pairs(prompt_of, position, 0.3, n_pairs=1, per_prompt=3) == [(0, 1)]
+    assert contrast_pairs(prompt_of, position, 0.05, n_pairs=5, per_prompt=1) == [(0, 1), (5, 6)]
+    # the pretraining level: the two most confident samples of two different styles
+    assert style_pair_of([2, 2, 0, 1], [0.9, 0.95, 0.7, 0.5], 0.6) == (1, 2)
+    assert style_pair_of([2, 2, 0], [0.9, 0.95, 0.5], 0.6) is None
+
+
+def test_image_level_cases_are_balanced_pairs_with_swapped_answers(built):
+    from utils.tasks import image_ground_truth
+
+    out, _ = built
+    root = out / "abc"
+    for split in ("val", "test"):
+        tasks = load_tasks(out / "tasks" / f"image_{split}.json")
+        # the tiny judge reads one style in every sample of the tiny base model: no pretraining pairs here (the next
+        # test gives that level a judge that reads two)
+        assert {t.test_case for t in tasks} >= {"test_looks_style", "test_looks_object"}
+        pairs = {}
+        for t in tasks:
+            truth = image_ground_truth(root, t)
+            entry = json.loads((root / "json" / f"{t.test_case}.json").read_text())[t.test_case_ind]
+            pairs.setdefault((t.model_path, entry["image_level"][t.synth_image_path]["pair"]), []).append((t, truth))
+            assert (root / t.synth_image_path).is_file() and all((root / p).is_file() for r in truth
+                                                                 for p in r.matching + r.non_matching)
+        for (model, _), members in pairs.items():  # one query of each look, same prompt, answers swapped
+            assert len(members) == 2
+            (a, ta), (b, tb) = members
+            assert a.prompt == b.prompt and a.synth_image_path != b.synth_image_path
+            assert [(r.matching, r.non_matching) for r in ta] == [(r.non_matching, r.matching) for r in tb]
+    assert Image.open(out / "grids" / "image_level_customization.png").size[0] > 4 * 48
+    assert AbC_files_unchanged(root)
+
+
+def test_pretraining_level_pairs_two_styles_of_a_concept_on_an_identity_model(built, tmp_path):
+    """With a judge that reads alternating styles, each concept gives a pair: same prompt, the picture of the concept
+    in each query's style as its answer and the partner's as the wrong one; the identity model is the base's K/V."""
+    import shutil
+
+    import torch
+
+    from data.build_mini_abc import Builder
+    from data.mini_abc_build.image_level import ImageLevelStage
+    from data.mini_abc_build.sampling import load_pipeline
+    from utils.models import load_base_model
+
+    out, cache = built
+    copy = tmp_path / "mini_abc"
+    shutil.copytree(out, copy)
+
+    class AlternatingJudge:  # style 0, 1, 0, 1, ... with probability ~1
+        def __call__(self, x):
+            return torch.zeros(len(x), 3), 20.0 * torch.nn.functional.one_hot(torch.arange(len(x)) % 2, 4).float()
+
+    config = tiny_config()
+    builder = Builder(copy, config, cache)
+    stage = ImageLevelStage(builder, config.image_level)
+    rows = json.loads((copy / "abc" / "laion_subset" / "sources.json").read_text())
+    stage.pretraining_level("val", builder.plan(), load_pipeline(builder.sd_dir), AlternatingJudge(), rows)
+    entry, = stage.cases["test_pretraining_style"]
+    truth = entry["image_level"]
+    assert len(truth) == 2 * config.image_level.pretraining_pairs[0]
+    by_pair = {}
+    for path, t in truth.items():
+        by_pair.setdefault(t["pair"], []).append(t)
+        concept, in_style = t["readings"]
+        assert (concept["name"], in_style["name"]) == ("concept in that style", "that style")
+        picture = rows[int(Path(concept["matching"][0]).stem)]
+        assert TRAINING_STYLES[picture["style"]] == t["label"] and picture["name"] in t["prompt"]
+        assert concept["matching"][0] in in_style["matching"] and (copy / "abc" / path).is_file()
+    for a, b in by_pair.values():
+        assert a["prompt"] == b["prompt"] and a["label"] != b["label"]
+        assert [(r["matching"], r["non_matching"]) for r in a["readings"]] == \
+            [(r["non_matching"], r["matching"]) for r in b["readings"]]
+    base = load_base_model(str(copy / "sd-mini"), "cpu")
+    saved = torch.load(copy / "abc" / "models" / "pretraining" / "identity_val" / "pytorch_custom_diffusion_weights.pt")
+    params = dict(base.unet.named_parameters())
+    assert saved and all(torch.equal(v, params[k]) for k, v in saved.items())
+    white = np.asarray(Image.open(copy / "abc" / "exemplar" / "pretraining" / "identity_val" / "000.png"))
+    assert (white == 255).all()
+
+
+def AbC_files_unchanged(root: Path) -> bool:
+    """AbC's own test-case files carry no image-level key: their format is AbC's."""
+    return all("image_level" not in e for tc in ("test_artchive", "test_bamfg", "test_observed_imagenet",
+                                                 "test_unobserved_imagenet")
+               for e in json.loads((root / "json" / f"{tc}.json").read_text()))
+
+
+def test_image_level_comparison_and_evaluate_score_auc(built, tmp_path):
+    """The comparison runner with --cases image, and evaluate.py, score AUC on the image-level cases; the noise-image
+    control, whose two queries of a pair are the same prompt with the same noise, scores a pair-mean AUC of 0.5."""
+    import csv
+    import subprocess
+    import sys
+
+    import evaluate
+    from utils.evaluation import load_results, score_queries
+    from utils.layout import ResultsLayout
+
+    out, _ = built
+    repo = Path(__file__).resolve().parent.parent
+    methods = ["AbU", "AbU, noise-image control", "random"]
+    flags = ["--bench", str(out), "--split", "val", "--cases", "image", "--out", str(tmp_path), "--unlearn_steps",
+             "2", "--fisher_dataset_size", "1000", "--laion_subset_size", "0", "--methods"] + methods
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "mini_abc_comparison.py")] + flags,
+                          capture_output=True, text=True, cwd=repo, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
+    assert [r["method"] for r in rows] == methods + ["AbU, the image's share (influence minus the noise control's)"]
+    for r in rows:
+        for tc in ("looks_style", "looks_object"):
+            assert 0 <= float(r[f"{tc} auc"]) <= 1
+    md = (tmp_path / "comparison.md").read_text()
+    assert "AUC, customization, style" in md and "AbU minus its controls, AUC" in md
+    tasks = load_tasks(out / "tasks" / "image_val.json")
+    found, missing = load_results(ResultsLayout(tmp_path / "abu_noise_image_control"), tasks)
+    assert not missing
+    noise = score_queries(found, dataroot=out / "abc")
+    assert np.mean([r["auc"] for r in noise]) == pytest.approx(0.5, abs=1e-12)  # balanced pairs, prompt only
+    evaluate.main(["--task_json", str(out / "tasks" / "image_val.json"), "--result_dir", str(tmp_path / "abu"),
+                   "--dataroot", str(out / "abc"), "--out_dir", str(tmp_path / "eval")])
+    summary = (tmp_path / "eval" / "summary.md").read_text()
+    assert "| AUC | image mAP |" in summary and "family: looks_style" in summary
+
+
+def test_cross_model_derangement_when_random_draws_cannot_find_one():
+    from benchmarks.mini_abc_comparison import cross_model_derangement
+
+    models = ["a"] * 8 + ["b"] * 8 + ["c"] * 8  # 1000 random draws almost never avoid all 24 same-model swaps
+    perm = cross_model_derangement(models, np.random.default_rng(0), tries=0)
+    assert sorted(perm.tolist()) == list(range(24)) and all(models[p] != models[k] for k, p in enumerate(perm))
+    assert cross_model_derangement(["a", "a", "a", "b"], np.random.default_rng(0), tries=5) is None  # a holds 3 of 4

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from utils.metrics import (average_precision, fold_flips, influence_and_rank, mean_and_stderr, query_metrics,
-                           rank_candidates, recall_at_k)
+from utils.metrics import (auc, average_precision, average_precision_of, fold_flips, influence_and_rank,
+                           mean_and_stderr, query_metrics, rank_candidates, recall_at_k)
 
 
 def test_fold_flips_takes_the_larger_of_each_pair():
@@ -54,3 +54,35 @@ def test_mean_and_stderr():
     assert mean == 2.5
     assert se == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
     assert mean_and_stderr([0.7]) == (0.7, 0.0)
+
+
+def test_auc_hand_computed_and_perfect_ranking_scores_one():
+    rank = np.array([3, 0, 4, 1, 2])  # positions: 3->0, 0->1, 4->2, 1->3, 2->4
+    assert auc(rank, [3, 0], [1, 2]) == 1.0  # every matching candidate above every non-matching one
+    assert auc(rank, [1, 2], [3, 0]) == 0.0
+    assert auc(rank, [0, 2], [4, 1]) == pytest.approx(2 / 4)  # 0 beats 4 and 1; 2 beats neither
+    with pytest.raises(ValueError):
+        auc(rank, [], [1])
+    with pytest.raises(ValueError):
+        auc(rank, [0], [7])
+
+
+def test_a_ranking_that_ignores_the_image_scores_half_on_a_balanced_pair():
+    # a pair: query A's matching set is query B's non-matching set and the reverse; a prompt-only method ranks
+    # both queries' candidates identically, whatever that ranking is
+    rng = np.random.default_rng(0)
+    a_set, b_set = [0, 1, 2, 3], [4, 5, 6, 7]
+    for _ in range(20):
+        rank = rank_candidates(rng.standard_normal(40), n_exemplar=8)
+        assert (auc(rank, a_set, b_set) + auc(rank, b_set, a_set)) / 2 == 0.5
+    # a ranking that reads the image puts each query's matching set first: pair mean 1
+    rank_a = rank_candidates(np.r_[np.ones(4), np.zeros(36)], 8)
+    rank_b = rank_candidates(np.r_[np.zeros(4), np.ones(4), np.zeros(32)], 8)
+    assert (auc(rank_a, a_set, b_set) + auc(rank_b, b_set, a_set)) / 2 == 1.0
+
+
+def test_average_precision_of_a_set_equals_abc_ap_for_the_exemplars():
+    rng = np.random.default_rng(1)
+    rank = rank_candidates(rng.standard_normal(30), n_exemplar=5)
+    assert average_precision_of(rank, range(5)) == average_precision(rank, 5)
+    assert average_precision_of(np.array([9, 2, 4, 0]), [2, 0]) == pytest.approx((1 / 2 + 2 / 4) / 2)

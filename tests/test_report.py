@@ -183,5 +183,5 @@ def test_without_the_dataroot_the_tables_are_still_written(tiny_abc, tmp_path, c
     assert len(per_query_csv(eval_dir)) == len(EXEMPLAR_RANKS)
     assert not (eval_dir / "index.html").exists()
     assert [line for line in out.splitlines() if line.startswith("warning:")] == [
-        f"warning: dataroot {tmp_path / 'no_such_dataroot'} not found: tables written, index.html skipped "
-        f"(pass --dataroot)"]
+        f"warning: dataroot {tmp_path / 'no_such_dataroot'} not found: tables written without image-level metrics, "
+        f"index.html skipped (pass --dataroot)"]

@@ -48,11 +48,35 @@ def recall_at_k(rank: np.ndarray, n_exemplar: int, k: int) -> float:
 
 
 def average_precision(rank: np.ndarray, n_exemplar: int) -> float:
-    """Mean over ground-truth candidates of (# ground truth ranked at or above it) / (its 1-based rank)."""
-    positions = np.flatnonzero(np.asarray(rank) < n_exemplar) + 1  # 1-based ranks, ascending
-    if len(positions) != n_exemplar:
-        raise ValueError(f"ranking holds {len(positions)} of the {n_exemplar} ground-truth candidates")
-    return float(np.mean(np.arange(1, n_exemplar + 1) / positions))
+    """AbC's AP: the ground truth is the exemplars (indices 0..n_exemplar-1); `average_precision_of` them."""
+    return average_precision_of(rank, np.arange(n_exemplar))
+
+
+def average_precision_of(rank: np.ndarray, relevant) -> float:
+    """Mean over the relevant candidates (indices) of (# relevant ranked at or above it) / (its 1-based rank).
+    Raises ValueError when the ranking lacks one of them."""
+    relevant = np.unique(np.asarray(relevant, dtype=np.int64))
+    positions = np.flatnonzero(np.isin(np.asarray(rank), relevant)) + 1  # 1-based ranks, ascending
+    if len(positions) != len(relevant):
+        raise ValueError(f"ranking holds {len(positions)} of the {len(relevant)} ground-truth candidates")
+    return float(np.mean(np.arange(1, len(relevant) + 1) / positions))
+
+
+def auc(rank: np.ndarray, matching, non_matching) -> float:
+    """The chance that a matching candidate is ranked above a non-matching one (the image-level test cases' metric,
+    docs/method.md, section 6): the fraction of (matching, non-matching) pairs in that order, from the ranking's
+    positions (which break ties as `rank_candidates` does). Two queries whose matching and non-matching sets are
+    swapped, ranked the same way, score AUCs that sum to exactly 1. Raises ValueError for an empty set or a
+    candidate the ranking lacks."""
+    rank = np.asarray(rank)
+    position = np.empty(len(rank), dtype=np.int64)
+    position[rank] = np.arange(len(rank))
+    matching, non_matching = np.asarray(matching, np.int64), np.asarray(non_matching, np.int64)
+    if len(matching) == 0 or len(non_matching) == 0:
+        raise ValueError(f"AUC needs both sets non-empty, got {len(matching)} matching, {len(non_matching)} not")
+    if max(matching.max(), non_matching.max()) >= len(rank) or min(matching.min(), non_matching.min()) < 0:
+        raise ValueError(f"a candidate index is outside the ranking of {len(rank)}")
+    return float(np.mean(position[matching][:, None] < position[non_matching][None, :]))
 
 
 def query_metrics(rank: np.ndarray, n_exemplar: int, ks: Iterable[int] = (5, 10, 100)) -> Dict[str, float]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import InputError
 from .io import atomic_write
+from .evaluation import metric_label
 from .tasks import Task, exemplar_paths
 from .data import laion_image_paths
 
@@ -198,7 +199,7 @@ def write_report(path, found: Sequence[Tuple[Task, dict]], rows: Sequence[Dict],
 
 
 def _label(metric: str) -> str:
-    return "AP" if metric == "ap" else metric.replace("recall@", "Recall@")
+    return "AP" if metric == "ap" else metric_label(metric).replace("recall@", "Recall@")
 
 
 def _js_list(items: Sequence[str]) -> str:

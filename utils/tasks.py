@@ -6,7 +6,7 @@ family of its own, named after it.
 """
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from .errors import InputError
 from .io import load_json
@@ -122,12 +122,8 @@ def unique_models(tasks: List[Task]) -> List[Task]:
     return out
 
 
-def exemplar_paths(dataroot, task: Task) -> List[Path]:
-    """The model's exemplar images, from json/<test_case>.json[test_case_ind]['exemplar'].
-
-    AbC writes them as 'dataset/...', where 'dataset' stands for the dataroot.
-    """
-    dataroot = Path(dataroot)
+def _model_entry(dataroot: Path, task: Task):
+    """(json/<test_case>.json's path, the model's entry in it); InputError naming the file when either is missing."""
     json_path = dataroot / "json" / f"{task.test_case}.json"
     if not json_path.is_file():
         known = sorted(p.stem for p in (dataroot / "json").glob("*.json"))
@@ -138,7 +134,16 @@ def exemplar_paths(dataroot, task: Task) -> List[Path]:
         n = len(entries) if isinstance(entries, list) else 0
         raise InputError(f"{json_path} has {n} entries, but a task asks for test_case_ind "
                          f"{task.test_case_ind} (query {task.synth_image_path})")
-    entry = entries[task.test_case_ind]
+    return json_path, entries[task.test_case_ind]
+
+
+def exemplar_paths(dataroot, task: Task) -> List[Path]:
+    """The model's exemplar images, from json/<test_case>.json[test_case_ind]['exemplar'].
+
+    AbC writes them as 'dataset/...', where 'dataset' stands for the dataroot.
+    """
+    dataroot = Path(dataroot)
+    json_path, entry = _model_entry(dataroot, task)
     raw = entry.get("exemplar") if isinstance(entry, dict) else None
     if not raw:
         raise InputError(f"{json_path} entry {task.test_case_ind} lists no 'exemplar' images")
@@ -148,3 +153,35 @@ def exemplar_paths(dataroot, task: Task) -> List[Path]:
         raise InputError(f"{len(missing)} exemplar image(s) of {task.model_path} are missing, "
                          f"e.g. {missing[0]}; rerun data/download_abc.sh or check --dataroot")
     return paths
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One reading of a query's image-level ground truth: candidate images relative to the dataroot."""
+    name: str
+    matching: Tuple[str, ...]  # what the query's image shows (e.g. the exemplars of its look)
+    non_matching: Tuple[str, ...]  # what its pair partner's image shows instead
+
+
+def image_ground_truth(dataroot, task: Task) -> Optional[List[Reading]]:
+    """The query's image-level ground truth, the first reading the primary one (docs/mini_abc.md, "Image-level test
+    cases"), or None for a query whose answer is its model's (AbC's test cases).
+
+    Format: the model's entry in json/<test_case>.json may hold "image_level": {synth_image_path: {"label", "pair",
+    "prompt", "readings": [{"name", "matching": [paths], "non_matching": [paths]}]}}, paths relative to the
+    dataroot ('exemplar/...' or 'laion_subset/images/...'); AbC's keys keep their meaning. Raises InputError naming
+    the file for a malformed entry."""
+    json_path, entry = _model_entry(Path(dataroot), task)
+    truth = entry.get("image_level") if isinstance(entry, dict) else None
+    if not truth or task.synth_image_path not in truth:
+        return None
+    try:
+        readings = [Reading(r["name"], tuple(r["matching"]), tuple(r["non_matching"]))
+                    for r in truth[task.synth_image_path]["readings"]]
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{json_path} entry {task.test_case_ind}: image_level[{task.synth_image_path!r}] needs "
+                         f"'readings', a list of {{name, matching, non_matching}} ({e!r})") from None
+    if not readings or any(not r.matching or not r.non_matching for r in readings):
+        raise InputError(f"{json_path} entry {task.test_case_ind}: a reading of {task.synth_image_path} has an "
+                         f"empty matching or non-matching set")
+    return readings
