@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks.runner import (BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, derive_arrays, run, stage1,
                                timed, write_table)
-from data.mini_abc_build.image_level import ImageLevelConfig
+from data.mini_abc_build.image_level import IMAGE_TEST_CASES, ImageLevelConfig
 from utils.evaluation import load_result, mean_metric, overlap, score_queries
 from utils.metrics import mean_and_stderr, rank_candidates
 from utils.io import atomic_write, save_json
@@ -200,9 +200,8 @@ NO_EXTRA = {"collateral": float("nan"), "specificity": float("nan"), "style exem
             "object match chance": float("nan")}
 TEST_CASES = ("test_artchive", "test_bamfg", "test_unobserved_imagenet", "test_observed_imagenet")
 # the image-level test cases (docs/mini_abc.md): same prompt, different image, different answer
-IMAGE_CASES = {"test_looks_style": "customization, style", "test_looks_object": "customization, object",
-               "test_pretraining_style": "pretraining, style"}
-IMAGE_METRICS = ("auc", "auc (that style)", "image_ap", "ap")
+IMAGE_CASES = dict(zip(IMAGE_TEST_CASES, ("customization, style", "customization, object", "pretraining, style")))
+IMAGE_COLUMNS = ("auc", "auc (that style)", "image_ap", "ap")  # the metrics the table shows per image-level case
 
 
 def summarize(name, rows, seconds, extra):
@@ -217,7 +216,7 @@ def summarize(name, rows, seconds, extra):
             out[f"{group} {metric}"], out[f"{group} {metric} se"] = mean_metric(members, metric)
     for tc in IMAGE_CASES:
         members = [r for r in rows if r["test_case"] == tc]
-        for metric in IMAGE_METRICS:
+        for metric in IMAGE_COLUMNS:
             out[f"{tc[5:]} {metric}"], out[f"{tc[5:]} {metric} se"] = mean_metric(members, metric)
     return out
 
