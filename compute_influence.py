@@ -6,6 +6,8 @@ For each query of the task file, writes <result_dir>/influence/<synth path witho
 exemplar_loss.npy and laion_loss.npy (after unlearning), visualization.jpg (query + top 10) and, last,
 influence.pkl (influence, rank, n_exemplar, query_loss, settings). Needs stage 1's cache of the query's
 model, made with the same settings (checked for every query before the first one is unlearned).
+--ranking picks what the candidates are ranked by (utils/ranking.py): the paper's loss rise by default, or a
+ranking that removes the prompt's part (then `influence` is that ranking's score and `parts` what it is made of).
 The flags are declared in utils/settings.py, the method is utils/attribution.py.
 """
 import time
@@ -22,6 +24,7 @@ from utils.layout import ResultsLayout
 from utils.models import check_candidates_fit, load_base_model
 from utils.precision import configure_unet
 from utils.processes import process_share
+from utils.ranking import NEEDS_PEERS, peers_of
 from utils.settings import InfluenceSettings, parse_settings, with_device
 from utils.tasks import load_tasks, tasks_by_model
 
@@ -30,6 +33,8 @@ def main(argv=None):
     settings = parse_settings(InfluenceSettings, __doc__, argv)
     common, overwrite = settings.common, settings.execution.overwrite
     exact = settings.screening.mode == "exact"
+    ranking = settings.ranking.ranking
+    per_query = exact and ranking == "influence"  # other rankings measure a model's queries together
     configure_heap()  # host memory that follows the batch size, not the number of candidates
 
     # checks up front: the folders, the task file, the finished queries' settings
@@ -39,9 +44,11 @@ def main(argv=None):
     tasks = load_tasks(common.task_json)
     todo = [t for t in tasks if overwrite or not layout.influence_file(t).is_file()]
     check_finished_queries(settings, layout, [t for t in tasks if t not in todo])
+    peers = peers_of(tasks, settings.ranking.contrast_with) if ranking in NEEDS_PEERS else {}
 
-    # two-stage screens all of a model's queries in one pass: processes share models, not queries
-    units = [[t] for t in todo] if exact else list(tasks_by_model(todo).values())
+    # two-stage screens all of a model's queries in one pass, and a contrast needs them all: processes then share
+    # models, not queries
+    units = [[t] for t in todo] if per_query else list(tasks_by_model(todo).values())
     units, device, rank, world = process_share(units, settings.execution.device)
     settings = with_device(settings, device)
     print(f"{len(tasks)} query(ies) in {common.task_json}; {len(tasks) - len(todo)} done, {len(todo)} to do"
@@ -58,14 +65,16 @@ def main(argv=None):
     attributor = Attributor(settings, base, laion, dataroot, layout, models)
 
     started = time.time()
-    for unit in tqdm(units, desc="queries" if exact else "models", unit="unit"):
-        lock = layout.query_claim(unit[0]) if exact else layout.model_claim(unit[0])
-        what = f"query {unit[0].synth_image_path}" if exact else f"the queries of {unit[0].model_path}"
+    for unit in tqdm(units, desc="queries" if per_query else "models", unit="unit"):
+        lock = layout.query_claim(unit[0]) if per_query else layout.model_claim(unit[0])
+        what = f"query {unit[0].synth_image_path}" if per_query else f"the queries of {unit[0].model_path}"
         with claim(lock, what) as mine:  # another process started on the same task file may hold it
             unit = [t for t in unit if not finished_since(layout.influence_file(t), started, overwrite)] \
                 if mine else []
-            if unit and exact:
+            if unit and per_query:
                 attributor.attribute_query(unit[0])
+            elif unit and exact:
+                attributor.attribute_model_ranked(unit, peers)
             elif unit:
                 attributor.attribute_model_two_stage(unit)
 

@@ -13,3 +13,11 @@ def stage2_flags(steps: int = 3, accum: int = 2, batch: int = 4, n: int = 1000):
 def paths(bench, results):
     return ["--sd_version", bench["sd_version"], "--dataroot", bench["dataroot"], "--task_json", bench["task_json"],
             "--result_dir", str(results)]
+
+
+def stage1_cache(bench, results) -> str:
+    """Stage 1 of the tiny benchmark into <results>/orig_loss; returns that folder (for --loss_cache_dir)."""
+    import compute_training_loss
+
+    compute_training_loss.main(paths(bench, results) + STAGE1)
+    return str(results / "orig_loss")

@@ -9,13 +9,14 @@ import compute_influence
 import compute_training_loss
 from helpers import STAGE1, paths, stage2_flags
 from utils.errors import InputError
-from utils.settings import (CommonSettings, InfluenceSettings, ScreeningSettings, StoppingSettings,
+from utils.settings import (CommonSettings, InfluenceSettings, RankingSettings, ScreeningSettings, StoppingSettings,
                             TrainingLossSettings, changed_settings, field_default, parse_settings, record,
                             setting)
 
 QUERY = "imagenet/gpt/n01440764_0000/samples/00000.png"
 # what each switch must be set to for the fields it gates to act (ScreeningSettings.idle, StoppingSettings.idle)
-SWITCHES = {ScreeningSettings: ["--mode", "two-stage"], StoppingSettings: ["--stop_rule", "rise"]}
+SWITCHES = {ScreeningSettings: ["--mode", "two-stage"], StoppingSettings: ["--stop_rule", "rise"],
+            RankingSettings: ["--ranking", "combined"]}
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 import compute_influence
-import compute_training_loss
-from helpers import STAGE1, paths, stage2_flags
+from helpers import paths, stage1_cache, stage2_flags
 
 STAGE2 = stage2_flags(steps=6, accum=1, batch=4, n=300) + ["--stop_every", "2"]
 QUERY = "imagenet/gpt/n01440764_0000/samples/00000.png"
@@ -14,9 +13,7 @@ QUERY = "imagenet/gpt/n01440764_0000/samples/00000.png"
 
 @pytest.fixture(scope="module")
 def cache(tiny_abc, tmp_path_factory):
-    results = tmp_path_factory.mktemp("stopping")
-    compute_training_loss.main(paths(tiny_abc, results) + STAGE1)
-    return str(results / "orig_loss")
+    return stage1_cache(tiny_abc, tmp_path_factory.mktemp("stopping"))
 
 
 def run(tiny_abc, cache, out, *flags):

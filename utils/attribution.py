@@ -24,6 +24,7 @@ from .loss_cache import check_loss_cache, load_losses_by_timestep, loss_settings
 from .losses import check_finite_losses
 from .metrics import fold_flips, influence_and_rank, rank_candidates
 from .precision import loss_unet
+from .ranking import NEEDS_CONTROL, NEEDS_PEERS, compose, peers_mean
 from .screening import caption_screen, first_order_screen, rescore_rows, scatter_rows, screen_timesteps
 from .settings import InfluenceSettings, changed_settings, record
 from .tasks import exemplar_paths
@@ -108,13 +109,14 @@ class Attributor:
 
     # ---- the query ----
 
-    def query_inputs(self, task, generator):
-        """The query's latent repeated unlearn_batch_size times, and its prompt's text embedding likewise."""
+    def query_inputs(self, task, generator, noise_image: bool = False):
+        """The query's latent repeated unlearn_batch_size times, and its prompt's text embedding likewise; with
+        `noise_image` (or --noise_image), seeded Gaussian noise stands for the image."""
         s, base = self.settings, self.base
         device = s.execution.device
         image = load_image_tensor(self.dataroot / task.synth_image_path, base.resolution).unsqueeze(0)
         latent = encode_images(base.vae, image, generator, scale=not s.control.unscaled_synth_latent).to(device)
-        if s.control.noise_image:  # the control: a latent of the same shape that holds no image at all
+        if s.control.noise_image or noise_image:  # the control: a latent of the same shape that holds no image at all
             latent = torch.randn(latent.shape, generator=generator, dtype=torch.float32).to(device)
         prompt = task.prompt
         if s.ablation.drop_concept_token:
@@ -123,11 +125,12 @@ class Attributor:
         n = s.unlearning.unlearn_batch_size
         return latent.expand(n, -1, -1, -1).contiguous(), text.expand(n, -1, -1).contiguous()
 
-    def unlearn_query(self, task, laion_before: np.ndarray) -> dict:
-        """Unlearn the query in place on the customized UNet; its own loss before and after, under fixed noise."""
+    def unlearn_query(self, task, laion_before: np.ndarray, noise_image: bool = False) -> dict:
+        """Unlearn the query (or its noise-image control) in place on the customized UNet; its own loss before and
+        after, under fixed noise."""
         u, stopping = self.settings.unlearning, self.settings.stopping
         generator = torch.Generator().manual_seed(self.settings.common.seed)
-        latents, text = self.query_inputs(task, generator)
+        latents, text = self.query_inputs(task, generator, noise_image)
         query = ExemplarCandidates(latents[:1].cpu(), text[:1].cpu())
         before = self.collect(query, "query loss")
         check_finite_losses(before, f"{task.synth_image_path}: the query's loss before unlearning",
@@ -175,6 +178,15 @@ class Attributor:
 
         return should_stop
 
+    def finished_influences(self, tasks) -> dict:
+        """{synth path: the loss-rise influence} of peers an earlier run of these settings finished."""
+        out = {}
+        for t in tasks:
+            result = load_pickle(self.layout.influence_file(t), "finished peer",
+                                 remedy="rerun its model's queries with --overwrite")
+            out[t.synth_image_path] = result.get("parts", {}).get("influence", result["influence"])
+        return out
+
     def unlearning_cost(self, unlearned: dict) -> dict:
         """UNet forward-equivalents of unlearning a query (the steps it took), of measuring its own loss twice and
         of the stopping rule's checks (backward = 2 forwards)."""
@@ -196,19 +208,85 @@ class Attributor:
         text = encode_prompt(self.base.tokenizer, self.base.text_encoder, task.train_prompt).cpu()
         return ex_before, laion_before, ExemplarCandidates(ex_latents, text)
 
+    def measure_query(self, task, inputs, noise_image: bool = False) -> dict:
+        """Exact AbU's measurement of one query (or of its noise-image control) on the customized weights, which it
+        leaves unlearned: {"influence" [candidates], "ex_after", "laion_after" [rows], "unlearned", "cost"}.
+        `inputs`: model_inputs' (exemplar losses before, LAION losses before, exemplars)."""
+        ex_before, laion_before, exemplars = inputs
+        what = "noise control's " if noise_image else ""
+        unlearned = self.unlearn_query(task, laion_before, noise_image)
+        ex_after = self.collect(exemplars, f"{what}exemplar losses")
+        laion_after = self.collect(self.laion, f"{what}LAION losses")
+        check_finite(task, self.measurement.precision, **{f"{what}exemplar": ex_after, f"{what}LAION": laion_after})
+        influence, _ = influence_and_rank(ex_before, ex_after, laion_before, laion_after)
+        rows = len(ex_after) + len(laion_after)
+        cost = {**self.unlearning_cost(unlearned), "loss tracking": rows * self.measurement.time_samples}
+        return {"influence": influence, "ex_after": ex_after, "laion_after": laion_after, "unlearned": unlearned,
+                "cost": cost}
+
     def attribute_query(self, task) -> None:
         """Exact AbU: customize, unlearn the query, re-measure every candidate, rank, write the query's outputs."""
         apply_customization(self.base, self.pristine, self.dataroot / task.model_path)
-        ex_before, laion_before, exemplars = self.model_inputs(task)
-        unlearned = self.unlearn_query(task, laion_before)
-        ex_after = self.collect(exemplars, "exemplar losses")
-        laion_after = self.collect(self.laion, "LAION losses")
+        m = self.measure_query(task, self.model_inputs(task))
         self.pristine.restore()
-        check_finite(task, self.measurement.precision, exemplar=ex_after, LAION=laion_after)
-        influence, rank = influence_and_rank(ex_before, ex_after, laion_before, laion_after)
-        rows = len(ex_after) + len(laion_after)
-        cost = {**self.unlearning_cost(unlearned), "loss tracking": rows * self.measurement.time_samples}
-        self.write_outputs(task, ex_after, laion_after, influence, rank, unlearned, {"forward_equivalents": cost})
+        rank = rank_candidates(m["influence"], len(m["ex_after"]) // 2)
+        self.write_outputs(task, m["ex_after"], m["laion_after"], m["influence"], rank, m["unlearned"],
+                           {"forward_equivalents": m["cost"]})
+
+    def attribute_model_ranked(self, tasks, peers: dict) -> None:
+        """Exact AbU with --ranking other than the paper's (utils/ranking.py) for the queries of one model: measure
+        each query (and, for control-corrected, one noise-image control per distinct prompt), checkpointing each in
+        its folder; then compose each query's score from its parts and its peers' (finished peers are read from
+        their influence.pkl) and write."""
+        r = self.settings.ranking
+        apply_customization(self.base, self.pristine, self.dataroot / tasks[0].model_path)
+        inputs = self.model_inputs(tasks[0])
+        start = {n: p.detach().clone() for n, p in self.params.items()}  # the customized weights
+        measured, controls = {}, {}
+        for task in tqdm(tasks, desc=f"queries of {tasks[0].model_path}", unit="query"):
+            m = self.load_checkpoint(task)
+            if m is None:
+                m = self.measure_query(task, inputs)
+                load_weights(self.params, start)
+                if r.ranking in NEEDS_CONTROL and task.prompt in controls:  # same prompt, same noise: same control
+                    m["control"], m["cost"]["noise control"] = controls[task.prompt], 0
+                elif r.ranking in NEEDS_CONTROL:
+                    c = self.measure_query(task, inputs, noise_image=True)
+                    load_weights(self.params, start)
+                    m["control"], m["cost"]["noise control"] = c["influence"], sum(c["cost"].values())
+                save_pickle(self.layout.checkpoint_file(task), {"settings": record(*self.settings.result), **m})
+            if "control" in m:
+                controls.setdefault(task.prompt, m["control"])
+            measured[task.synth_image_path] = m
+        self.pristine.restore()
+        influences = {p: m["influence"] for p, m in measured.items()}
+        for task in tasks:
+            m = measured[task.synth_image_path]
+            parts = {"influence": m["influence"]}
+            if r.ranking in NEEDS_CONTROL:
+                parts["control"] = m["control"]
+            if r.ranking in NEEDS_PEERS:
+                group = peers[task.synth_image_path]
+                names = [t.synth_image_path for t in group]
+                influences.update(self.finished_influences([t for t in group if t.synth_image_path not in influences]))
+                parts.update(peers=names, peers_z=peers_mean(influences, names))
+            n_exemplar = len(m["ex_after"]) // 2
+            score = compose(parts, r.ranking, n_exemplar)
+            rank = rank_candidates(score, n_exemplar)
+            self.write_outputs(task, m["ex_after"], m["laion_after"], score, rank, m["unlearned"],
+                               {"forward_equivalents": m["cost"], "ranking": r.ranking, "parts": parts})
+            self.layout.checkpoint_file(task).unlink(missing_ok=True)
+
+    def load_checkpoint(self, task):
+        """A query's measurement saved by an interrupted run with these settings, or None."""
+        path = self.layout.checkpoint_file(task)
+        if self.settings.execution.overwrite or not path.is_file():
+            return None
+        saved = load_pickle(path, "checkpoint", remedy="delete it")
+        if changed_settings(saved.pop("settings", {}), *self.settings.result):
+            return None
+        tqdm.write(f"{task.synth_image_path}: measured by an earlier run, read from {path}")
+        return saved
 
     def attribute_model_two_stage(self, tasks) -> None:
         """Two-stage AbU for the queries of one model (utils/screening.py): unlearn each, screen every candidate

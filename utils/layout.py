@@ -6,6 +6,7 @@
         exemplar_latents.npy, settings.json (written last)
     <result_dir>/influence/<synth_image_path without synth/>/         stage 2 (and the baselines), one per query
         exemplar_loss.npy, laion_loss.npy, visualization.jpg, influence.pkl (written last)
+        measured.pkl      --ranking other than influence: a query's measurement until its peers are measured
     <result_dir>/eval/<task file name>/                               evaluate.py
         per_query.csv, summary.csv, summary.md, index.html (the browsable page, utils/report.py)
 
@@ -26,6 +27,7 @@ EXEMPLAR_LATENTS = "exemplar_latents.npy"
 SETTINGS = "settings.json"
 INFLUENCE = "influence.pkl"
 VISUALIZATION = "visualization.jpg"
+CHECKPOINT = "measured.pkl"
 
 
 class ResultsLayout:
@@ -48,6 +50,10 @@ class ResultsLayout:
 
     def cache_claim(self, task: Task) -> Path:
         return self.loss_cache(task) / ".claim"
+
+    def checkpoint_file(self, task: Task) -> Path:
+        """A query's measurement, saved until influence.pkl is written when its ranking waits for its peers'."""
+        return self.query_dir(task) / CHECKPOINT
 
     def query_claim(self, task: Task) -> Path:
         return self.query_dir(task) / ".claim"

@@ -17,6 +17,7 @@ from unlearn import LAION_400M
 from .errors import InputError
 from .losses import LossMeasurement, validate_batch_plan
 from .precision import resolve_precision
+from .ranking import RANKINGS
 from .screening import SCREENS
 from .weights import WEIGHT_SELECTIONS
 
@@ -167,6 +168,25 @@ class ControlSettings:
                                                  "candidate)")
 
 
+@dataclass(frozen=True)
+class RankingSettings:
+    """What the candidates are ranked by (utils/ranking.py, docs/method.md section 11)."""
+
+    ranking: str = setting("influence", "influence: the loss rise (the paper); control-corrected: minus a noise-image "
+                                        "control's under the same prompt (one more unlearning per distinct prompt); "
+                                        "model-contrast: minus the mean of the model's other queries' (needs 2+ "
+                                        "queries of each model); combined: the exemplars' and pretraining images' "
+                                        "places from the influence, each block ordered by the model-contrast term "
+                                        "(influences standardised per query but for 'influence')",
+                          choices=list(RANKINGS))
+    contrast_with: str = setting("prompt", "model-contrast / combined: the peers subtracted, the model's other "
+                                           "queries (model) or the other samples of the query's prompt (prompt; the "
+                                           "model's other queries when it has none)", choices=["prompt", "model"])
+
+    def idle(self) -> Tuple[str, ...]:
+        return ("contrast_with",) if self.ranking in ("influence", "control-corrected") else ()
+
+
 # ---- compute_baselines.py ----
 
 @dataclass(frozen=True)
@@ -271,13 +291,14 @@ class InfluenceSettings:
     screening: ScreeningSettings
     stopping: StoppingSettings
     control: ControlSettings
+    ranking: RankingSettings
     execution: Execution
 
     @property
     def result(self) -> tuple:
         """The settings recorded in influence.pkl and compared before a finished query is reused."""
         return (self.common, self.unlearning, self.loss, self.ablation, self.screening, self.stopping,
-                self.control)
+                self.control, self.ranking)
 
     def measurement(self) -> LossMeasurement:
         m = self.loss
@@ -320,6 +341,9 @@ def check_settings(settings) -> None:
         if screening.screen == "first-order" and settings.unlearning.weight_selection not in LINEAR_SELECTIONS:
             raise InputError(f"--screen first-order needs nn.Linear weights; --weight_selection "
                              f"{settings.unlearning.weight_selection} includes others: use --screen coarse")
+    if screening.mode == "two-stage" and settings.ranking.ranking != "influence":
+        raise InputError(f"--ranking {settings.ranking.ranking} is exact-mode only for now: drop --mode two-stage "
+                         "(docs/method.md section 11 says how the two-stage screen could share the control's pass)")
     if stopping.stop_rule != "none" and (stopping.stop_every < 1 or stopping.stop_reference < 1
                                          or stopping.stop_target <= 0):
         raise InputError("--stop_every and --stop_reference must be at least 1 and --stop_target positive")
