@@ -25,10 +25,10 @@ from utils.layout import ResultsLayout
 from utils.metrics import query_metrics
 from utils.tasks import load_tasks
 
-# (screen, screen timesteps, M as a fraction of the candidates)
-SETTINGS = [("coarse", 1, 0.05), ("coarse", 1, 0.1), ("coarse", 2, 0.05), ("first-order", 1, 0.05),
-            ("first-order", 1, 0.1), ("first-order", 2, 0.1), ("caption", 1, 0.05), ("caption", 1, 0.1),
-            ("coarse+caption", 1, 0.05)]
+SETTINGS = [(screen, t, m, 2) for screen, t, m in [
+    ("coarse", 1, 0.05), ("coarse", 1, 0.1), ("coarse", 2, 0.05), ("first-order", 1, 0.05), ("first-order", 1, 0.1),
+    ("first-order", 2, 0.1), ("caption", 1, 0.05), ("caption", 1, 0.1), ("coarse+caption", 1, 0.05)]] + [
+    ("coarse", 1, 0.05, 1), ("coarse", 1, 0.1, 1)]  # (screen, screen timesteps, M as a fraction, flips screened)
 SCREEN_PASSES = {"coarse": 1, "first-order": 3 / 20, "caption": 0, "coarse+caption": 1}  # per query at AbC (20 a model)
 ABC = {"candidates": 100_000, "time_samples": 10, "unlearning": 3 * 100 * 10 * 16, "queries_per_model": 20}
 H100_FORWARDS_PER_S = 442.1  # bf16 + torch.compile, SD v1.4, docs/performance.md (measured before the flags)
@@ -52,10 +52,10 @@ def agreement(exact: dict, two: dict) -> dict:
             "screen_recall100": len(top_m & set(exact["rank"][:k].tolist())) / k if top_m else 1.0}
 
 
-def projected_abc(screen: str, t_screen: int, rescored_fraction: float) -> float:
+def projected_abc(screen: str, t_screen: int, flips: int, rescored_fraction: float) -> float:
     """Forward-equivalents of one AbC query in this setting (the same formulas compute_influence.py counts), the
     re-scored candidates the same fraction of AbC's as measured here (a union re-scores between M and 2M)."""
-    screen_cost = 2 * ABC["candidates"] * t_screen * SCREEN_PASSES[screen]
+    screen_cost = flips * ABC["candidates"] * t_screen * SCREEN_PASSES[screen]
     rescore = 2 * round(rescored_fraction * ABC["candidates"]) * ABC["time_samples"]
     return ABC["unlearning"] + 2 * ABC["time_samples"] + screen_cost + rescore
 
@@ -67,7 +67,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--bench", default=str(BENCH))
-    p.add_argument("--settings", default=None, help="subset, e.g. 'coarse:1:0.05,first-order:1:0.1'")
+    p.add_argument("--settings", default=None, help="subset, screen:T':M[:flips], e.g. "
+                                                    "'coarse:1:0.05,coarse:1:0.05:1,first-order:1:0.1'")
     args = p.parse_args()
     bench = Path(args.bench)
     task_json = bench / "tasks" / f"{args.split}.json"
@@ -84,21 +85,22 @@ def main():
     if not (ok1 and ok2):
         sys.exit("exact AbU failed; see the error above")
     settings = SETTINGS if not args.settings else [
-        (s, int(t), float(f)) for s, t, f in (x.split(":") for x in args.settings.split(","))]
+        (x[0], int(x[1]), float(x[2]), int(x[3]) if len(x) > 3 else 2)
+        for x in (spec.split(":") for spec in args.settings.split(","))]
     exact = [load_result(ResultsLayout(exact_dir), t) for t in tasks]
     n_candidates = len(exact[0]["influence"]) - exact[0]["n_exemplar"]
     rows = [summary_row("exact", exact, exact, exact_seconds, len(tasks), None, n_candidates)]
-    for screen, t_screen, fraction in settings:
-        name = f"{screen}, T'={t_screen}, M={fraction:.0%}"
-        out = root / "two_stage" / f"{screen}_t{t_screen}_m{round(fraction * 1000)}"
+    for screen, t_screen, fraction, flips in settings:
+        name = f"{screen}, T'={t_screen}, M={fraction:.0%}" + (", one flip" if flips == 1 else "")
+        out = root / "two_stage" / (f"{screen}_t{t_screen}_m{round(fraction * 1000)}" + ("_f1" if flips == 1 else ""))
         m = max(1, round(fraction * n_candidates))
         ok, seconds = timed(out, "influence.pkl", lambda: run(base + [
             "--result_dir", out, "--mode", "two-stage", "--screen", screen, "--screen_time_samples", str(t_screen),
-            "--rescore_top", str(m)]))
+            "--rescore_top", str(m), "--screen_flips", str(flips)]))
         if not ok:
             sys.exit(f"{name} failed; see the error above")
         two = [load_result(ResultsLayout(out), t) for t in tasks]
-        rows.append(summary_row(name, exact, two, seconds, len(tasks), (screen, t_screen), n_candidates))
+        rows.append(summary_row(name, exact, two, seconds, len(tasks), (screen, t_screen, flips), n_candidates))
     write(root / "two_stage", rows, args.split, len(tasks), n_candidates)
 
 

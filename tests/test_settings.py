@@ -37,7 +37,7 @@ def another_value(f, now):
     if isinstance(now, bool):
         return None
     if f.metadata["choices"]:
-        return next(c for c in f.metadata["choices"] if c not in (now, "auto"))
+        return str(next(c for c in f.metadata["choices"] if c not in (now, "auto")))
     if f.name == "loss_batch_size":
         return "40"  # still a multiple of T = 5
     if f.name == "loss_time_samples":

@@ -80,13 +80,14 @@ def test_first_order_screen_is_the_directional_derivative(base_model, tiny_abc):
         assert np.abs(finite).max() > 1e-3  # the check is not vacuous
 
 
-@pytest.mark.parametrize("screen", SCREENS)
-def test_rescoring_every_candidate_is_exact_abu(tiny_abc, cache, tmp_path, screen):
+@pytest.mark.parametrize("screen,flips", [(s, 2) for s in SCREENS] + [("coarse", 1), ("coarse+caption", 1)])
+def test_rescoring_every_candidate_is_exact_abu(tiny_abc, cache, tmp_path, screen, flips):
     exact, two = tmp_path / "exact", tmp_path / "two"
     shared = ["--loss_cache_dir", str(cache / "orig_loss")]
     compute_influence.main(paths(tiny_abc, exact) + STAGE2 + shared)
     compute_influence.main(paths(tiny_abc, two) + STAGE2 + shared + ["--mode", "two-stage", "--screen", screen,
-                                                                      "--rescore_top", "15"])
+                                                                      "--rescore_top", "15", "--screen_flips",
+                                                                      str(flips)])
     for query in (QUERY, "artchive/gpt/tinyartist/samples/00001.png"):
         a, b = load(exact, query), load(two, query)
         assert np.array_equal(a["influence"], b["influence"]) and np.array_equal(a["rank"], b["rank"])
@@ -97,6 +98,28 @@ def test_rescoring_every_candidate_is_exact_abu(tiny_abc, cache, tmp_path, scree
 
         if screen == "caption":
             assert cost_b["screen"] == 0  # no UNet pass
+        else:  # 15 candidates x the flips screened x T' = 1 (the first-order screen: 3 passes shared by 2 queries)
+            assert cost_b["screen"] == 15 * flips * (1.5 if screen == "first-order" else 1)
+
+
+def test_the_one_flip_screen_is_the_unflipped_images_rise(tiny_abc, cache, tmp_path):
+    exact, two = tmp_path / "exact", tmp_path / "two"
+    shared = ["--loss_cache_dir", str(cache / "orig_loss")]
+    compute_influence.main(paths(tiny_abc, exact) + STAGE2 + shared)
+    compute_influence.main(paths(tiny_abc, two) + STAGE2 + shared + [  # the screen at all T = 5 timesteps
+        "--mode", "two-stage", "--screen_flips", "1", "--screen_time_samples", "5", "--rescore_top", "2"])
+    before = [np.load(cache / "orig_loss" / "imagenet" / "n01440764_0000" / f) for f in ("exemplar_loss.npy",
+                                                                                          "laion_loss.npy")]
+    after = [np.load(exact / "influence" / QUERY / f) for f in ("exemplar_loss.npy", "laion_loss.npy")]
+    unflipped = np.concatenate([(a - b)[:len(b) // 2] for a, b in zip(after, before)]).astype(np.float64)
+    assert np.allclose(load(two)["screen"], unflipped, rtol=0, atol=1e-6)  # each candidate's unflipped row
+    assert load(two)["forward_equivalents"]["screen"] == 15 * 5
+
+
+def test_one_flip_applies_to_the_coarse_screens_only(tiny_abc, cache, tmp_path):
+    with pytest.raises(InputError, match="--screen_flips 1 applies to the coarse screens"):
+        compute_influence.main(paths(tiny_abc, tmp_path) + STAGE2 + ["--mode", "two-stage", "--screen", "caption",
+                                                                      "--screen_flips", "1"])
 
 
 def test_the_caption_screen_is_what_the_k_v_change_does_to_a_caption(base_model, tiny_abc):

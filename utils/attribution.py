@@ -302,9 +302,9 @@ class Attributor:
             load_weights(self.params, start)
         t_index = screen_timesteps(self.measurement.time_samples, screening.screen_time_samples)
         screens = self.screen_model(task0, exemplars, start, weights, t_index)
-        n_rows = len(ex_before) + len(laion_before)
+        screened_rows = (len(ex_before) + len(laion_before)) * screening.screen_flips // 2
         passes = {"coarse": len(tasks), "first-order": 3, "caption": 0, "coarse+caption": len(tasks)}
-        model_screen_cost = n_rows * len(t_index) * passes[screening.screen]  # the caption screen: no UNet pass
+        model_screen_cost = screened_rows * len(t_index) * passes[screening.screen]  # the caption screen: no UNet pass
         n_ex = len(ex_before) // 2
         for q, task in enumerate(tasks):
             folded = [np.concatenate([fold_flips(s["exemplar"][:, q]), fold_flips(s["laion"][:, q])]) for s in screens]
@@ -347,14 +347,19 @@ class Attributor:
         return screens
 
     def coarse_screen(self, task, exemplars, start, weights, t_index) -> dict:
-        """The exact rise at the screen timesteps, one pass over the candidates per query."""
+        """The exact rise at the screen timesteps, one pass over the candidates per query; with --screen_flips 1 over
+        the unflipped rows only (the first half), each value standing for the candidate's flipped row too."""
         ex_before_t, laion_before_t = load_losses_by_timestep(self.layout.loss_cache(task))
+        one_flip = self.settings.screening.screen_flips == 1
         out = {"exemplar": [], "laion": []}
         for w in weights:
             load_weights(self.params, w)
             for key, candidates, before in (("exemplar", exemplars, ex_before_t), ("laion", self.laion, laion_before_t)):
-                after = self.collect(candidates, f"coarse screen ({key})", timestep_index=t_index, per_timestep=True)
-                out[key].append((after.astype(np.float64) - before[:, t_index]).mean(axis=1))
+                rows = np.arange(len(before) // 2 if one_flip else len(before))
+                after = self.collect(candidates, f"coarse screen ({key})", rows=rows, timestep_index=t_index,
+                                     per_timestep=True)
+                rise = (after.astype(np.float64) - before[rows][:, t_index]).mean(axis=1)
+                out[key].append(np.concatenate([rise, rise]) if one_flip else rise)
             load_weights(self.params, start)
         return {k: np.stack(v, axis=1) for k, v in out.items()}
 

@@ -134,10 +134,13 @@ class ScreeningSettings:
                                      "validation split, docs/performance.md)")
     screen_batch_size: int = setting(16, "two-stage, first-order: rows per forward + backward pass (memory only; "
                                          "the noise follows --loss_batch_size's layout)", compared=False)
+    screen_flips: int = setting(2, "two-stage, coarse screens: 2 screens both flips of each candidate; 1 only the "
+                                   "unflipped image, its value standing for both (half the screen's passes; the "
+                                   "re-scored candidates are measured with both flips)", choices=[1, 2])
 
     def idle(self) -> Tuple[str, ...]:
         """Fields that do not act in this configuration: the screen's, when scoring is exact."""
-        return () if self.mode == "two-stage" else ("screen", "screen_time_samples", "rescore_top")
+        return () if self.mode == "two-stage" else ("screen", "screen_time_samples", "rescore_top", "screen_flips")
 
 
 @dataclass(frozen=True)
@@ -338,6 +341,10 @@ def check_settings(settings) -> None:
         if screening.rescore_top < 1 or screening.screen_batch_size < 1:
             raise InputError(f"--rescore_top and --screen_batch_size must be at least 1, got "
                              f"{screening.rescore_top} and {screening.screen_batch_size}")
+        if screening.screen_flips == 1 and screening.screen not in ("coarse", "coarse+caption"):
+            raise InputError(f"--screen_flips 1 applies to the coarse screens; --screen {screening.screen} "
+                             + ("scores both flips of a candidate alike already" if screening.screen == "caption"
+                                else "measures both flips") + ": drop --screen_flips or use --screen coarse")
         if screening.screen == "first-order" and settings.unlearning.weight_selection not in LINEAR_SELECTIONS:
             raise InputError(f"--screen first-order needs nn.Linear weights; --weight_selection "
                              f"{settings.unlearning.weight_selection} includes others: use --screen coarse")
