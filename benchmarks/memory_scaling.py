@@ -51,7 +51,8 @@ class StandInUNet:
         return (self.conv(noisy) + self.text(text.mean(1))[:, :, None, None],)
 
 
-LABELS = {"trim": "glibc, trimmed every 16 batches (the scripts)", "glibc": "glibc default, never trimmed"}
+LABELS = {"trim": "glibc, trimmed every 16 batches (the scripts)", "glibc": "glibc default, never trimmed",
+          "heap+trim": "every buffer on the heap, trimmed every 16 batches"}
 
 
 def measure(dataroot: str, n: int, batch_size: int, allocator: str) -> dict:

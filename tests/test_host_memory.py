@@ -19,6 +19,9 @@ def test_policies_and_their_names(monkeypatch):
     assert host_memory.configure_heap() == "trim" and host_memory.TRIM_EVERY_BATCHES == 16
     monkeypatch.setenv("ABU_HEAP", "glibc")
     assert host_memory.configure_heap() == "glibc" and host_memory.TRIM_EVERY_BATCHES == 0
+    # every buffer on the heap (mallopt accepted), trimmed as the default is
+    assert host_memory.configure_heap("heap+trim") == "heap+trim" and host_memory.TRIM_EVERY_BATCHES == 16
+    assert host_memory.keep_buffers_on_heap()
     with pytest.raises(ValueError, match="choose one of trim, glibc"):
         host_memory.configure_heap("tcmalloc")
     assert host_memory.trim_heap()  # glibc's malloc_trim is there (Linux)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from utils.batch_clock import ENV, steady_rate
 from utils.data import ExemplarCandidates, LaionCandidates
 from utils.errors import InputError
 from utils.loss_cache import LossSettings, check_settings
@@ -39,6 +40,22 @@ def test_losses_repeat_bit_for_bit(base_model, laion):
     for other in (dict(args, batch_size=8), dict(args, time_samples=2), dict(args, seed=1)):
         c = collect_losses(base_model.unet, base_model.scheduler, laion, **other)
         assert not np.allclose(a, c)  # noise depends on B, T and the seed
+
+
+def test_each_loss_batch_records_its_time_and_forwards_when_asked(base_model, laion, tmp_path, monkeypatch):
+    times = tmp_path / "batches.txt"
+    collect_losses(base_model.unet, base_model.scheduler, laion, batch_size=12, time_samples=4)
+    assert not times.exists()  # off unless ABU_BATCH_TIMES is set
+    monkeypatch.setenv(ENV, str(times))
+    collect_losses(base_model.unet, base_model.scheduler, laion, batch_size=12, time_samples=4)
+    rows = [line.split() for line in times.read_text().splitlines()]
+    assert [int(r[1]) for r in rows] == [12] * 8  # 24 rows x T = 4 in batches of 12 forwards
+    stamps = [float(r[0]) for r in rows]
+    assert stamps == sorted(stamps)
+    rate, batches = steady_rate(times, warmup=2)  # batches 3..7 (0-based) after the end of batch 2
+    assert batches == 5 and rate == pytest.approx(5 * 12 / (stamps[-1] - stamps[2]))
+    rate, batches = steady_rate(times, warmup=7)  # nothing after the warm-up to time
+    assert np.isnan(rate) and batches == 0
 
 
 def test_loss_matches_the_documented_noise_rule_by_hand(base_model, laion):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .faults import checkpoint
+from .batch_clock import batch_done
 from .host_memory import after_loss_batch
 from .errors import InputError
 from .precision import autocast
@@ -120,6 +121,7 @@ def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samp
         with autocast(device, precision):
             loss = per_row_loss(unet, scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
         out[positions] = loss.cpu()
+        batch_done(len(positions))
         after_loss_batch(batch)
         checkpoint("loss-batch")
     by_t = out.view(len(rows), len(timestep_index))
