@@ -49,12 +49,13 @@ def test_each_loss_batch_records_its_time_and_forwards_when_asked(base_model, la
     monkeypatch.setenv(ENV, str(times))
     collect_losses(base_model.unet, base_model.scheduler, laion, batch_size=12, time_samples=4)
     rows = [line.split() for line in times.read_text().splitlines()]
-    assert [int(r[1]) for r in rows] == [12] * 8  # 24 rows x T = 4 in batches of 12 forwards
-    stamps = [float(r[0]) for r in rows]
-    assert stamps == sorted(stamps)
-    rate, batches = steady_rate(times, warmup=2)  # batches 3..7 (0-based) after the end of batch 2
-    assert batches == 5 and rate == pytest.approx(5 * 12 / (stamps[-1] - stamps[2]))
-    rate, batches = steady_rate(times, warmup=7)  # nothing after the warm-up to time
+    assert [int(r[2]) for r in rows] == [12] * 8  # 24 rows x T = 4 in batches of 12 forwards
+    ends, durations = [float(r[0]) for r in rows], [float(r[1]) for r in rows]
+    assert ends == sorted(ends) and all(d > 0 for d in durations)
+    assert np.allclose(np.diff(ends), durations[1:], atol=1e-5)  # one pass: each batch starts where the last ended
+    rate, batches = steady_rate(times, warmup=2)  # batches 2..7 (0-based)
+    assert batches == 6 and rate == pytest.approx(6 * 12 / sum(durations[2:]))
+    rate, batches = steady_rate(times, warmup=8)  # nothing after the warm-up to time
     assert np.isnan(rate) and batches == 0
 
 

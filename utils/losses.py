@@ -4,6 +4,7 @@ The hot loop is `collect_losses`. A candidate's noise depends on the batch size 
 timesteps T, the seed and its position, so the stage-1 cache records the settings that made it
 (utils/loss_cache.py) and stage 2 refuses to subtract losses made under other ones.
 """
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,12 +117,13 @@ def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samp
         raise ValueError(f"rows must lie in [0, {len(candidates)}) and timestep indices in [0, {time_samples})")
     out = torch.empty(len(rows) * len(timestep_index), dtype=torch.float32)
     chunks = selected_rows(candidates, rows, timestep_index, per_batch, step_grid, seed, batch_size, desc)
+    started = time.perf_counter()
     for batch, (positions, latents, text, timesteps, noise) in enumerate(chunks):
         latents, text, timesteps, noise = (x.to(device) for x in (latents, text, timesteps, noise))
         with autocast(device, precision):
             loss = per_row_loss(unet, scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
         out[positions] = loss.cpu()
-        batch_done(len(positions))
+        started = batch_done(len(positions), started)
         after_loss_batch(batch)
         checkpoint("loss-batch")
     by_t = out.view(len(rows), len(timestep_index))
