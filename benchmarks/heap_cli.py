@@ -37,15 +37,15 @@ def fixtures(work: Path) -> dict:
     mini = REPO / "data" / "mini_abc"
     common_attn16 = ["--sd_version", attn16 / "sd", "--dataroot", attn16 / "abc", "--task_json", attn16 / "tasks.json",
                      "--laion_subset_size", "12", "--precision", "fp32", "--device", "cpu"]
-    common_mini = ["--sd_version", mini / "sd-mini", "--dataroot", mini / "abc", "--task_json", mini / "tasks" / "demo.json",
-                   "--laion_subset_size", SIZING["laion_subset_size"], "--precision", "fp32", "--device", "cpu"]
+    common_mini = ["--sd_version", mini / "sd-mini", "--dataroot", mini / "abc", "--laion_subset_size",
+                   SIZING["laion_subset_size"], "--precision", "fp32", "--device", "cpu"]
     out = {
         "attn16": (common_attn16 + ["--batch_size", "20", "--time_samples", "10"],
                    common_attn16 + ["--loss_batch_size", "20", "--loss_time_samples", "10", "--unlearn_steps", "10"]),
     }
     # mini-AbC with run_demo.sh's one query, and with the validation split's four (two models): what grows with them
     for name, tasks in (("mini-AbC", "demo.json"), ("mini-AbC, 4 queries", "val.json")):
-        common = [mini / "tasks" / tasks if c == mini / "tasks" / "demo.json" else c for c in common_mini]
+        common = common_mini + ["--task_json", mini / "tasks" / tasks]
         out[name] = (common + ["--batch_size", SIZING["batch_size"], "--time_samples", SIZING["time_samples"]],
                      common + ["--loss_batch_size", SIZING["batch_size"], "--loss_time_samples", SIZING["time_samples"],
                                "--fisher_dataset_size", int(TUNED["fisher_dataset_size"]), "--unlearn_steps",

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.runner import BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, tuned_sizing
 from unlearn import unlearn
-from utils.attribution import Attributor
+from utils.attribution import Attributor, copy_weights, load_weights
 from utils.customization import apply_customization
 from utils.data import ExemplarCandidates, LaionCandidates
 from utils.encoders import encode_images, encode_prompt
@@ -81,12 +81,12 @@ def rises_by_step(attributor, task, candidates, rows, measure: LossMeasurement, 
     collect = lambda: measure.collect(a.loss_unet, a.base.scheduler, candidates, "pair losses", rows=rows,
                                       per_timestep=True).astype(np.float64)
     before = collect()
-    start = {n: p.detach().clone() for n, p in a.params.items()}
+    start = copy_weights(a.params)
     kept = {}
 
     def snapshot(done):
         if done in keep:
-            kept[done] = {n: p.detach().clone() for n, p in a.params.items()}
+            kept[done] = copy_weights(a.params)
         return False
 
     u = a.settings.unlearning
@@ -97,13 +97,9 @@ def rises_by_step(attributor, task, candidates, rows, measure: LossMeasurement, 
             generator=generator, precision=a.settings.common.precision, should_stop=snapshot, progress=False)
     out = {u.unlearn_steps: collect() - before}
     for steps, weights in kept.items():
-        with torch.no_grad():
-            for n, p in a.params.items():
-                p.copy_(weights[n])
+        load_weights(a.params, weights)
         out[steps] = collect() - before
-    with torch.no_grad():
-        for n, p in a.params.items():
-            p.copy_(start[n])
+    load_weights(a.params, start)
     return out
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.runner import REPO, write_table
 from utils.evaluation import load_result, score_queries
 from utils.metrics import mean_and_stderr, rank_candidates
-from utils.ranking import compose, peers_mean, peers_of
+from utils.ranking import compose, peers_of, query_parts
 from utils.layout import ResultsLayout
 from utils.tasks import load_tasks
 
@@ -63,14 +63,12 @@ def ranked(root: Path, tasks, run: str, control: str, ranking: str, contrast_wit
     found, costs = [], []
     for t in tasks:
         p, n = t.synth_image_path, results[t.synth_image_path]["n_exemplar"]
-        parts = {"influence": influences[p]}
+        parts = query_parts(influences[p], controls[p]["influence"] if controls else None,
+                            {o.synth_image_path: influences[o.synth_image_path] for o in peers[p]} if peers else None)
         cost = sum(results[p]["forward_equivalents"].values())
-        if controls:
-            parts["control"] = controls[p]["influence"]
+        if controls:  # one control per distinct prompt of a model, shared by its queries
             sharing = sum(o.model_path == t.model_path and o.prompt == t.prompt for o in tasks)
             cost += sum(controls[p]["forward_equivalents"].values()) / sharing
-        if peers:
-            parts["peers_z"] = peers_mean(influences, [o.synth_image_path for o in peers[p]])
         found.append((t, {"n_exemplar": n, "rank": rank_candidates(compose(parts, ranking, n), n)}))
         costs.append(cost)
     return found, float(np.mean(costs))

@@ -24,7 +24,7 @@ from .loss_cache import check_loss_cache, load_losses_by_timestep, loss_settings
 from .losses import check_finite_losses
 from .metrics import fold_flips, influence_and_rank, rank_candidates
 from .precision import loss_unet
-from .ranking import NEEDS_CONTROL, NEEDS_PEERS, compose, peers_mean
+from .ranking import NEEDS_CONTROL, compose, query_parts
 from .screening import caption_screen, first_order_screen, rescore_rows, scatter_rows, screen_timesteps
 from .settings import InfluenceSettings, changed_settings, record
 from .tasks import exemplar_paths
@@ -71,6 +71,11 @@ def unlearning_setup(settings: InfluenceSettings, base, dataroot: Path):
     fisher = load_fisher(u.fisher_path or dataroot / "sd_fisher.pt", params, u.fisher_floor,
                          settings.execution.device)
     return params, fisher, u.fisher_dataset_size
+
+
+def copy_weights(params: dict) -> dict:
+    """{name: a detached copy} of the parameters unlearning moves (load_weights puts them back)."""
+    return {n: p.detach().clone() for n, p in params.items()}
 
 
 @torch.no_grad()
@@ -241,7 +246,7 @@ class Attributor:
         r = self.settings.ranking
         apply_customization(self.base, self.pristine, self.dataroot / tasks[0].model_path)
         inputs = self.model_inputs(tasks[0])
-        start = {n: p.detach().clone() for n, p in self.params.items()}  # the customized weights
+        start = copy_weights(self.params)  # the customized weights
         measured, controls = {}, {}
         for task in tqdm(tasks, desc=f"queries of {tasks[0].model_path}", unit="query"):
             m = self.load_checkpoint(task)
@@ -261,15 +266,12 @@ class Attributor:
         self.pristine.restore()
         influences = {p: m["influence"] for p, m in measured.items()}
         for task in tasks:
-            m = measured[task.synth_image_path]
-            parts = {"influence": m["influence"]}
-            if r.ranking in NEEDS_CONTROL:
-                parts["control"] = m["control"]
-            if r.ranking in NEEDS_PEERS:
-                group = peers[task.synth_image_path]
-                names = [t.synth_image_path for t in group]
+            m, group = measured[task.synth_image_path], peers.get(task.synth_image_path)
+            if group is not None:
                 influences.update(self.finished_influences([t for t in group if t.synth_image_path not in influences]))
-                parts.update(peers=names, peers_z=peers_mean(influences, names))
+            parts = query_parts(m["influence"], m.get("control"),
+                                None if group is None else {t.synth_image_path: influences[t.synth_image_path]
+                                                            for t in group})
             n_exemplar = len(m["ex_after"]) // 2
             score = compose(parts, r.ranking, n_exemplar)
             rank = rank_candidates(score, n_exemplar)
@@ -294,11 +296,11 @@ class Attributor:
         screening, task0 = self.settings.screening, tasks[0]
         apply_customization(self.base, self.pristine, self.dataroot / task0.model_path)
         ex_before, laion_before, exemplars = self.model_inputs(task0)
-        start = {n: p.detach().clone() for n, p in self.params.items()}  # the customized weights, theta_0
+        start = copy_weights(self.params)  # the customized weights, theta_0
         unlearned, weights = [], []
         for task in tasks:
             unlearned.append(self.unlearn_query(task, laion_before))
-            weights.append({n: p.detach().clone() for n, p in self.params.items()})
+            weights.append(copy_weights(self.params))
             load_weights(self.params, start)
         t_index = screen_timesteps(self.measurement.time_samples, screening.screen_time_samples)
         screens = self.screen_model(task0, exemplars, start, weights, t_index)

@@ -17,7 +17,7 @@ z(x) standardises over the candidates, (x - mean) / std: queries unlearned to di
 stops each at its own step) then weigh alike. Every part a ranking is made of is recorded in influence.pkl
 (`parts`), and `compose` rebuilds the ranked score from them exactly.
 """
-from typing import Dict, List, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -85,6 +85,14 @@ def within_blocks(influence: np.ndarray, order_by: np.ndarray, n_exemplar: int) 
     return out
 
 
-def peers_mean(influences: Dict[str, np.ndarray], peers: Sequence[str]) -> np.ndarray:
-    """[n] float64: the mean over `peers` (synth paths, keys of `influences`) of their standardised influences."""
-    return np.mean([standardize(influences[p]) for p in peers], axis=0)
+def query_parts(influence: np.ndarray, control: Optional[np.ndarray] = None,
+                peers: Optional[Dict[str, np.ndarray]] = None) -> dict:
+    """A query's parts as influence.pkl records them and `compose` reads them: "influence" [n] (its loss rise);
+    with `control`, "control" [n] (the noise-image control's rise); with `peers` ({synth path: loss rise [n]}),
+    "peers" (their synth paths) and "peers_z" [n] float64 (the mean of their standardised rises)."""
+    parts = {"influence": influence}
+    if control is not None:
+        parts["control"] = control
+    if peers is not None:
+        parts.update(peers=list(peers), peers_z=np.mean([standardize(v) for v in peers.values()], axis=0))
+    return parts
