@@ -8,8 +8,9 @@ Fixtures: `attn16`, a random SD-shaped pipeline with cross-attention at 16 x 16 
 --loss_batch_size 20 --loss_time_samples 10 --unlearn_steps 10 (the authors' 16 x 10 micro-batches a step);
 and `mini-AbC`, run_demo.sh's query at its settings. Stage 1 runs once per fixture; every stage-2 run recomputes
 (--overwrite) with ABU_HEAP set to the policy, and its times come from the child's own resource usage.
-Policies: `trim` (the scripts' default), `1MiB` (the previous default, a fixed mmap threshold) and `glibc`
-(nothing set, never trimmed: the allocator the authors' code runs under). The runs of a fixture alternate
+Policies: `heap+trim` (the scripts' default), `trim` (the default until 2026-11-30: glibc's own thresholds,
+trimmed alike), `1MiB` (the one before, a fixed mmap threshold) and `glibc` (nothing set, never trimmed: the
+allocator the authors' code runs under). The runs of a fixture alternate
 between the policies, `--repeats` times, and the table gives each policy's median. A last run per fixture finds
 every query finished (imports and the checks; it ends before loading the model), and the last column is the
 system share of what a run spends beyond it. `mini-AbC, 4 queries` (the validation split) shows what grows with
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from benchmarks.runner import REPO, SIZING, TUNED, derive_arrays
 
-POLICIES = ("trim", "1MiB", "glibc")
+POLICIES = ("heap+trim", "trim", "1MiB", "glibc")
 
 
 def fixtures(work: Path) -> dict:

@@ -10,10 +10,10 @@ text embedding): what is measured is the data path, whose memory is the question
 weights and activations, which depend on B alone. Prints the peak anonymous
 memory (the process's own footprint: model, batches, outputs) and the peak file-backed resident memory
 (pages of the memory-mapped arrays; page cache that the kernel drops under pressure), under each heap policy
-of utils.host_memory.configure_heap: glibc's allocator never trimmed, trimmed every 16 batches (what both
-stages do), a fixed mmap threshold. Linux only.
+of utils.host_memory.configure_heap: glibc's allocator never trimmed, every buffer on the heap and trimmed every
+16 batches (what both stages do), glibc's thresholds trimmed alike, a fixed mmap threshold. Linux only.
 
-    python benchmarks/memory_scaling.py --allocators glibc,trim,1MiB
+    python benchmarks/memory_scaling.py --sizes 1000,8000,32000,64000 --batch_sizes 100 --allocators trim,heap+trim
 """
 import argparse
 import json
@@ -51,8 +51,8 @@ class StandInUNet:
         return (self.conv(noisy) + self.text(text.mean(1))[:, :, None, None],)
 
 
-LABELS = {"trim": "glibc, trimmed every 16 batches (the scripts)", "glibc": "glibc default, never trimmed",
-          "heap+trim": "every buffer on the heap, trimmed every 16 batches"}
+LABELS = {"trim": "glibc, trimmed every 16 batches", "glibc": "glibc default, never trimmed",
+          "heap+trim": "all on the heap, trimmed (the scripts)"}
 
 
 def measure(dataroot: str, n: int, batch_size: int, allocator: str) -> dict:
@@ -97,7 +97,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,8000", help="LAION subset sizes (images)")
     p.add_argument("--batch_sizes", default="100,400")
-    p.add_argument("--allocators", default="glibc,trim,1MiB", help="subset of: " + ", ".join(HEAP_POLICIES))
+    p.add_argument("--allocators", default="glibc,heap+trim,trim,1MiB", help="subset of: " + ", ".join(HEAP_POLICIES))
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

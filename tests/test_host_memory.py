@@ -1,5 +1,5 @@
-"""The heap policy (utils/host_memory.py): loss passes trim the heap every 16 batches by default, the other
-policies are chosen by ABU_HEAP, and no policy changes a loss."""
+"""The heap policy (utils/host_memory.py): by default every buffer stays on the heap and loss passes trim it every
+16 batches, the other policies are chosen by ABU_HEAP, and no policy changes a loss."""
 import numpy as np
 import pytest
 
@@ -16,13 +16,12 @@ def restore_policy():
 
 def test_policies_and_their_names(monkeypatch):
     monkeypatch.delenv("ABU_HEAP", raising=False)
-    assert host_memory.configure_heap() == "trim" and host_memory.TRIM_EVERY_BATCHES == 16
+    assert host_memory.configure_heap() == "heap+trim" and host_memory.TRIM_EVERY_BATCHES == 16
+    assert host_memory.keep_buffers_on_heap()  # every buffer on the heap (mallopt accepted)
     monkeypatch.setenv("ABU_HEAP", "glibc")
     assert host_memory.configure_heap() == "glibc" and host_memory.TRIM_EVERY_BATCHES == 0
-    # every buffer on the heap (mallopt accepted), trimmed as the default is
-    assert host_memory.configure_heap("heap+trim") == "heap+trim" and host_memory.TRIM_EVERY_BATCHES == 16
-    assert host_memory.keep_buffers_on_heap()
-    with pytest.raises(ValueError, match="choose one of trim, glibc"):
+    assert host_memory.configure_heap("trim") == "trim" and host_memory.TRIM_EVERY_BATCHES == 16
+    with pytest.raises(ValueError, match="choose one of heap\\+trim, trim, glibc"):
         host_memory.configure_heap("tcmalloc")
     assert host_memory.trim_heap()  # glibc's malloc_trim is there (Linux)
 
