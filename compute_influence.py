@@ -5,7 +5,8 @@
 For each query of the task file, writes <result_dir>/influence/<synth path without 'synth/'>/ with
 exemplar_loss.npy and laion_loss.npy (after unlearning), visualization.jpg (query + top 10) and, last,
 influence.pkl (influence, rank, n_exemplar, query_loss, settings). Needs stage 1's cache of the query's
-model, made with the same settings (checked for every query before the first one is unlearned).
+model, made with the same settings (checked for every query before the first one is unlearned), except with
+--mode two-stage --before_losses on-demand, which measures the few losses before unlearning it reads itself.
 --ranking picks what the candidates are ranked by (utils/ranking.py): the paper's loss rise by default, or a
 ranking that removes the prompt's part (then `influence` is that ranking's score and `parts` what it is made of).
 The flags are declared in utils/settings.py, the method is utils/attribution.py.

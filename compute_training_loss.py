@@ -16,8 +16,7 @@ from tqdm.auto import tqdm
 from utils.claims import claim, finished_since
 from utils.cli import check_dataroot, run
 from utils.customization import apply_customization, check_customized_model
-from utils.data import ExemplarCandidates, LaionCandidates, load_exemplar_images
-from utils.encoders import encode_images, encode_prompt
+from utils.data import LaionCandidates, encode_exemplars
 from utils.host_memory import configure_heap
 from utils.io import check_writable
 from utils.layout import SETTINGS, ResultsLayout
@@ -69,19 +68,12 @@ def main(argv=None):
                 cache_model(settings, task, base, unet, pristine, laion, dataroot, cache)
 
 
-def exemplar_candidates(base, dataroot, task, vae_batch_size: int, generator) -> ExemplarCandidates:
-    """Exemplar latents (unflipped, then flipped), all captioned with the task's train_prompt."""
-    images = load_exemplar_images(exemplar_paths(dataroot, task), base.resolution)
-    latents = encode_images(base.vae, images, generator, batch_size=vae_batch_size)
-    text = encode_prompt(base.tokenizer, base.text_encoder, task.train_prompt)
-    return ExemplarCandidates(latents, text.cpu())
-
-
 def cache_model(settings: TrainingLossSettings, task, base, unet, pristine, laion, dataroot, cache_dir) -> None:
     """Customize the base model as `task`'s model, measure its exemplars' and the LAION rows' losses, save."""
     loaded = apply_customization(base, pristine, dataroot / task.model_path)
     generator = torch.Generator().manual_seed(settings.common.seed)
-    exemplars = exemplar_candidates(base, dataroot, task, settings.common.vae_batch_size, generator)
+    exemplars = encode_exemplars(base, exemplar_paths(dataroot, task), task.train_prompt,
+                                 settings.common.vae_batch_size, generator)
     measurement = settings.measurement()
     exemplar_by_t = measurement.collect(unet, base.scheduler, exemplars, "exemplar losses", per_timestep=True)
     laion_by_t = measurement.collect(unet, base.scheduler, laion, "LAION losses", per_timestep=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.runner import BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, tuned_sizing
+from benchmarks.runner import BENCH, REPO, abu_flags, common_flags, tuned_sizing
 from unlearn import unlearn
 from utils.attribution import Attributor, copy_weights, load_weights
 from utils.customization import apply_customization

@@ -85,7 +85,7 @@ def write_table(out: Path, stem: str, markdown: str, rows) -> None:
     """<out>/<stem>.md (the text) and <out>/<stem>.csv (the rows, one dict each), both atomically."""
     atomic_write(out / f"{stem}.md", lambda f: f.write(markdown), binary=False)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))  # rows may differ
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / f"{stem}.csv", lambda f: f.write(buf.getvalue()), binary=False)

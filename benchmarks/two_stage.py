@@ -2,6 +2,11 @@
 
     python benchmarks/two_stage.py --split val     # choose the screen and M (validation only)
     python benchmarks/two_stage.py --split test    # the table in docs/performance.md
+    python benchmarks/two_stage.py --split val --settings coarse:1:0.5:1:100:2:on-demand --laion_subset_size 1444
+
+A setting is screen:T':M[:flips[:K[:margin]]][:on-demand]: the screen, its timesteps, M (the candidates re-scored,
+as a fraction; with K the cap), the flips screened, --keep_top K and --keep_margin, and --before_losses on-demand
+(no stage 1: its share is then not added to the row's cost).
 
 Runs exact AbU (the comparison's AbU row and stage-1 cache, reused when benchmarks/mini_abc_comparison.py has
 run) and each two-stage setting (screen x screen timesteps x M) into results/mini_abc/<split>/two_stage/, then
@@ -25,10 +30,11 @@ from utils.layout import ResultsLayout
 from utils.metrics import query_metrics
 from utils.tasks import load_tasks
 
-SETTINGS = [(screen, t, m, 2) for screen, t, m in [
+SETTINGS = [(screen, t, m, 2, (), False) for screen, t, m in [
     ("coarse", 1, 0.05), ("coarse", 1, 0.1), ("coarse", 2, 0.05), ("first-order", 1, 0.05), ("first-order", 1, 0.1),
     ("first-order", 2, 0.1), ("caption", 1, 0.05), ("caption", 1, 0.1), ("coarse+caption", 1, 0.05)]] + [
-    ("coarse", 1, 0.05, 1), ("coarse", 1, 0.1, 1)]  # (screen, screen timesteps, M as a fraction, flips screened)
+    ("coarse", 1, 0.05, 1, (), False), ("coarse", 1, 0.1, 1, (), False)]
+# (screen, screen timesteps, M as a fraction, flips screened, (--keep_top, --keep_margin) or (), no stage 1)
 SCREEN_PASSES = {"coarse": 1, "first-order": 3 / 20, "caption": 0, "coarse+caption": 1}  # per query at AbC (20 a model)
 ABC = {"candidates": 100_000, "time_samples": 10, "unlearning": 3 * 100 * 10 * 16, "queries_per_model": 20}
 H100_FORWARDS_PER_S = 442.1  # bf16 + torch.compile, SD v1.4, docs/performance.md (measured before the flags)
@@ -52,30 +58,54 @@ def agreement(exact: dict, two: dict) -> dict:
             "screen_recall100": len(top_m & set(exact["rank"][:k].tolist())) / k if top_m else 1.0}
 
 
-def projected_abc(screen: str, t_screen: int, flips: int, rescored_fraction: float) -> float:
+def projected_abc(screen: str, t_screen: int, flips: int, rescored_fraction: float, on_demand: bool = False) -> float:
     """Forward-equivalents of one AbC query in this setting (the same formulas compute_influence.py counts), the
-    re-scored candidates the same fraction of AbC's as measured here (a union re-scores between M and 2M)."""
+    re-scored candidates the same fraction of AbC's as measured here (a union re-scores between M and 2M). With
+    `on_demand` (no stage 1), also the losses before: the coarse screen's timesteps of every candidate, shared by a
+    model's 20 queries, and the other timesteps of each re-scored candidate, as if no other query had measured it."""
     screen_cost = flips * ABC["candidates"] * t_screen * SCREEN_PASSES[screen]
-    rescore = 2 * round(rescored_fraction * ABC["candidates"]) * ABC["time_samples"]
-    return ABC["unlearning"] + 2 * ABC["time_samples"] + screen_cost + rescore
+    rescored = round(rescored_fraction * ABC["candidates"])
+    rescore = 2 * rescored * ABC["time_samples"]
+    before = 0.0
+    if on_demand:
+        coarse = screen in ("coarse", "coarse+caption")
+        before = flips * ABC["candidates"] * t_screen / ABC["queries_per_model"] * coarse + rescored * (
+            2 * ABC["time_samples"] - flips * t_screen * coarse)
+    return ABC["unlearning"] + 2 * ABC["time_samples"] + screen_cost + rescore + before
 
 
 STAGE1_ABC = 2 * ABC["candidates"] * ABC["time_samples"] / ABC["queries_per_model"]  # stage 1's share of a query
+
+
+def parse_setting(spec: str) -> tuple:
+    """'screen:T':M[:flips[:K[:margin]]][:on-demand]' -> (screen, T', M, flips, (K, margin) or (), on_demand)."""
+    x = spec.split(":")
+    on_demand = x[-1] == "on-demand"
+    x = x[:-1] if on_demand else x
+    keep = (int(x[4]), float(x[5]) if len(x) > 5 else 2.0) if len(x) > 4 else ()
+    return x[0], int(x[1]), float(x[2]), int(x[3]) if len(x) > 3 else 2, keep, on_demand
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--bench", default=str(BENCH))
-    p.add_argument("--settings", default=None, help="subset, screen:T':M[:flips], e.g. "
-                                                    "'coarse:1:0.05,coarse:1:0.05:1,first-order:1:0.1'")
+    p.add_argument("--settings", default=None, help="subset, screen:T':M[:flips[:K[:margin]]], e.g. "
+                                                    "'coarse:1:0.05,coarse:1:0.05:1,first-order:1:0.1'; with K, "
+                                                    "--keep_top K (and --keep_margin), M the cap")
+    p.add_argument("--laion_subset_size", type=int, default=None,
+                   help="LAION candidates per query (default: the comparison's 600); another size runs into "
+                        "results/mini_abc/<split>_laion<N>/")
     args = p.parse_args()
     bench = Path(args.bench)
     task_json = bench / "tasks" / f"{args.split}.json"
     tasks = load_tasks(task_json)
     sizing = tuned_sizing()
-    flags = common_flags(bench, sizing.laion_subset_size) + ["--device", "cpu"]
     root = REPO / "results" / "mini_abc" / args.split
+    if args.laion_subset_size and args.laion_subset_size != sizing.laion_subset_size:
+        sizing.laion_subset_size = args.laion_subset_size
+        root = root.with_name(f"{args.split}_laion{args.laion_subset_size}")
+    flags = common_flags(bench, sizing.laion_subset_size) + ["--device", "cpu"]
     cache = root / "orig_loss"
     derive_arrays(bench, all_weights_fisher=False)
     ok1, _ = stage1(task_json, root, sizing, flags)
@@ -84,43 +114,57 @@ def main():
     ok2, exact_seconds = timed(exact_dir, "influence.pkl", lambda: ok1 and run(base + ["--result_dir", exact_dir]))
     if not (ok1 and ok2):
         sys.exit("exact AbU failed; see the error above")
-    settings = SETTINGS if not args.settings else [
-        (x[0], int(x[1]), float(x[2]), int(x[3]) if len(x) > 3 else 2)
-        for x in (spec.split(":") for spec in args.settings.split(","))]
+    settings = SETTINGS if not args.settings else [parse_setting(spec) for spec in args.settings.split(",")]
     exact = [load_result(ResultsLayout(exact_dir), t) for t in tasks]
     n_candidates = len(exact[0]["influence"]) - exact[0]["n_exemplar"]
     rows = [summary_row("exact", exact, exact, exact_seconds, len(tasks), None, n_candidates)]
-    for screen, t_screen, fraction, flips in settings:
-        name = f"{screen}, T'={t_screen}, M={fraction:.0%}" + (", one flip" if flips == 1 else "")
-        out = root / "two_stage" / (f"{screen}_t{t_screen}_m{round(fraction * 1000)}" + ("_f1" if flips == 1 else ""))
+    for screen, t_screen, fraction, flips, keep, on_demand in settings:
+        name = f"{screen}, T'={t_screen}, M={fraction:.0%}" + (", one flip" if flips == 1 else "") + (
+            f", keep top {keep[0]} (margin {keep[1]:g})" if keep else "") + (", no stage 1" if on_demand else "")
+        out = root / "two_stage" / (f"{screen}_t{t_screen}_m{round(fraction * 1000)}" + ("_f1" if flips == 1 else "")
+                                    + (f"_k{keep[0]}_z{keep[1]:g}" if keep else "") + ("_od" if on_demand else ""))
         m = max(1, round(fraction * n_candidates))
+        extra = (["--keep_top", str(keep[0]), "--keep_margin", str(keep[1])] if keep else []) + (
+            ["--before_losses", "on-demand"] if on_demand else [])
         ok, seconds = timed(out, "influence.pkl", lambda: run(base + [
             "--result_dir", out, "--mode", "two-stage", "--screen", screen, "--screen_time_samples", str(t_screen),
-            "--rescore_top", str(m), "--screen_flips", str(flips)]))
+            "--rescore_top", str(m), "--screen_flips", str(flips)] + extra))
         if not ok:
             sys.exit(f"{name} failed; see the error above")
         two = [load_result(ResultsLayout(out), t) for t in tasks]
-        rows.append(summary_row(name, exact, two, seconds, len(tasks), (screen, t_screen, flips), n_candidates))
+        rows.append(summary_row(name, exact, two, seconds, len(tasks), (screen, t_screen, flips), n_candidates,
+                                keep[0] if keep else 0, on_demand))
+
     write(root / "two_stage", rows, args.split, len(tasks), n_candidates)
 
 
-def summary_row(name, exact, two, seconds, n_queries, setting, n_candidates) -> dict:
+def summary_row(name, exact, two, seconds, n_queries, setting, n_candidates, keep_top=0, on_demand=False) -> dict:
     """One table row: cost per query here and projected to AbC, both with and without stage 1's share of a query
-    (its loss pass over a model's candidates, shared by the model's queries: 2 here, 20 in AbC)."""
+    (its loss pass over a model's candidates, shared by the model's queries: 2 here, 20 in AbC; none `on_demand`,
+    whose cost counts the losses before it measured). With `keep_top`, also the projection that re-scores the same
+    multiple of K at AbC (the same K) instead of the same fraction."""
     agree = [agreement(e, t) for e, t in zip(exact, two)]
     cost = float(np.mean([sum(t["forward_equivalents"].values()) for t in two]))
     exact_cost = float(np.mean([sum(e["forward_equivalents"].values()) for e in exact]))
     stage1 = exact[0]["forward_equivalents"]["loss tracking"] * len({t["task"]["model_path"] for t in two}) / n_queries
     rescored = float(np.mean([t.get("rescored", n_candidates + t["n_exemplar"]) for t in two])) / n_candidates
-    abc = projected_abc(*setting, rescored) if setting else ABC["unlearning"] + 2 * ABC["time_samples"] + \
+    abc = projected_abc(*setting, rescored, on_demand) if setting else ABC["unlearning"] + 2 * ABC["time_samples"] + \
         2 * ABC["candidates"] * ABC["time_samples"]
     abc_exact = ABC["unlearning"] + 2 * ABC["time_samples"] + 2 * ABC["candidates"] * ABC["time_samples"]
+    own_stage1, own_stage1_abc = (0, 0) if on_demand else (stage1, STAGE1_ABC)
     row = {"setting": name, "forward_equivalents": round(cost), "x_fewer": exact_cost / cost,
-           "x_fewer_with_stage1": (exact_cost + stage1) / (cost + stage1),
+           "x_fewer_with_stage1": (exact_cost + stage1) / (cost + own_stage1),
            "seconds_per_query": seconds / n_queries, "abc_forward_equivalents": round(abc),
-           "abc_x_fewer": abc_exact / abc, "abc_x_fewer_with_stage1": (abc_exact + STAGE1_ABC) / (abc + STAGE1_ABC),
+           "abc_x_fewer": abc_exact / abc,
+           "abc_x_fewer_with_stage1": (abc_exact + STAGE1_ABC) / (abc + own_stage1_abc),
            "h100_minutes": abc / H100_FORWARDS_PER_S / 60}
     row.update({k: float(np.nanmean([a[k] for a in agree])) for k in agree[0]})
+    if keep_top:
+        multiple = rescored * n_candidates / keep_top
+        abc_k = projected_abc(*setting, multiple * keep_top / ABC["candidates"], on_demand)
+        row.update({"keep_top": keep_top, "rescored_per_k": multiple, "abc_keep_forward_equivalents": round(abc_k),
+                    "abc_keep_x_fewer": abc_exact / abc_k,
+                    "abc_keep_x_fewer_with_stage1": (abc_exact + STAGE1_ABC) / (abc_k + own_stage1_abc)})
     return row
 
 
@@ -140,6 +184,16 @@ def write(out: Path, rows, split: str, n_queries: int, n_candidates: int) -> Non
     lines += ["", "The AbC columns are a projection: the same counts at AbC's sizes (M as the same fraction of the "
               "candidates), and H100 minutes at the bf16 + compile forwards/s of docs/performance.md, backward = 2 "
               "forwards; not a measurement."]
+    keep = [r for r in rows if r.get("keep_top")]
+    if keep:
+        lines += ["", "With --keep_top K the number re-scored follows the query. Projected instead as the same multiple "
+                  "of the same K at AbC (K = 100: the top 100 a user reads):", "",
+                  "| setting | re-scored / K (here) | AbC re-scored (proj.) | AbC fwd-equiv (proj.) | AbC x fewer | "
+                  "AbC x fewer, stage 1 counted | H100 min / query (proj.) |", "|" + "---|" * 7]
+        lines += [f"| {r['setting']} | {r['rescored_per_k']:.2f} | {r['rescored_per_k'] * r['keep_top']:,.0f} | "
+                  f"{r['abc_keep_forward_equivalents']:,} | {r['abc_keep_x_fewer']:.1f} | "
+                  f"{r['abc_keep_x_fewer_with_stage1']:.1f} | "
+                  f"{r['abc_keep_forward_equivalents'] / H100_FORWARDS_PER_S / 60:.1f} |" for r in keep]
     text = "\n".join(lines) + "\n"
     write_table(out, "two_stage", text, rows)
     print(text)

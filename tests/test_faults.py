@@ -171,6 +171,16 @@ def test_damaged_data_is_refused_clearly_and_loses_nothing(finished, case, damag
     assert_clear_and_nothing_lost(proc.returncode, proc.stderr, results, before, message)
 
 
+def test_without_stage_1_a_damaged_exemplar_is_refused_before_any_work(finished):
+    """--before_losses on-demand encodes the exemplars in stage 2: a broken one must stop it before unlearning."""
+    bench, results = finished
+    before = snapshot(results)
+    empty_file(EXEMPLAR)(Path(bench["dataroot"]))
+    proc = cli("compute_influence.py", paths(bench, results) + STAGE2 + [
+        "--overwrite", "--mode", "two-stage", "--before_losses", "on-demand"])
+    assert_clear_and_nothing_lost(proc.returncode, proc.stderr, results, before, "is an empty file (0 bytes)")
+
+
 def test_a_task_file_naming_a_query_twice_is_refused(finished):
     bench, results = finished
     before = snapshot(results)

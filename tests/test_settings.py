@@ -17,6 +17,7 @@ QUERY = "imagenet/gpt/n01440764_0000/samples/00000.png"
 # what each switch must be set to for the fields it gates to act (ScreeningSettings.idle, StoppingSettings.idle)
 SWITCHES = {ScreeningSettings: ["--mode", "two-stage"], StoppingSettings: ["--stop_rule", "rise"],
             RankingSettings: ["--ranking", "combined"]}
+FIELD_SWITCHES = {"keep_margin": ["--keep_top", "4"]}  # a switch inside ScreeningSettings
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def test_a_change_of_any_compared_setting_is_not_skipped(cls_field, finished, ti
     cls, f = cls_field
     recorded = pickle.loads((finished / "influence" / QUERY / "influence.pkl").read_bytes())["settings"]
     value = another_value(f, recorded[f.name])
-    argv = paths(tiny_abc, finished) + stage2_flags(steps=1, accum=1, batch=2) + SWITCHES.get(cls, [])
+    argv = paths(tiny_abc, finished) + stage2_flags(steps=1, accum=1, batch=2) + SWITCHES.get(cls, []) + \
+        FIELD_SWITCHES.get(f.name, [])
     if f"--{f.name}" in argv:  # replace the helper's value
         argv[argv.index(f"--{f.name}") + 1] = value
     else:

@@ -12,7 +12,7 @@ from utils.data import LaionCandidates
 from utils.errors import InputError
 from utils.losses import collect_losses
 from utils.weights import select_parameter_names
-from utils.screening import SCREENS, caption_screen, first_order_screen, screen_timesteps
+from utils.screening import SCREENS, caption_screen, could_enter_top, first_order_screen, screen_timesteps
 from helpers import STAGE1, paths, stage2_flags
 
 STAGE2 = stage2_flags()
@@ -176,3 +176,100 @@ def test_a_finished_query_of_other_settings_is_not_skipped(tiny_abc, cache, tmp_
         compute_influence.main(paths(tiny_abc, out) + flags[:-1] + ["5"])
     with pytest.raises(InputError, match="mode: result has 'two-stage', this run uses 'exact'"):
         compute_influence.main(paths(tiny_abc, out) + STAGE2 + ["--loss_cache_dir", str(cache / "orig_loss")])
+
+
+def test_could_enter_top_calibrates_the_screen_on_the_rescored():
+    screen = np.array([5.0, 4.0, 3.0, 2.0])
+    influence = 2 * screen + 1  # calibration exact: slope 2, intercept 1, residual sd 0
+    following = np.array([2.05, 1.4, 1.0, np.nan])  # calibrated: 5.1, 3.8, 3.0
+    assert could_enter_top(following, screen, influence, 3, 0.0).tolist() == [False, False, False, False]  # 3rd: 7
+    assert could_enter_top(following, screen, influence, 4, 0.0).tolist() == [True, False, False, False]  # 4th: 5
+    assert could_enter_top(following, screen, influence, 5, 0.0).tolist() == [True] * 3 + [False]  # < K re-scored
+    noisy = influence + np.array([1.0, -1.0, 1.0, -1.0])  # 12, 8, 8, 4: slope 2.4, intercept -0.4, sd 0.894
+    assert could_enter_top(np.array([2.5, 1.0]), screen, noisy, 3, 0.0).tolist() == [False, False]  # 5.6, 2.0 < 8
+    assert could_enter_top(np.array([2.5, 1.0]), screen, noisy, 3, 3.0).tolist() == [True, False]  # 8.28, 4.68
+    flat = could_enter_top(np.array([9.0, 0.0]), np.ones(4), np.array([1.0, 2.0, 3.0, 4.0]), 2, 0.0)
+    assert flat.tolist() == [False, False]  # a screen without spread predicts the mean, 2.5 < 3
+
+
+def test_keep_top_rescores_until_none_could_enter(tiny_abc, cache, tmp_path):
+    exact, wide, tight = tmp_path / "exact", tmp_path / "wide", tmp_path / "tight"
+    shared = STAGE2 + ["--loss_cache_dir", str(cache / "orig_loss")]
+    two = shared + ["--mode", "two-stage", "--rescore_top", "15", "--keep_top", "4"]
+    compute_influence.main(paths(tiny_abc, exact) + shared)
+    compute_influence.main(paths(tiny_abc, wide) + two + ["--keep_margin", "1000"])  # every candidate could enter
+    compute_influence.main(paths(tiny_abc, tight) + two + ["--keep_margin", "0"])
+    for query in (QUERY, "artchive/gpt/tinyartist/samples/00001.png"):
+        a, w, t = load(exact, query), load(wide, query), load(tight, query)
+        assert w["rescored"] == 15 and np.array_equal(a["rank"], w["rank"])
+        np.testing.assert_allclose(w["influence"], a["influence"], rtol=1e-5)  # in chunks: other batch mates
+        order = np.argsort(-t["screen"], kind="stable")
+        measured = np.flatnonzero(~np.isnan(t["influence"]))
+        assert set(measured.tolist()) == set(order[:t["rescored"]].tolist())  # a prefix of the screen's order
+        np.testing.assert_allclose(t["influence"][measured], a["influence"][measured], rtol=1e-5)
+        done = 4  # replay the rule on the re-scored influences: the top 4, then one at a time (K/10 rounded up to 1)
+        while done < 15 and could_enter_top(t["screen"][order[done:done + 1]], t["screen"][order[:done]],
+                                            t["influence"][order[:done]], 4, 0.0).any():
+            done += 1
+        assert t["rescored"] == done and 4 <= done < 15
+        assert t["forward_equivalents"]["re-scoring"] == 2 * done * 5
+
+
+def test_keep_top_is_refused_where_it_cannot_act(tiny_abc, tmp_path):
+    base = paths(tiny_abc, tmp_path) + STAGE2 + ["--mode", "two-stage"]
+    with pytest.raises(InputError, match="--keep_top 8 keeps more candidates than --rescore_top 5"):
+        compute_influence.main(base + ["--rescore_top", "5", "--keep_top", "8"])
+    with pytest.raises(InputError, match="--keep_top follows one screen"):
+        compute_influence.main(base + ["--screen", "coarse+caption", "--keep_top", "4"])
+
+
+def test_on_demand_losses_before_need_no_stage_1(tiny_abc, cache, tmp_path):
+    """Re-scoring every candidate with the losses before measured on demand is exact AbU (up to the last bits that
+    other batch mates move), costs a model's queries together exactly stage 1's pass, and writes no cache."""
+    from utils.tasks import load_tasks
+
+    exact, lazy = tmp_path / "exact", tmp_path / "lazy"
+    compute_influence.main(paths(tiny_abc, exact) + STAGE2 + ["--loss_cache_dir", str(cache / "orig_loss")])
+    compute_influence.main(paths(tiny_abc, lazy) + STAGE2 + ["--mode", "two-stage", "--before_losses", "on-demand",
+                                                              "--rescore_top", "15"])
+    assert not (lazy / "orig_loss").exists()
+    per_model = {}
+    for task in load_tasks(tiny_abc["task_json"]):
+        query = task.synth_image_path.removeprefix("synth/")
+        a, b = load(exact, query), load(lazy, query)
+        np.testing.assert_allclose(b["influence"], a["influence"], rtol=1e-5)
+        assert np.array_equal(a["rank"], b["rank"]) and a["query_loss"] == b["query_loss"]
+        cost = b["forward_equivalents"]["losses before (on demand)"]
+        per_model[task.model_path] = per_model.get(task.model_path, []) + [cost]
+    for costs in per_model.values():  # the screen's timestep of all 30 rows, shared; then the other 4 of 5, once
+        assert len(costs) == 2 and sorted(costs) == [30 / 2, 30 / 2 + 30 * 4]
+
+
+def test_on_demand_screen_and_stopping_rule_read_the_same_losses_as_stage_1(tiny_abc, cache, tmp_path):
+    cached, lazy = tmp_path / "cached", tmp_path / "lazy"
+    flags = STAGE2 + ["--mode", "two-stage", "--rescore_top", "3", "--screen_flips", "1", "--stop_rule", "collateral",
+                      "--stop_target", "1e9", "--stop_every", "1", "--stop_reference", "4"]
+    compute_influence.main(paths(tiny_abc, cached) + flags + ["--loss_cache_dir", str(cache / "orig_loss")])
+    compute_influence.main(paths(tiny_abc, lazy) + flags + ["--before_losses", "on-demand"])
+    a, b = load(cached), load(lazy)
+    np.testing.assert_allclose(b["screen"], a["screen"], rtol=0, atol=1e-6)
+    assert np.array_equal(np.isnan(a["influence"]), np.isnan(b["influence"]))  # the same 3 re-scored
+    checks = [[c["collateral"] for c in r["stop"]["checks"]] for r in (a, b)]
+    assert len(checks[0]) == 2 and np.allclose(checks[1], checks[0], rtol=1e-4)  # after steps 1 and 2 of 3
+    # the model's two queries together: 4 reference LAION rows x 5 timesteps, the other 11 unflipped rows (3
+    # exemplars, 8 LAION) at the screen's timestep, then the timesteps the rows of each candidate re-scored lacked
+    from utils.tasks import load_tasks
+
+    tasks = load_tasks(tiny_abc["task_json"])
+    model = next(t.model_path for t in tasks if t.synth_image_path.endswith(QUERY))
+    results = [load(lazy, t.synth_image_path.removeprefix("synth/")) for t in tasks if t.model_path == model]
+    rescored = set().union(*(np.flatnonzero(~np.isnan(r["influence"])).tolist() for r in results))
+    n_ex = results[0]["n_exemplar"]
+    lacked = sum(4 + 5 if c < n_ex else (0 if c - n_ex < 4 else 4) + 5 for c in rescored)
+    assert len(results) == 2 and n_ex == 3
+    assert sum(r["forward_equivalents"]["losses before (on demand)"] for r in results) == 4 * 5 + 11 + lacked
+
+
+def test_on_demand_is_refused_in_exact_mode(tiny_abc, tmp_path):
+    with pytest.raises(InputError, match="--before_losses on-demand is a two-stage option"):
+        compute_influence.main(paths(tiny_abc, tmp_path) + STAGE2 + ["--before_losses", "on-demand"])

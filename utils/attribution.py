@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from unlearn import unlearn
 
 from .customization import CONCEPT_TOKEN, apply_customization, check_customized_model
-from .data import ExemplarCandidates, LaionCandidates
+from .data import ExemplarCandidates, LaionCandidates, encode_exemplars
 from .encoders import encode_images, encode_prompt
 from .errors import InputError
 from .fisher import load_fisher
@@ -25,7 +25,8 @@ from .losses import check_finite_losses
 from .metrics import fold_flips, influence_and_rank, rank_candidates
 from .precision import loss_unet
 from .ranking import NEEDS_CONTROL, compose, query_parts
-from .screening import caption_screen, first_order_screen, rescore_rows, scatter_rows, screen_timesteps
+from .screening import (BeforeLosses, caption_screen, could_enter_top, first_order_screen, rescore_rows,
+                        screen_timesteps)
 from .settings import InfluenceSettings, changed_settings, record
 from .tasks import exemplar_paths
 from .transforms import load_image_tensor, load_rgb
@@ -48,14 +49,20 @@ def check_finished_queries(settings: InfluenceSettings, layout: ResultsLayout, f
 
 def preflight(settings: InfluenceSettings, dataroot: Path, todo, laion, base, layout: ResultsLayout) -> dict:
     """Check every query's image and every model's loss cache before hours of unlearning, not at query 37.
-    Returns {model_path: (its exemplar paths, its cache's settings)}."""
-    checked = {}
+    Returns {model_path: (its exemplar paths, its cache's settings, or None when the losses before unlearning are
+    measured on demand)}."""
+    checked, on_demand = {}, settings.screening.before_losses == "on-demand"
     for task in todo:
         load_rgb(dataroot / task.synth_image_path)  # exists and reads as an image (or says which file does not)
         check_customized_model(dataroot / task.model_path, [task.prompt, task.train_prompt],
                                f"query {task.synth_image_path}")
         if task.model_path not in checked:
             ex_paths = exemplar_paths(dataroot, task)
+            if on_demand:  # no stage-1 cache to check; stage 2 encodes the exemplars itself
+                for path in ex_paths:
+                    load_rgb(path)
+                checked[task.model_path] = ex_paths, None
+                continue
             expected = loss_settings(task, base, laion, dataroot, 2 * len(ex_paths), settings.measurement())
             checked[task.model_path] = ex_paths, check_loss_cache(layout.loss_cache(task), expected)
     return checked
@@ -292,10 +299,12 @@ class Attributor:
 
     def attribute_model_two_stage(self, tasks) -> None:
         """Two-stage AbU for the queries of one model (utils/screening.py): unlearn each, screen every candidate
-        for all of them, re-score each query's top --rescore_top candidates exactly, rank, write."""
+        for all of them, re-score each query's top (--rescore_top, or --keep_top's budget) exactly, rank, write."""
         screening, task0 = self.settings.screening, tasks[0]
         apply_customization(self.base, self.pristine, self.dataroot / task0.model_path)
-        ex_before, laion_before, exemplars = self.model_inputs(task0)
+        before = self.before_on_demand(task0) if screening.before_losses == "on-demand" else None
+        ex_before, laion_before, exemplars = (before.mean["exemplar"], before.mean["laion"], before.sets["exemplar"]) \
+            if before else self.model_inputs(task0)  # on demand: NaN until measured, filled in place
         start = copy_weights(self.params)  # the customized weights, theta_0
         unlearned, weights = [], []
         for task in tasks:
@@ -303,36 +312,93 @@ class Attributor:
             weights.append(copy_weights(self.params))
             load_weights(self.params, start)
         t_index = screen_timesteps(self.measurement.time_samples, screening.screen_time_samples)
-        screens = self.screen_model(task0, exemplars, start, weights, t_index)
+        screens = self.screen_model(task0, exemplars, start, weights, t_index, before)
         screened_rows = (len(ex_before) + len(laion_before)) * screening.screen_flips // 2
         passes = {"coarse": len(tasks), "first-order": 3, "caption": 0, "coarse+caption": len(tasks)}
         model_screen_cost = screened_rows * len(t_index) * passes[screening.screen]  # the caption screen: no UNet pass
-        n_ex = len(ex_before) // 2
+        model_before_cost = before.forwards if before else 0  # the screen's timesteps, the stopping rule's rows
         for q, task in enumerate(tasks):
             folded = [np.concatenate([fold_flips(s["exemplar"][:, q]), fold_flips(s["laion"][:, q])]) for s in screens]
             screen = folded[0]  # ranks what is not re-scored
-            tops = [rank_candidates(f, n_ex)[:screening.rescore_top] for f in folded]
-            top = tops[0] if len(tops) == 1 else np.unique(np.concatenate(tops))  # a union: each screen's top M
-            ex_rows = rescore_rows(top[top < n_ex], n_ex)
-            laion_rows = rescore_rows(top[top >= n_ex] - n_ex, len(laion_before) // 2)
+            spent_before = before.forwards if before else 0
             load_weights(self.params, weights[q])
-            ex_measured = self.collect(exemplars, "re-scored exemplars", rows=ex_rows)
-            laion_measured = self.collect(self.laion, "re-scored LAION", rows=laion_rows)
+            ex_after, laion_after, top = self.rescore(task, folded, exemplars, ex_before, laion_before,
+                                                      (before, start, weights[q]))
             load_weights(self.params, start)
-            check_finite(task, self.measurement.precision, exemplar=ex_measured, LAION=laion_measured)
-            ex_after = scatter_rows(ex_measured, ex_rows, len(ex_before))  # float32, NaN where not re-scored
-            laion_after = scatter_rows(laion_measured, laion_rows, len(laion_before))
             influence, rank = influence_and_rank(ex_before, ex_after, laion_before, laion_after, screen=screen)
             cost = {**self.unlearning_cost(unlearned[q]), "screen": model_screen_cost / len(tasks),
-                    "re-scoring": (len(ex_rows) + len(laion_rows)) * self.measurement.time_samples}
+                    "re-scoring": 2 * len(top) * self.measurement.time_samples}  # both flips of each
+            if before:  # the model's share, and the re-scored candidates no earlier query had measured
+                cost["losses before (on demand)"] = model_before_cost / len(tasks) + before.forwards - spent_before
             self.write_outputs(task, ex_after, laion_after, influence, rank, unlearned[q], {
                 "forward_equivalents": cost, "screen": screen, "rescored": int(len(top)),
                 "screen_timesteps": t_index.tolist()})
         self.pristine.restore()
 
-    def screen_model(self, task, exemplars, start, weights, t_index) -> list:
+    def before_on_demand(self, task) -> BeforeLosses:
+        """--before_losses on-demand: the model's exemplars encoded as stage 1 encodes them, and a BeforeLosses over
+        them and the LAION rows, measured at the customized weights (loaded now); the collateral stopping rule's
+        reference rows are measured at once, since unlearning moves the weights."""
+        common = self.settings.common
+        exemplars = encode_exemplars(self.base, self.models[task.model_path][0], task.train_prompt,
+                                     common.vae_batch_size, torch.Generator().manual_seed(common.seed))
+        before = BeforeLosses(lambda candidates, desc, rows, steps: self.collect(
+            candidates, desc, rows=rows, timestep_index=steps, per_timestep=True),
+            {"exemplar": exemplars, "laion": self.laion}, self.measurement.time_samples)
+        if self.settings.stopping.stop_rule == "collateral":
+            before.ensure("laion", np.arange(min(self.settings.stopping.stop_reference, len(self.laion))))
+        return before
+
+    def rescore(self, task, folded, exemplars, ex_before, laion_before, on_demand) -> tuple:
+        """Re-measure candidates exactly at the query's unlearned weights (already loaded): the screen's top
+        --rescore_top (the union over the screens of `folded`, each [candidates]), or with --keep_top in the first
+        screen's order until none left could enter the exact top K (utils.screening.could_enter_top), at most
+        --rescore_top. `on_demand`: (BeforeLosses or None, the customized weights, the query's unlearned weights);
+        with a BeforeLosses, the losses before of the chosen rows are measured first, at the customized weights.
+        Returns the after-losses [rows] (NaN where not re-scored) and the candidates re-scored."""
+        screening, n_ex = self.settings.screening, len(ex_before) // 2
+        before, start, unlearned_weights = on_demand
+        ex_after = np.full(len(ex_before), np.nan, np.float32)
+        laion_after = np.full(len(laion_before), np.nan, np.float32)
+
+        def measure(chosen):
+            rows = {"exemplar": rescore_rows(chosen[chosen < n_ex], n_ex),
+                    "laion": rescore_rows(chosen[chosen >= n_ex] - n_ex, len(laion_before) // 2)}
+            if before:
+                load_weights(self.params, start)
+                for key in rows:
+                    before.ensure(key, rows[key])
+                load_weights(self.params, unlearned_weights)
+            for key, name, candidates, after in (("exemplar", "exemplars", exemplars, ex_after),
+                                                 ("laion", "LAION", self.laion, laion_after)):
+                if len(rows[key]):
+                    after[rows[key]] = self.collect(candidates, f"re-scored {name}", rows=rows[key])
+                    check_finite(task, self.measurement.precision, **{name: after[rows[key]]})
+
+        if not screening.keep_top:
+            tops = [rank_candidates(f, n_ex)[:screening.rescore_top] for f in folded]
+            top = tops[0] if len(tops) == 1 else np.unique(np.concatenate(tops))  # a union: each screen's top M
+            measure(top)
+            return ex_after, laion_after, top
+        screen, k = folded[0], screening.keep_top
+        order = rank_candidates(screen, n_ex)
+        cap = min(screening.rescore_top, len(order))
+        done = min(k, cap)
+        measure(order[:done])
+        while done < cap:  # K/10 more at a time, while one of them could still enter the top K
+            following = order[done:min(done + max(1, k // 10), cap)]
+            influence, _ = influence_and_rank(ex_before, ex_after, laion_before, laion_after)
+            if not could_enter_top(screen[following], screen[order[:done]], influence[order[:done]], k,
+                                   screening.keep_margin).any():
+                break
+            measure(following)
+            done += len(following)
+        return ex_after, laion_after, order[:done]
+
+    def screen_model(self, task, exemplars, start, weights, t_index, before=None) -> list:
         """The screens of --screen, each {"exemplar": [rows, Q], "laion": [rows, Q]}: every row's estimated loss
-        rise (or, for the caption screen, a score that orders rows alike) for each query; the first ranks the rest."""
+        rise (or, for the caption screen, a score that orders rows alike) for each query; the first ranks the rest.
+        `before`: a BeforeLosses (--before_losses on-demand) for the coarse screen, else stage 1's cache."""
         m, kind = self.measurement, self.settings.screening.screen
         deltas = [{n: w[n] - start[n] for n in start} for w in weights]
         screens = []
@@ -342,25 +408,32 @@ class Attributor:
             screens.append({"exemplar": first_order_screen(self.base.unet, self.base.scheduler, exemplars, deltas, **kw),
                             "laion": first_order_screen(self.base.unet, self.base.scheduler, self.laion, deltas, **kw)})
         if kind in ("coarse", "coarse+caption"):
-            screens.append(self.coarse_screen(task, exemplars, start, weights, t_index))
+            screens.append(self.coarse_screen(task, exemplars, start, weights, t_index, before))
         if kind in ("caption", "coarse+caption"):
             screens.append(caption_screen(deltas, exemplars.text_embedding, len(exemplars),
                                           self.laion.text_embeddings[:self.laion.subset_size]))
         return screens
 
-    def coarse_screen(self, task, exemplars, start, weights, t_index) -> dict:
+    def coarse_screen(self, task, exemplars, start, weights, t_index, before=None) -> dict:
         """The exact rise at the screen timesteps, one pass over the candidates per query; with --screen_flips 1 over
-        the unflipped rows only (the first half), each value standing for the candidate's flipped row too."""
-        ex_before_t, laion_before_t = load_losses_by_timestep(self.layout.loss_cache(task))
+        the unflipped rows only (the first half), each value standing for the candidate's flipped row too. The
+        losses before: stage 1's cache, or measured now (`before`, a BeforeLosses; the customized weights are
+        loaded)."""
         one_flip = self.settings.screening.screen_flips == 1
+        if before:
+            for key, n_rows in (("exemplar", len(exemplars)), ("laion", len(self.laion))):
+                before.ensure(key, np.arange(n_rows // 2 if one_flip else n_rows), t_index)
+            ex_before_t, laion_before_t = before.by_t["exemplar"], before.by_t["laion"]
+        else:
+            ex_before_t, laion_before_t = load_losses_by_timestep(self.layout.loss_cache(task))
         out = {"exemplar": [], "laion": []}
         for w in weights:
             load_weights(self.params, w)
-            for key, candidates, before in (("exemplar", exemplars, ex_before_t), ("laion", self.laion, laion_before_t)):
-                rows = np.arange(len(before) // 2 if one_flip else len(before))
+            for key, candidates, by_t in (("exemplar", exemplars, ex_before_t), ("laion", self.laion, laion_before_t)):
+                rows = np.arange(len(by_t) // 2 if one_flip else len(by_t))
                 after = self.collect(candidates, f"coarse screen ({key})", rows=rows, timestep_index=t_index,
                                      per_timestep=True)
-                rise = (after.astype(np.float64) - before[rows][:, t_index]).mean(axis=1)
+                rise = (after.astype(np.float64) - by_t[rows][:, t_index]).mean(axis=1)
                 out[key].append(np.concatenate([rise, rise]) if one_flip else rise)
             load_weights(self.params, start)
         return {k: np.stack(v, axis=1) for k, v in out.items()}

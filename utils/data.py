@@ -72,6 +72,17 @@ def load_exemplar_images(paths: List[Path], resolution: int) -> torch.Tensor:
     return torch.stack(unflipped + flipped)
 
 
+def encode_exemplars(base, paths: List[Path], train_prompt: str, vae_batch_size: int,
+                     generator: torch.Generator) -> "ExemplarCandidates":
+    """The exemplars as candidates: VAE latents [2n, C, h, w] (unflipped, then flipped; samples drawn from
+    `generator`, seeded by --seed in both stages), all captioned with the model's `train_prompt`."""
+    from .encoders import encode_images, encode_prompt
+
+    latents = encode_images(base.vae, load_exemplar_images(paths, base.resolution), generator,
+                            batch_size=vae_batch_size)
+    return ExemplarCandidates(latents, encode_prompt(base.tokenizer, base.text_encoder, train_prompt).cpu())
+
+
 class LaionCandidates:
     """The first `subset_size` LAION images and their flips, read from memory-mapped arrays.
 

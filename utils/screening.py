@@ -21,16 +21,28 @@ Screens (`--screen`):
   candidate's two flips; for all of a model's exemplars (one caption) it is one value.
 * `coarse+caption`: re-score the union of both screens' top M; the rest are ranked by the coarse screen.
 
+How many to re-score (`--keep_top`): 0 re-scores the screen's top `--rescore_top`. K > 0 re-scores in the screen's
+order, the top K first, then K/10 at a time, for as long as one of the next candidates could still enter the exact
+top K (`could_enter_top`: the screen calibrated on the candidates re-scored so far, plus `--keep_margin` standard
+deviations of that calibration's residuals, reaches the K-th largest exact influence); at most `--rescore_top`.
+The budget then follows the query: it stops where the screen's values fall clearly below the top K.
+
+Losses before unlearning (`--before_losses`): `cache` reads stage 1's cache, every candidate at every timestep.
+`on-demand` skips stage 1: `BeforeLosses` measures, at the customized weights and under the noise stage 1 would
+give them, only what the two-stage mode reads: the screen's timesteps and flips of every candidate (once per
+model, for all its queries) and every timestep of both flips of the candidates re-scored (each at most once per
+model). At AbC's sizes that replaces stage 1's 2M forwards a model by about 100K plus a few thousand a query.
+
 Ranking: the re-scored candidates by their exact influence, then the others by their screen (ties against
 the exemplars throughout, utils.metrics.rank_candidates). A candidate the screen drops can only move down,
 so a two-stage setting is judged by its agreement with exact AbU (benchmarks/two_stage.py).
 """
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
 
-from .losses import batch_plan, per_row_loss, selected_rows
+from .losses import batch_plan, mean_over_timesteps, per_row_loss, selected_rows
 from .precision import FP16_LOSS_SCALE, autocast
 
 SCREENS = ("coarse", "first-order", "caption", "coarse+caption")
@@ -163,8 +175,58 @@ def rescore_rows(candidate_index: np.ndarray, n_candidates: int) -> np.ndarray:
     return np.sort(np.concatenate([candidate_index, candidate_index + n_candidates]))
 
 
-def scatter_rows(values: np.ndarray, rows: np.ndarray, n_rows: int) -> np.ndarray:
-    """Full [n_rows] array of the values' type (float32 losses): `values` at `rows`, NaN elsewhere (not re-scored)."""
-    out = np.full(n_rows, np.nan, dtype=np.asarray(values).dtype)
-    out[rows] = values
-    return out
+def could_enter_top(screen_next: np.ndarray, screen_done: np.ndarray, influence_done: np.ndarray, keep_top: int,
+                    margin: float) -> np.ndarray:
+    """[n] bool: for candidates not yet re-scored (their screen values `screen_next` [n]), whether the exact
+    influence could reach the K-th largest of the re-scored ones (`screen_done`, `influence_done` [m], m >= 1).
+
+    The screen is calibrated on the re-scored candidates by least squares, influence ~ a * screen + b, and a
+    candidate could enter when a * screen + b + margin * sd reaches the K-th largest exact influence, sd being
+    the residuals' standard deviation (docs/method.md, section 9). With fewer than K re-scored, every candidate
+    could; a NaN screen value never does."""
+    screen_done = np.asarray(screen_done, np.float64)
+    influence_done = np.asarray(influence_done, np.float64)
+    if len(influence_done) < keep_top:
+        return ~np.isnan(np.asarray(screen_next, np.float64))
+    x = screen_done - screen_done.mean()
+    slope = float(x @ (influence_done - influence_done.mean()) / (x @ x)) if x @ x > 0 else 0.0
+    intercept = influence_done.mean() - slope * screen_done.mean()
+    sd = float(np.std(influence_done - (slope * screen_done + intercept)))
+    kth = np.sort(influence_done)[::-1][keep_top - 1]
+    with np.errstate(invalid="ignore"):
+        return slope * np.asarray(screen_next, np.float64) + intercept + margin * sd >= kth
+
+
+class BeforeLosses:
+    """Each candidate row's loss before unlearning, per grid timestep, measured when first asked for
+    (--before_losses on-demand) at the weights loaded at that moment: callers load the customized ones first.
+
+    `measure(candidates, desc, rows, timestep_index)` -> [len(rows), len(timestep_index)] float32 losses (the
+    Attributor's loss pass, per timestep: stage 1's noise for those rows and timesteps). `sets` names the candidate
+    sets, e.g. {"exemplar": ExemplarCandidates, "laion": LaionCandidates}. `by_t[key]` [rows, T] holds NaN until
+    measured; `mean[key]` [rows] is a row's mean over the T timesteps (mean_over_timesteps, as stage 1 reduces
+    them) once it has all T, else NaN: the same arrays throughout, updated in place. `forwards` counts the UNet
+    forwards spent."""
+
+    def __init__(self, measure: Callable, sets: dict, time_samples: int):
+        self.measure, self.sets, self.time_samples = measure, sets, time_samples
+        self.by_t = {k: np.full((len(c), time_samples), np.nan, np.float32) for k, c in sets.items()}
+        self.mean = {k: np.full(len(c), np.nan, np.float32) for k, c in sets.items()}
+        self.forwards = 0
+
+    def ensure(self, key: str, rows, timestep_index=None) -> None:
+        """Measure what `rows` lack of `timestep_index` (default: every timestep), rows grouped by what they lack."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        steps = np.arange(self.time_samples) if timestep_index is None else np.asarray(timestep_index, np.int64)
+        missing = np.isnan(self.by_t[key][np.ix_(rows, steps)])
+        patterns, group = np.unique(missing, axis=0, return_inverse=True)
+        for g, pattern in enumerate(patterns):
+            if not pattern.any():
+                continue
+            these, cols = rows[group.reshape(-1) == g], steps[pattern]
+            self.by_t[key][np.ix_(these, cols)] = self.measure(self.sets[key], f"{key} losses before (on demand)",
+                                                               these, cols)
+            self.forwards += len(these) * len(cols)
+            complete = these[~np.isnan(self.by_t[key][these]).any(axis=1)]
+            if len(complete):
+                self.mean[key][complete] = mean_over_timesteps(self.by_t[key][complete]).numpy()

@@ -129,9 +129,18 @@ class ScreeningSettings:
                                     "union of both tops)", choices=list(SCREENS))
     screen_time_samples: int = setting(1, "two-stage: grid timesteps the screen measures (of "
                                           "--loss_time_samples)")
-    rescore_top: int = setting(5000, "two-stage: candidates re-measured exactly per query; the rest are ranked by "
-                                     "the screen (default: 5%% of AbC's 100K, the fraction chosen on mini-AbC's "
-                                     "validation split, docs/performance.md)")
+    rescore_top: int = setting(5000, "two-stage: candidates re-measured exactly per query (with --keep_top, at "
+                                     "most); the rest are ranked by the screen (default: 5%% of AbC's 100K, the "
+                                     "fraction chosen on mini-AbC's validation split, docs/performance.md)")
+    keep_top: int = setting(0, "two-stage: 0 re-scores the screen's top --rescore_top; K > 0 re-scores in the "
+                               "screen's order until no candidate left could enter the exact top K by the screen "
+                               "calibrated on the re-scored ones (utils/screening.py), at most --rescore_top")
+    keep_margin: float = setting(2.0, "two-stage, --keep_top: standard deviations of the calibrated screen's "
+                                      "residuals a candidate may lie below the top K and still be re-scored")
+    before_losses: str = setting("cache", "two-stage: cache reads every candidate's loss before unlearning from "
+                                          "stage 1 (compute_training_loss.py); on-demand skips stage 1 and measures "
+                                          "only what the screen and the re-scoring read (utils/screening.py)",
+                                 choices=["cache", "on-demand"])
     screen_batch_size: int = setting(16, "two-stage, first-order: rows per forward + backward pass (memory only; "
                                          "the noise follows --loss_batch_size's layout)", compared=False)
     screen_flips: int = setting(2, "two-stage, coarse screens: 2 screens both flips of each candidate; 1 only the "
@@ -140,7 +149,9 @@ class ScreeningSettings:
 
     def idle(self) -> Tuple[str, ...]:
         """Fields that do not act in this configuration: the screen's, when scoring is exact."""
-        return () if self.mode == "two-stage" else ("screen", "screen_time_samples", "rescore_top", "screen_flips")
+        screen = ("screen", "screen_time_samples", "rescore_top", "screen_flips", "keep_top", "keep_margin",
+                  "before_losses")
+        return (() if self.keep_top else ("keep_margin",)) if self.mode == "two-stage" else screen
 
 
 @dataclass(frozen=True)
@@ -345,9 +356,21 @@ def check_settings(settings) -> None:
             raise InputError(f"--screen_flips 1 applies to the coarse screens; --screen {screening.screen} "
                              + ("scores both flips of a candidate alike already" if screening.screen == "caption"
                                 else "measures both flips") + ": drop --screen_flips or use --screen coarse")
+        if screening.keep_top < 0 or screening.keep_margin < 0:
+            raise InputError(f"--keep_top and --keep_margin cannot be negative, got {screening.keep_top} and "
+                             f"{screening.keep_margin}")
+        if screening.keep_top > screening.rescore_top:
+            raise InputError(f"--keep_top {screening.keep_top} keeps more candidates than --rescore_top "
+                             f"{screening.rescore_top} may re-score: raise --rescore_top or lower --keep_top")
+        if screening.keep_top and screening.screen == "coarse+caption":
+            raise InputError("--keep_top follows one screen; --screen coarse+caption re-scores the union of two fixed "
+                             "tops: use --screen coarse with --keep_top, or drop --keep_top")
         if screening.screen == "first-order" and settings.unlearning.weight_selection not in LINEAR_SELECTIONS:
             raise InputError(f"--screen first-order needs nn.Linear weights; --weight_selection "
                              f"{settings.unlearning.weight_selection} includes others: use --screen coarse")
+    if screening.mode == "exact" and screening.before_losses == "on-demand":
+        raise InputError("--before_losses on-demand is a two-stage option: exact AbU reads every candidate's loss "
+                         "before unlearning; run compute_training_loss.py first, or add --mode two-stage")
     if screening.mode == "two-stage" and settings.ranking.ranking != "influence":
         raise InputError(f"--ranking {settings.ranking.ranking} is exact-mode only for now: drop --mode two-stage "
                          "(docs/method.md section 11 says how the two-stage screen could share the control's pass)")
