@@ -121,3 +121,23 @@ def test_defaults_are_the_papers():
     assert (s.loss.loss_batch_size, s.loss.loss_time_samples, s.unlearning.weight_selection) == (200, 10,
                                                                                                  "cross-attn-kv")
     assert field_default(fields(CommonSettings)[4]) == 100_000  # laion_subset_size
+
+
+def test_a_flag_whose_switch_is_off_is_named_in_a_warning(capsys):
+    parse_settings(InfluenceSettings, "", ["--task_json", "t", "--device", "cpu", "--keep_top", "10"])
+    assert "warning: --keep_top does nothing in this configuration" in capsys.readouterr().err
+    parse_settings(InfluenceSettings, "", ["--task_json", "t", "--device", "cpu", "--mode", "two-stage",
+                                           "--keep_top", "10", "--keep_margin", "3"])
+    assert "warning" not in capsys.readouterr().err  # both act
+
+
+def test_an_interrupt_ends_with_one_line_and_exit_130(capsys):
+    from utils.cli import run
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        run(interrupted)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.startswith("interrupted: what was finished is on disk")

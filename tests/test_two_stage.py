@@ -273,3 +273,21 @@ def test_on_demand_screen_and_stopping_rule_read_the_same_losses_as_stage_1(tiny
 def test_on_demand_is_refused_in_exact_mode(tiny_abc, tmp_path):
     with pytest.raises(InputError, match="--before_losses on-demand is a two-stage option"):
         compute_influence.main(paths(tiny_abc, tmp_path) + STAGE2 + ["--before_losses", "on-demand"])
+
+
+def test_keep_top_says_when_the_cap_or_the_pool_stops_it(tiny_abc, cache, tmp_path, capsys):
+    shared = STAGE2 + ["--loss_cache_dir", str(cache / "orig_loss"), "--mode", "two-stage"]
+    compute_influence.main(paths(tiny_abc, tmp_path / "cap") + shared + [
+        "--keep_top", "4", "--keep_margin", "1000", "--rescore_top", "6"])  # the rule would re-score every one
+    r = load(tmp_path / "cap")
+    assert r["rescored"] == 6 and r["rescore_capped"] is True
+    assert "re-scored 6 of 15 candidates; the cap --rescore_top 6 stopped --keep_top 4" in capsys.readouterr().out
+    compute_influence.main(paths(tiny_abc, tmp_path / "pool") + shared + ["--keep_top", "15", "--rescore_top", "15"])
+    out = capsys.readouterr().out
+    assert "warning: --keep_top 15 is at least the 15 candidates" in out and "re-scored 15 of 15 candidates\n" in out
+    assert load(tmp_path / "pool")["rescore_capped"] is False
+
+
+def test_without_a_stage_1_cache_two_stage_points_to_on_demand(tiny_abc, tmp_path):
+    with pytest.raises(InputError, match="or skip stage 1 with --before_losses on-demand"):
+        compute_influence.main(paths(tiny_abc, tmp_path) + STAGE2 + ["--mode", "two-stage"])

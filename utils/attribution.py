@@ -64,7 +64,12 @@ def preflight(settings: InfluenceSettings, dataroot: Path, todo, laion, base, la
                 checked[task.model_path] = ex_paths, None
                 continue
             expected = loss_settings(task, base, laion, dataroot, 2 * len(ex_paths), settings.measurement())
-            checked[task.model_path] = ex_paths, check_loss_cache(layout.loss_cache(task), expected)
+            try:
+                checked[task.model_path] = ex_paths, check_loss_cache(layout.loss_cache(task), expected)
+            except InputError as e:
+                if settings.screening.mode != "two-stage" or "no finished" not in str(e):
+                    raise
+                raise InputError(f"{e}, or skip stage 1 with --before_losses on-demand") from None
     return checked
 
 
@@ -317,21 +322,29 @@ class Attributor:
         passes = {"coarse": len(tasks), "first-order": 3, "caption": 0, "coarse+caption": len(tasks)}
         model_screen_cost = screened_rows * len(t_index) * passes[screening.screen]  # the caption screen: no UNet pass
         model_before_cost = before.forwards if before else 0  # the screen's timesteps, the stopping rule's rows
+        n_candidates = (len(ex_before) + len(laion_before)) // 2
+        if screening.keep_top >= n_candidates:
+            tqdm.write(f"warning: --keep_top {screening.keep_top} is at least the {n_candidates} candidates of "
+                       f"{task0.model_path}: every candidate is re-scored (exact AbU, at more than its cost); lower "
+                       "--keep_top")
         for q, task in enumerate(tasks):
             folded = [np.concatenate([fold_flips(s["exemplar"][:, q]), fold_flips(s["laion"][:, q])]) for s in screens]
             screen = folded[0]  # ranks what is not re-scored
             spent_before = before.forwards if before else 0
             load_weights(self.params, weights[q])
-            ex_after, laion_after, top = self.rescore(task, folded, exemplars, ex_before, laion_before,
-                                                      (before, start, weights[q]))
+            ex_after, laion_after, top, capped = self.rescore(task, folded, exemplars, ex_before, laion_before,
+                                                              (before, start, weights[q]))
             load_weights(self.params, start)
             influence, rank = influence_and_rank(ex_before, ex_after, laion_before, laion_after, screen=screen)
             cost = {**self.unlearning_cost(unlearned[q]), "screen": model_screen_cost / len(tasks),
                     "re-scoring": 2 * len(top) * self.measurement.time_samples}  # both flips of each
             if before:  # the model's share, and the re-scored candidates no earlier query had measured
                 cost["losses before (on demand)"] = model_before_cost / len(tasks) + before.forwards - spent_before
+            tqdm.write(f"{task.synth_image_path}: re-scored {len(top)} of {n_candidates} candidates" + (
+                f"; the cap --rescore_top {screening.rescore_top} stopped --keep_top {screening.keep_top} before "
+                "its top was settled: raise --rescore_top for this query" if capped else ""))
             self.write_outputs(task, ex_after, laion_after, influence, rank, unlearned[q], {
-                "forward_equivalents": cost, "screen": screen, "rescored": int(len(top)),
+                "forward_equivalents": cost, "screen": screen, "rescored": int(len(top)), "rescore_capped": capped,
                 "screen_timesteps": t_index.tolist()})
         self.pristine.restore()
 
@@ -355,7 +368,8 @@ class Attributor:
         screen's order until none left could enter the exact top K (utils.screening.could_enter_top), at most
         --rescore_top. `on_demand`: (BeforeLosses or None, the customized weights, the query's unlearned weights);
         with a BeforeLosses, the losses before of the chosen rows are measured first, at the customized weights.
-        Returns the after-losses [rows] (NaN where not re-scored) and the candidates re-scored."""
+        Returns the after-losses [rows] (NaN where not re-scored), the candidates re-scored, and whether --keep_top's
+        rule wanted more than the cap allowed."""
         screening, n_ex = self.settings.screening, len(ex_before) // 2
         before, start, unlearned_weights = on_demand
         ex_after = np.full(len(ex_before), np.nan, np.float32)
@@ -379,21 +393,24 @@ class Attributor:
             tops = [rank_candidates(f, n_ex)[:screening.rescore_top] for f in folded]
             top = tops[0] if len(tops) == 1 else np.unique(np.concatenate(tops))  # a union: each screen's top M
             measure(top)
-            return ex_after, laion_after, top
+            return ex_after, laion_after, top, False
         screen, k = folded[0], screening.keep_top
         order = rank_candidates(screen, n_ex)
         cap = min(screening.rescore_top, len(order))
         done = min(k, cap)
         measure(order[:done])
-        while done < cap:  # K/10 more at a time, while one of them could still enter the top K
-            following = order[done:min(done + max(1, k // 10), cap)]
+        step = max(1, k // 10)
+        while done < len(order):  # K/10 more at a time (up to the cap), while one of them could still enter the top K
+            following = order[done:min(done + step, cap) if done < cap else done + step]
             influence, _ = influence_and_rank(ex_before, ex_after, laion_before, laion_after)
             if not could_enter_top(screen[following], screen[order[:done]], influence[order[:done]], k,
                                    screening.keep_margin).any():
                 break
+            if done == cap:  # the rule wants more than --rescore_top allows
+                return ex_after, laion_after, order[:done], True
             measure(following)
             done += len(following)
-        return ex_after, laion_after, order[:done]
+        return ex_after, laion_after, order[:done], False
 
     def screen_model(self, task, exemplars, start, weights, t_index, before=None) -> list:
         """The screens of --screen, each {"exemplar": [rows, Q], "laion": [rows, Q]}: every row's estimated loss

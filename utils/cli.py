@@ -15,9 +15,14 @@ def check_dataroot(dataroot) -> Path:
 
 
 def run(main) -> None:
-    """Call main(); an InputError prints 'error: ...' and exits 2 (finished outputs stay on disk)."""
+    """Call main(); an InputError prints 'error: ...' and exits 2, an interrupt (Ctrl-C) one line and exits 130
+    (finished outputs stay on disk either way)."""
     try:
         main()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: what was finished is on disk (a query when its influence.pkl is, a model's loss cache when "
+              "its settings.json is); rerun the same command to go on from there", file=sys.stderr)
+        sys.exit(130)

@@ -7,6 +7,7 @@ where files are or how much memory to use, and so do not change a result. Everyt
 added to a class is a flag, is recorded and decides reuse without anyone listing it anywhere.
 """
 import argparse
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import List, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
@@ -335,7 +336,20 @@ def parse_settings(stage: type, description: str, argv=None):
     parts["common"] = replace(parts["common"], precision=resolve_precision(parts["common"].precision, device))
     settings = stage(**parts)
     check_settings(settings)
+    warn_idle(settings)
     return settings
+
+
+def warn_idle(settings) -> None:
+    """One warning line per flag set away from its default where its switch is off (the groups' idle()), e.g.
+    --keep_top without --mode two-stage: it does nothing, and is not compared when a finished output is reused."""
+    for f in fields(settings):
+        group = getattr(settings, f.name)
+        idle = group.idle() if hasattr(group, "idle") else ()
+        for g in fields(group):
+            if g.name in idle and getattr(group, g.name) != field_default(g):
+                print(f"warning: --{g.name} does nothing in this configuration (see --help for the flag it goes with); "
+                      "ignored", file=sys.stderr)
 
 
 def check_settings(settings) -> None:
@@ -351,14 +365,16 @@ def check_settings(settings) -> None:
                              f"got {screening.screen_time_samples}")
         if screening.rescore_top < 1 or screening.screen_batch_size < 1:
             raise InputError(f"--rescore_top and --screen_batch_size must be at least 1, got "
-                             f"{screening.rescore_top} and {screening.screen_batch_size}")
+                             f"{screening.rescore_top} and {screening.screen_batch_size}: leave them out for the "
+                             "defaults (5000 and 16)")
         if screening.screen_flips == 1 and screening.screen not in ("coarse", "coarse+caption"):
             raise InputError(f"--screen_flips 1 applies to the coarse screens; --screen {screening.screen} "
                              + ("scores both flips of a candidate alike already" if screening.screen == "caption"
                                 else "measures both flips") + ": drop --screen_flips or use --screen coarse")
         if screening.keep_top < 0 or screening.keep_margin < 0:
             raise InputError(f"--keep_top and --keep_margin cannot be negative, got {screening.keep_top} and "
-                             f"{screening.keep_margin}")
+                             f"{screening.keep_margin}: --keep_top 0 re-scores a fixed --rescore_top, K > 0 keeps the "
+                             "top K; --keep_margin 2 is the validated margin")
         if screening.keep_top > screening.rescore_top:
             raise InputError(f"--keep_top {screening.keep_top} keeps more candidates than --rescore_top "
                              f"{screening.rescore_top} may re-score: raise --rescore_top or lower --keep_top")
