@@ -20,7 +20,7 @@ from .errors import InputError
 from .fisher import load_fisher
 from .io import load_pickle, save_npy, save_pickle
 from .layout import EXEMPLAR_LOSS, LAION_LOSS, VISUALIZATION, ResultsLayout
-from .loss_cache import check_loss_cache, load_losses_by_timestep, loss_settings, read_loss_cache
+from .loss_cache import RUN_STAGE_1, check_loss_cache, load_losses_by_timestep, loss_settings, read_loss_cache
 from .losses import check_finite_losses
 from .metrics import fold_flips, influence_and_rank, rank_candidates
 from .precision import loss_unet
@@ -52,6 +52,8 @@ def preflight(settings: InfluenceSettings, dataroot: Path, todo, laion, base, la
     Returns {model_path: (its exemplar paths, its cache's settings, or None when the losses before unlearning are
     measured on demand)}."""
     checked, on_demand = {}, settings.screening.before_losses == "on-demand"
+    remedy = RUN_STAGE_1 + (
+        ", or skip stage 1 with --before_losses on-demand" if settings.screening.mode == "two-stage" else "")
     for task in todo:
         load_rgb(dataroot / task.synth_image_path)  # exists and reads as an image (or says which file does not)
         check_customized_model(dataroot / task.model_path, [task.prompt, task.train_prompt],
@@ -64,12 +66,7 @@ def preflight(settings: InfluenceSettings, dataroot: Path, todo, laion, base, la
                 checked[task.model_path] = ex_paths, None
                 continue
             expected = loss_settings(task, base, laion, dataroot, 2 * len(ex_paths), settings.measurement())
-            try:
-                checked[task.model_path] = ex_paths, check_loss_cache(layout.loss_cache(task), expected)
-            except InputError as e:
-                if settings.screening.mode != "two-stage" or "no finished" not in str(e):
-                    raise
-                raise InputError(f"{e}, or skip stage 1 with --before_losses on-demand") from None
+            checked[task.model_path] = ex_paths, check_loss_cache(layout.loss_cache(task), expected, remedy)
     return checked
 
 

@@ -82,16 +82,19 @@ def load_losses_by_timestep(cache_dir):
             load_npy(cache_dir / LAION_LOSS_BY_T, "loss cache", remedy=RECOMPUTE))
 
 
-def check_loss_cache(cache_dir, expected: LossSettings) -> dict:
-    """The cached settings, after checking that the cache is finished and made with `expected`."""
+RUN_STAGE_1 = "run compute_training_loss.py with the same task file first"  # what a missing cache asks for
+
+
+def check_loss_cache(cache_dir, expected: LossSettings, remedy: str = RUN_STAGE_1) -> dict:
+    """The cached settings, after checking that the cache is finished and made with `expected`; a missing cache is
+    an InputError ending in `remedy`."""
     cache_dir = Path(cache_dir)
     if not cache_is_complete(cache_dir):
         if (cache_dir / SETTINGS).is_file():
             missing = [f for f in CACHE_FILES if not (cache_dir / f).is_file()]
             raise InputError(f"the loss cache in {cache_dir} lacks {', '.join(missing)} (made by an older version of "
                              f"this repo); rerun compute_training_loss.py with --overwrite")
-        raise InputError(f"no finished pre-unlearning loss cache in {cache_dir}; "
-                         f"run compute_training_loss.py with the same task file first")
+        raise InputError(f"no finished pre-unlearning loss cache in {cache_dir}; {remedy}")
     cached = load_json(cache_dir / SETTINGS, "loss-cache settings")
     check_settings(cached, expected, cache_dir)
     return cached
