@@ -10,13 +10,16 @@ compute_influence.py. Writes <result_dir>/influence/<query>/influence.pkl for ev
 import argparse
 import time
 from dataclasses import asdict
+from functools import cache
 
 from tqdm.auto import tqdm
 
-from utils.baselines import BASELINES, BaselineInputs
+from utils.baselines import BASELINES, BaselineInputs, baseline_provenance
 from utils.cli import check_dataroot, run
 from utils.data import LaionCandidates
-from utils.io import save_pickle
+from utils.errors import InputError
+from utils.fingerprints import changed_inputs
+from utils.io import load_pickle, save_pickle
 from utils.layout import ResultsLayout
 from utils.metrics import rank_candidates
 from utils.settings import BaselineSettings, add_flags, from_flags
@@ -32,15 +35,23 @@ def main(argv=None):
     laion = LaionCandidates(dataroot, settings.laion_subset_size)
     layout = ResultsLayout(settings.result_dir, settings.loss_cache_dir)
     todo = [t for t in tasks if settings.overwrite or not layout.influence_file(t).is_file()]
+    inputs = BaselineInputs(settings, dataroot, laion, layout)
+    provenance = cache(lambda model_path: baseline_provenance(inputs, next(t for t in tasks if t.model_path == model_path)))
+    for task in (t for t in tasks if t not in todo):  # a finished result of other inputs is not skipped silently
+        recorded = load_pickle(layout.influence_file(task), "finished result", remedy="pass --overwrite")
+        stale = changed_inputs(recorded.get("provenance", provenance(task.model_path)), provenance(task.model_path))
+        if stale:
+            raise InputError(f"{layout.influence_file(task)} is a finished {settings.method} result made from other "
+                             "inputs than this run's:\n  " + "\n  ".join(stale) + "\nPass --overwrite to recompute it")
 
     start = time.time()
-    influences = BASELINES[settings.method](BaselineInputs(settings, dataroot, laion, layout), todo)
+    influences = BASELINES[settings.method](inputs, todo)
     for task in tqdm(todo, desc=settings.method, unit="query"):
         n_ex = len(exemplar_paths(dataroot, task))
         influence = influences[task.query_key]
         save_pickle(layout.influence_file(task), {
             "influence": influence, "rank": rank_candidates(influence, n_ex), "n_exemplar": n_ex,
-            "method": settings.method, "task": asdict(task)})
+            "method": settings.method, "task": asdict(task), "provenance": provenance(task.model_path)})
     print(f"{settings.method}: {len(todo)} of {len(tasks)} queries in {time.time() - start:.1f} s "
           f"-> {settings.result_dir}/influence")
 

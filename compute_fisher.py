@@ -16,6 +16,7 @@ from utils.cli import check_dataroot, run
 from utils.data import LaionCandidates
 from utils.fisher import FisherConfig, write_fisher
 from utils.models import load_base_model
+from utils.precision import check_device
 from utils.weights import WEIGHT_SELECTIONS
 
 
@@ -40,6 +41,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_device(args.device)
     dataroot = check_dataroot(args.dataroot)
     output = Path(args.output or dataroot / "sd_fisher.pt")
     if output.exists() and not args.overwrite:

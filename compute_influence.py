@@ -12,10 +12,12 @@ ranking that removes the prompt's part (then `influence` is that ranking's score
 The flags are declared in utils/settings.py, the method is utils/attribution.py.
 """
 import time
+from functools import cache
 
 from tqdm.auto import tqdm
 
-from utils.attribution import Attributor, check_finished_queries, preflight
+from utils.attribution import (Attributor, check_finished_inputs, check_finished_queries, input_provenance,
+                               preflight)
 from utils.claims import claim, finished_since
 from utils.cli import check_dataroot, run
 from utils.data import LaionCandidates
@@ -38,13 +40,14 @@ def main(argv=None):
     per_query = exact and ranking == "influence"  # other rankings measure a model's queries together
     configure_heap()  # host memory that follows the batch size, not the number of candidates
 
-    # checks up front: the folders, the task file, the finished queries' settings
+    # checks up front: the folders, the task file
     dataroot = check_dataroot(common.dataroot)
     check_writable(common.result_dir)
     layout = ResultsLayout(common.result_dir, settings.loss.loss_cache_dir)
     tasks = load_tasks(common.task_json)
     todo = [t for t in tasks if overwrite or not layout.influence_file(t).is_file()]
-    check_finished_queries(settings, layout, [t for t in tasks if t not in todo])
+    finished = [t for t in tasks if t not in todo]
+    check_finished_queries(settings, layout, finished)
     peers = peers_of(tasks, settings.ranking.contrast_with) if ranking in NEEDS_PEERS else {}
 
     # two-stage screens all of a model's queries in one pass, and a contrast needs them all: processes then share
@@ -52,14 +55,22 @@ def main(argv=None):
     units = [[t] for t in todo] if per_query else list(tasks_by_model(todo).values())
     units, device, rank, world = process_share(units, settings.execution.device)
     settings = with_device(settings, device)
+
+    # the finished queries' inputs (base and customized model, candidates, stage-1 cache), before they are skipped
+    laion = LaionCandidates(dataroot, common.laion_subset_size)
+    base = load_base_model(common.sd_version, device)
+    on_demand = settings.screening.before_losses == "on-demand"
+    provenance = cache(lambda model_path: input_provenance(next(t for t in tasks if t.model_path == model_path), base,
+                                                            laion, dataroot, layout, on_demand))
+    check_finished_inputs(layout, finished, lambda t: provenance(t.model_path))
+    for t in finished:  # a checkpoint left by a run killed after the result it fed was written
+        layout.checkpoint_file(t).unlink(missing_ok=True)
     print(f"{len(tasks)} query(ies) in {common.task_json}; {len(tasks) - len(todo)} done, {len(todo)} to do"
           + (f"; process {rank} of {world} takes {sum(map(len, units))}" if world > 1 else ""))
     if not units:
         return
 
-    # the model and the candidates, checked against every query's image and loss cache before any unlearning
-    laion = LaionCandidates(dataroot, common.laion_subset_size)
-    base = load_base_model(common.sd_version, device)
+    # the candidates, checked against every query's image and loss cache before any unlearning
     check_candidates_fit(base, laion.latents.shape, laion.text_embeddings.shape[-1], dataroot)
     models = preflight(settings, dataroot, [t for u in units for t in u], laion, base, layout)
     configure_unet(base.unet, device, common.precision)

@@ -50,7 +50,8 @@ def main(argv=None):
     base = load_base_model(common.sd_version, device)
     check_candidates_fit(base, laion.latents.shape, laion.text_embeddings.shape[-1], dataroot)
     for task in models:  # a finished cache made with other settings is an error here, not at stage 2
-        check_customized_model(dataroot / task.model_path, [task.train_prompt], f"task file {common.task_json}")
+        check_customized_model(dataroot / task.model_path, [task.train_prompt], f"task file {common.task_json}",
+                               base.tokenizer)
         if task not in todo:
             n_rows = 2 * len(exemplar_paths(dataroot, task))
             check_loss_cache(layout.loss_cache(task), loss_settings(task, base, laion, dataroot, n_rows, measurement))

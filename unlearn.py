@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils.faults import checkpoint
+from utils.losses import training_target
 from utils.precision import FP16_LOSS_SCALE, autocast
 
 LAION_400M = 400_000_000  # N, the pretraining-set size the authors hard-code
@@ -20,7 +21,8 @@ LAION_400M = 400_000_000  # N, the pretraining-set size the authors hard-code
 
 def query_diffusion_loss(unet, scheduler, latents, text, generator: torch.Generator,
                          precision: str = "fp32") -> torch.Tensor:
-    """Loss of one micro-batch: fresh noise and distinct timesteps (a random permutation's first B)."""
+    """Loss of one micro-batch: fresh noise and distinct timesteps (a random permutation's first B), against the
+    model's own training target (utils.losses.training_target)."""
     bs = latents.shape[0]
     num_train_timesteps = scheduler.config.num_train_timesteps
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
@@ -28,7 +30,7 @@ def query_diffusion_loss(unet, scheduler, latents, text, generator: torch.Genera
     noisy = scheduler.add_noise(latents, noise, timesteps)
     with autocast(latents.device, precision):
         pred = unet(noisy, timesteps, text, return_dict=False)[0]
-    return F.mse_loss(pred.float(), noise)
+    return F.mse_loss(pred.float(), training_target(scheduler, latents, noise, timesteps).float())
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ import torch
 from utils.candidate_arrays import encode_candidates
 from utils.cli import run
 from utils.models import load_base_model
+from utils.precision import check_device
 
 
 def parse_args(argv=None):
@@ -35,6 +36,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_device(args.device)
     root = Path(args.dataroot)
     images_dir = Path(args.images_dir or root / "laion_subset" / "images")
     captions = Path(args.captions or root / "laion_subset" / "captions.txt")

@@ -20,11 +20,12 @@ def test_gradient_rows_equal_autograd_and_chunks_equal_one_pass(base_model, tiny
 
     # candidate row 5 is the second candidate of batch 2: its gradient by plain autograd, one candidate alone
     params = dict(base_model.unet.named_parameters())
-    n, noisy, timesteps, text, noise = list(noised_batches(base_model.scheduler, laion, **SETTINGS))[2]
+    n, latents, timesteps, text, noise = list(noised_batches(base_model.scheduler, laion, **SETTINGS))[2]
     rows = slice(5, 10)
     for name in names:
         params[name].requires_grad_(True)
-    loss = per_row_loss(base_model.unet, noisy[rows], timesteps[rows], text[rows], noise[rows]).mean()
+    loss = per_row_loss(base_model.unet, base_model.scheduler, latents[rows], noise[rows], timesteps[rows],
+                        text[rows]).mean()
     grads = torch.autograd.grad(loss, [params[name] for name in names])
     for name in names:
         params[name].requires_grad_(False)
@@ -37,3 +38,33 @@ def test_gradient_rows_equal_autograd_and_chunks_equal_one_pass(base_model, tiny
     torch.testing.assert_close(chunks, full)
     unseeded = whitened_unit_gradients(base_model, names, scale, RowSlice(laion, 4, 8), SETTINGS, "chunk")
     assert not torch.allclose(unseeded, full[4:8])
+
+
+def test_a_finished_baseline_of_another_model_is_refused(tiny_copy, tmp_path):
+    """The gradient baseline records the fingerprints of what it read; after the model is trained again and stage 1
+    redone, its finished results are refused (naming the model and the cache), not skipped."""
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import compute_training_loss
+    from helpers import STAGE1, paths
+
+    repo = Path(__file__).resolve().parent.parent
+    results = tmp_path / "results"
+    compute_training_loss.main(paths(tiny_copy, results) + STAGE1)
+    flags = [sys.executable, str(repo / "compute_baselines.py"), "--method", "gradient", "--sd_version",
+             tiny_copy["sd_version"], "--dataroot", tiny_copy["dataroot"], "--task_json", tiny_copy["task_json"],
+             "--result_dir", str(results), "--laion_subset_size", "12"]
+    assert subprocess.run(flags, capture_output=True, cwd=repo).returncode == 0
+    result = next((results / "influence").rglob("influence.pkl"))
+    assert set(pickle.loads(result.read_bytes())["provenance"]) == {"base_model", "customized_model", "laion_arrays",
+                                                                    "loss_cache"}
+    assert subprocess.run(flags, capture_output=True, cwd=repo).returncode == 0  # unchanged: skipped
+    f = Path(tiny_copy["dataroot"]) / "models" / "imagenet" / "n01440764_0000" / "pytorch_custom_diffusion_weights.pt"
+    state = torch.load(f)
+    torch.save({k: v * 1.01 for k, v in state.items()}, f)
+    compute_training_loss.main(paths(tiny_copy, results) + STAGE1 + ["--overwrite"])
+    proc = subprocess.run(flags, capture_output=True, text=True, cwd=repo)
+    assert proc.returncode == 2 and "made from other inputs" in proc.stderr and "customized_model" in proc.stderr

@@ -190,6 +190,53 @@ def test_a_task_file_naming_a_query_twice_is_refused(finished):
         assert_clear_and_nothing_lost(proc.returncode, proc.stderr, results, before, "name the same query")
 
 
+def respell(path: str, how: int) -> str:
+    """The same relative path spelled another way: ./x, a//b, or with a trailing slash."""
+    head, _, tail = path.partition("/")
+    return ["./" + path, f"{head}//{tail}", path + "/"][how]
+
+
+@pytest.mark.parametrize("how", [0, 1], ids=["./synth", "synth//"])
+def test_one_query_spelled_two_ways_is_one_query_and_refused_twice(finished, how):
+    bench, results = finished
+    before = snapshot(results)
+    entries = json.loads(Path(bench["task_json"]).read_text())
+    entries.append({**entries[0], "synth_image_path": respell(entries[0]["synth_image_path"], how)})
+    Path(bench["task_json"]).write_text(json.dumps(entries))
+    for script, flags in (("compute_training_loss.py", STAGE1), ("compute_influence.py", STAGE2)):
+        proc = cli(script, paths(bench, results) + flags)
+        assert_clear_and_nothing_lost(proc.returncode, proc.stderr, results, before, "name the same query image")
+        assert repr(entries[-1]["synth_image_path"]) in proc.stderr  # both spellings named
+
+
+def test_a_model_path_spelled_two_ways_is_one_model(tiny_copy, tmp_path):
+    """'models/x/' beside 'models/x': one model (one cache, one group of peers), its outputs where 'models/x' puts
+    them; a path that leaves the dataroot is refused."""
+    from utils.tasks import load_tasks, tasks_by_model
+
+    original = json.loads(Path(tiny_copy["task_json"]).read_text())
+    entries = json.loads(Path(tiny_copy["task_json"]).read_text())
+    assert len(entries) >= 2 and len({e["model_path"] for e in entries}) < len(entries)
+    for i, e in enumerate(entries):
+        e["model_path"] = respell(e["model_path"], i % 3)
+        e["synth_image_path"] = respell(e["synth_image_path"], (i + 1) % 3)
+    Path(tiny_copy["task_json"]).write_text(json.dumps(entries))
+    tasks = load_tasks(tiny_copy["task_json"])
+    assert [t.model_path for t in tasks] == [e["model_path"] for e in original]
+    assert [t.synth_image_path for t in tasks] == [e["synth_image_path"] for e in original]
+    assert len(tasks_by_model(tasks)) == len({e["model_path"] for e in original})
+    results = tmp_path / "results"
+    proc = cli("compute_training_loss.py", paths(tiny_copy, results) + STAGE1)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.parent.relative_to(results / "orig_loss").as_posix()
+                  for p in (results / "orig_loss").rglob("settings.json")) == \
+        sorted({e["model_path"][len("models/"):] for e in original})
+    entries[0]["synth_image_path"] = "../outside.png"
+    Path(tiny_copy["task_json"]).write_text(json.dumps(entries))
+    proc = cli("compute_training_loss.py", paths(tiny_copy, results) + STAGE1)
+    assert proc.returncode == 2 and "must be a path inside the dataroot" in proc.stderr
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "I;16", "CMYK", "P"])
 def test_other_image_modes_are_converted_as_documented(tmp_path, mode):
     """Accepted: every mode becomes 8-bit RGB; transparent pixels become white; 16-bit scales, not clips."""
@@ -334,3 +381,88 @@ def test_a_killed_run_resumes_to_the_uninterrupted_files(kill_bench, script, poi
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
     after = snapshot(results)
     assert sorted(after) == sorted(reference) and all(after[k] == reference[k] for k in reference)
+
+
+# ------------------------------------------------------------------------------------------ errors that name the cause
+def test_a_device_that_is_not_there_is_named_with_the_ones_that_are(tiny_copy, tmp_path):
+    results = tmp_path / "results"
+    flags = [f for f in STAGE1 if f != "cpu" and f != "--device"]
+    for script, extra in (("compute_training_loss.py", flags), ("compute_influence.py", STAGE2[:-2]),
+                          ("compute_fisher.py", None)):
+        args = paths(tiny_copy, results) + extra if extra is not None else ["--dataroot", tiny_copy["dataroot"],
+                                                                             "--sd_version", tiny_copy["sd_version"]]
+        args = [a for a in args if a not in ("--device", "cpu")]
+        for device, names in (("cuda", "available here: cpu"), ("cuda:7", "available here: cpu"),
+                              ("gpu", "is not a torch device")):
+            if device.startswith("cuda") and torch.cuda.is_available():
+                continue
+            proc = cli(script, args + ["--device", device])
+            errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+            assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+            assert f"--device {device}" in errors[0] or f"--device {device!r}" in errors[0]
+            assert names in errors[0]
+    assert not results.exists() or not any(results.rglob("*.npy"))
+
+
+def test_a_dangling_link_among_the_candidate_images_is_named(tiny_copy, tmp_path):
+    from utils.data import candidate_image_paths
+
+    images = Path(tiny_copy["dataroot"]) / "laion_subset" / "images"
+    first = sorted(images.iterdir())[0]
+    first.rename(tmp_path / first.name)
+    first.symlink_to(tmp_path / "gone" / first.name)
+    with pytest.raises(Exception) as e:
+        candidate_image_paths(images)
+    assert first.name in str(e.value) and "point to nothing" in str(e.value)
+    proc = cli("data/encode_candidates.py", ["--dataroot", tiny_copy["dataroot"], "--sd_version",
+                                             tiny_copy["sd_version"], "--device", "cpu", "--overwrite"])
+    assert proc.returncode == 2 and "point to nothing" in proc.stderr and first.name in proc.stderr, proc.stderr[-1500:]
+
+
+def long_prompts(task_json, key: str, concept_first: bool) -> str:
+    """Every entry's `key` padded to about 100 tokens, its <new1> first or past the text encoder's 77."""
+    entries = json.loads(Path(task_json).read_text())
+    padding = " ".join(["a picture of a fish"] * 20)
+    for e in entries:
+        e[key] = f"{e[key]} {padding}" if concept_first else f"{padding} {e[key]}"
+    Path(task_json).write_text(json.dumps(entries))
+    return entries[0][key]
+
+
+def test_prompt_token_count_is_the_tokenizers_own_with_the_token_added(tiny_abc):
+    import copy
+
+    from utils.customization import prompt_token_count
+    from utils.models import load_base_model
+
+    tokenizer = load_base_model(tiny_abc["sd_version"], "cpu").tokenizer
+    reference = copy.deepcopy(tokenizer)
+    reference.add_tokens("<new1>")
+    for prompt in ("<new1> fish", "a picture of a <new1> fish, a fish", "fish " * 90 + "<new1>", "a <new1>"):
+        count, positions = prompt_token_count(tokenizer, prompt, ["<new1>"])
+        ids = reference(prompt, truncation=False).input_ids
+        assert count == len(ids)
+        assert ids[positions["<new1>"]] == reference.convert_tokens_to_ids("<new1>")
+    assert "<new1>" not in tokenizer.get_vocab()  # counted without changing the shared tokenizer
+
+
+@pytest.mark.parametrize("key, script", [("prompt", "compute_influence.py"), ("train_prompt", "compute_training_loss.py")])
+def test_a_prompt_whose_concept_token_would_be_cut_is_refused(finished, key, script):
+    bench, results = finished
+    before = snapshot(results)
+    prompt = long_prompts(bench["task_json"], key, concept_first=False)
+    flags = STAGE1 if script == "compute_training_loss.py" else STAGE2
+    proc = cli(script, paths(bench, results) + flags + ["--overwrite"])
+    assert_clear_and_nothing_lost(proc.returncode, proc.stderr, results, before, "would be cut off")
+    assert repr(prompt) in proc.stderr and "reads 77" in proc.stderr
+
+
+def test_a_long_prompt_with_its_token_early_runs_with_one_warning(tiny_copy, tmp_path):
+    long_prompts(tiny_copy["task_json"], "prompt", concept_first=True)
+    results = tmp_path / "results"
+    proc = cli("compute_training_loss.py", paths(tiny_copy, results) + STAGE1)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    proc = cli("compute_influence.py", paths(tiny_copy, results) + STAGE2)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:") and "tokens long" in line]
+    assert len(warnings) == len({e["prompt"] for e in json.loads(Path(tiny_copy["task_json"]).read_text())})

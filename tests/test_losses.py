@@ -10,6 +10,7 @@ from utils.data import ExemplarCandidates, LaionCandidates
 from utils.errors import InputError
 from utils.loss_cache import LossSettings, check_settings
 from utils.losses import collect_losses
+from utils.models import load_base_model
 from utils.customization import apply_customization
 from utils.weights import PristineWeights
 
@@ -103,3 +104,65 @@ def test_settings_mismatch_names_each_value(tmp_path):
     with pytest.raises(InputError, match="multiple of the number of time samples"):
         collect_losses(None, type("S", (), {"config": type("C", (), {"num_train_timesteps": 1000})})(), [],
                        batch_size=15, time_samples=4)
+
+
+def v_prediction_model(tiny_abc, tmp_path, kind: str = "v_prediction") -> str:
+    """The tiny base model with its scheduler set to predict `kind` (as SD 2.x's does v_prediction)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "sd_v"
+    shutil.copytree(tiny_abc["sd_version"], folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": kind}))
+    return str(folder)
+
+
+def test_losses_use_the_schedulers_prediction_type_as_diffusers_trainers_do(tiny_abc, tmp_path):
+    """A v-prediction base model is scored (stage 1 and 2's loss loop, unlearning's loss, the Fisher, the gradient
+    baseline all go through utils.losses) against the velocity, written here as diffusers' train_text_to_image.py
+    computes its target; an epsilon model against the noise."""
+    import torch.nn.functional as F
+
+    from unlearn import query_diffusion_loss
+    from utils.losses import per_row_loss
+
+    for kind in ("epsilon", "v_prediction", "sample"):
+        base = load_base_model(v_prediction_model(tiny_abc, tmp_path / kind, kind), "cpu")
+        assert base.scheduler.config.prediction_type == kind
+        laion = LaionCandidates(tiny_abc["dataroot"], 12)
+        got = collect_losses(base.unet, base.scheduler, laion, batch_size=20, time_samples=5, seed=3)
+        # by hand: batch 0 holds candidates 0..3, each at the 5 grid timesteps, noise seeded 3 + 0
+        latents, text = laion.batch(0, 4)
+        latents, text = latents.repeat_interleave(5, 0), text.repeat_interleave(5, 0)
+        t = torch.arange(0, 1000, 200).repeat(4)
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
+        noisy = base.scheduler.add_noise(latents, noise, t)
+        with torch.no_grad():
+            pred = base.unet(noisy, t, text).sample
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = base.scheduler.get_velocity(latents, noise, t)
+        else:
+            target = latents
+        by_hand = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)).view(4, 5).mean(1)
+        np.testing.assert_allclose(got[:4], by_hand.numpy(), rtol=1e-5)
+        with torch.no_grad():
+            q = query_diffusion_loss(base.unet, base.scheduler, latents[:4], text[:4], torch.Generator().manual_seed(1))
+            g = torch.Generator().manual_seed(1)
+            n = torch.randn(latents[:4].shape, generator=g)
+            ts = torch.randperm(1000, generator=g)[:4]
+            rows = per_row_loss(base.unet, base.scheduler, latents[:4], n, ts, text[:4])
+        assert float(q) == pytest.approx(float(rows.mean()), rel=1e-5)
+    v, eps = (load_base_model(v_prediction_model(tiny_abc, tmp_path / f"again_{k}", k), "cpu") for k in
+              ("v_prediction", "epsilon"))
+    assert not np.allclose(collect_losses(v.unet, v.scheduler, laion, 20, 5, 3),
+                           collect_losses(eps.unet, eps.scheduler, laion, 20, 5, 3))
+
+
+def test_a_scheduler_predicting_something_else_is_refused(tiny_abc, tmp_path):
+    from utils.errors import InputError
+
+    with pytest.raises(InputError, match="prediction_type is 'flow'"):
+        load_base_model(v_prediction_model(tiny_abc, tmp_path, "flow"), "cpu")

@@ -221,6 +221,47 @@ def test_a_full_finetune_replaces_the_weights_and_is_restored(bench, base, tiny_
     assert_back_to_the_base(model, pristine, root, tiny_abc["sd_version"])
 
 
+def test_a_full_finetune_in_every_layout_save_pretrained_writes(bench, base, tiny_abc, tmp_path):
+    """The same fine-tune saved as plain fp32 weights, as an fp16 variant alone, and as both (whose configs then say
+    float16): each loads, in float32; with both, the plain weights are read (losses equal the fp32 save's bit for
+    bit, where reading the fp16 files or casting by the config would move them); the fp16 variant alone gives the
+    losses of diffusers' own loading of it in float32."""
+    import shutil
+
+    import torch as _torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    _, root = bench
+    model, pristine = base
+    plain = root / "models" / "imagenet" / "full_fp32"
+    save_full_finetune(tiny_abc["sd_version"], plain)
+    half = tmp_path / "half"
+    pipe = StableDiffusionPipeline.from_pretrained(plain, safety_checker=None, requires_safety_checker=False)
+    pipe.to(_torch.float16).save_pretrained(half, variant="fp16")
+    only16, both = root / "models" / "imagenet" / "full_fp16", root / "models" / "imagenet" / "full_both"
+    shutil.copytree(half, only16)
+    shutil.copytree(plain, both)
+    shutil.copytree(half, both, dirs_exist_ok=True)  # the fp16 files beside the fp32 ones; configs now say fp16
+    assert json.loads((both / "text_encoder" / "config.json").read_text()).get("dtype") == "float16"
+    reference = losses(model, pristine, plain, "a school of fish")
+    np.testing.assert_array_equal(losses(model, pristine, both, "a school of fish"), reference)
+    ref = load_base_model(tiny_abc["sd_version"], "cpu")
+    ref.unet = UNet2DConditionModel.from_pretrained(only16, subfolder="unet", variant="fp16",
+                                                    torch_dtype=_torch.float32).eval()
+    ref.text_encoder = CLIPTextModel.from_pretrained(only16, subfolder="text_encoder", variant="fp16",
+                                                     dtype=_torch.float32).eval()
+    got = losses(model, pristine, only16, "a school of fish")
+    np.testing.assert_array_equal(got, measure(ref, root, "a school of fish"))
+    assert not np.array_equal(got, reference)  # fp16 weights: other losses, as they should be
+    assert next(model.unet.parameters()).dtype == _torch.float32
+    assert_back_to_the_base(model, pristine, root, tiny_abc["sd_version"])
+    weights = only16 / "unet" / "diffusion_pytorch_model.fp16.safetensors"  # two variants, no plain weights:
+    shutil.copy(weights, weights.with_name("diffusion_pytorch_model.bf16.safetensors"))  # which one is meant?
+    with pytest.raises(InputError, match=f"{only16 / 'unet'} holds the variants bf16, fp16 and no plain weights"):
+        losses(model, pristine, only16, "a school of fish")
+
+
 def test_a_lora_model_runs_through_both_stages(bench, tiny_abc):
     """A task whose model_path is a LoRA folder (with a <new1> embedding beside it, as a LoRA + textual-inversion
     run saves): stage 1 caches it, stage 2 unlearns the merged model's cross-attention K/V, the loss rises."""

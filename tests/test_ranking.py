@@ -149,3 +149,56 @@ def test_a_killed_run_resumes_from_the_measured_queries(tiny_abc, cache, tmp_pat
         a, b = (pickle.loads((tmp_path / d / "influence" / q / "influence.pkl").read_bytes()) for d in ("killed", "whole"))
         assert np.array_equal(a["influence"], b["influence"]) and not (tmp_path / "killed" / "influence" / q /
                                                                        "measured.pkl").exists()
+
+
+def retrain(dataroot) -> None:
+    """The fish model trained again (its K weights scaled by 1.01): same settings, another model."""
+    import torch
+
+    f = Path(dataroot) / "models" / "imagenet" / "n01440764_0000" / "pytorch_custom_diffusion_weights.pt"
+    state = torch.load(f)
+    for k in state:
+        if "to_k" in k:
+            state[k] = state[k] * 1.01
+    torch.save(state, f)
+
+
+def test_checkpoints_and_results_of_another_model_are_not_reused(tiny_copy, tmp_path):
+    """After the model is trained again and stage 1 redone: a checkpoint (measured.pkl) made from the old model is
+    measured again, saying so, and the result equals a fresh run's; a finished result from the old model is refused,
+    naming the customized model and the cache; a checkpoint left beside a finished result goes."""
+    import compute_training_loss
+    from helpers import STAGE1
+
+    results = tmp_path / "results"
+    flags = paths(tiny_copy, results) + STAGE2 + ["--ranking", "combined"]
+    compute_training_loss.main(paths(tiny_copy, results) + STAGE1)
+    killed = cli(flags, env={"ABU_KILL_AT": "wrote:measured.pkl:2"})  # both fish queries measured, none written
+    assert killed.returncode == -9 and (results / "influence" / QUERIES[0] / "measured.pkl").is_file()
+    retrain(tiny_copy["dataroot"])
+    compute_training_loss.main(paths(tiny_copy, results) + STAGE1 + ["--overwrite"])
+    resumed = cli(flags)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "measured by an earlier run" not in resumed.stdout
+    assert resumed.stdout.count("was measured from other inputs") == 2 and "customized_model" in resumed.stdout
+    fresh = tmp_path / "fresh"
+    compute_training_loss.main(paths(tiny_copy, fresh) + STAGE1)
+    assert cli(paths(tiny_copy, fresh) + STAGE2 + ["--ranking", "combined"]).returncode == 0
+    for q in QUERIES:
+        a, b = (pickle.loads((d / "influence" / q / "influence.pkl").read_bytes()) for d in (results, fresh))
+        assert np.array_equal(a["influence"], b["influence"])
+        assert a["provenance"] == b["provenance"] and set(a["provenance"]) == {
+            "base_model", "customized_model", "laion_arrays", "loss_cache"}
+
+    # the finished results now belong to the retrained model: train it again, and they are refused
+    leftover = results / "influence" / QUERIES[0] / "measured.pkl"
+    leftover.write_bytes(b"left by a kill after influence.pkl")
+    unchanged = cli(flags)
+    assert unchanged.returncode == 0 and not leftover.exists()  # finished: the leftover checkpoint goes
+    retrain(tiny_copy["dataroot"])
+    compute_training_loss.main(paths(tiny_copy, results) + STAGE1 + ["--overwrite"])
+    before = {q: (results / "influence" / q / "influence.pkl").read_bytes() for q in QUERIES}
+    refused = cli(flags)
+    assert refused.returncode == 2 and "made from other inputs" in refused.stderr
+    assert "customized_model" in refused.stderr and "loss_cache" in refused.stderr
+    assert all((results / "influence" / q / "influence.pkl").read_bytes() == b for q, b in before.items())

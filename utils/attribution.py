@@ -4,8 +4,10 @@ controls, exact and two-stage scoring of every candidate, and what is written fo
 compute_influence.py checks everything with `preflight`, builds one `Attributor` per run, and calls
 `attribute_query` (exact) or `attribute_model_two_stage` (all of a model's queries at once) per unit of work.
 """
+import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -13,14 +15,16 @@ from tqdm.auto import tqdm
 
 from unlearn import unlearn
 
-from .customization import CONCEPT_TOKEN, apply_customization, check_customized_model
+from .customization import CONCEPT_TOKEN, apply_customization, check_customized_model, customization_fingerprint
 from .data import ExemplarCandidates, LaionCandidates, encode_exemplars
+from .fingerprints import changed_inputs
 from .encoders import encode_images, encode_prompt
 from .errors import InputError
 from .fisher import load_fisher
 from .io import load_pickle, save_npy, save_pickle
 from .layout import EXEMPLAR_LOSS, LAION_LOSS, VISUALIZATION, ResultsLayout
-from .loss_cache import RUN_STAGE_1, check_loss_cache, load_losses_by_timestep, loss_settings, read_loss_cache
+from .loss_cache import (RUN_STAGE_1, cache_fingerprint, cache_is_complete, check_loss_cache,
+                         load_losses_by_timestep, loss_settings, read_loss_cache)
 from .losses import check_finite_losses
 from .metrics import fold_flips, influence_and_rank, rank_candidates
 from .precision import loss_unet
@@ -38,8 +42,7 @@ from .weights import PristineWeights, select_parameter_names
 def check_finished_queries(settings: InfluenceSettings, layout: ResultsLayout, finished) -> None:
     """A finished query is skipped, not redone: refuse to skip one made with other settings (names each)."""
     for task in finished:
-        result = load_pickle(layout.influence_file(task), "finished result", remedy="delete it, or pass --overwrite")
-        recorded = result.get("settings", {}) if isinstance(result, dict) else {}
+        recorded = finished_result(layout, task).get("settings", {})
         diffs = changed_settings(recorded, *settings.result)
         if diffs:
             raise InputError(f"{layout.influence_file(task)} is a finished result made with other settings:\n  "
@@ -47,27 +50,75 @@ def check_finished_queries(settings: InfluenceSettings, layout: ResultsLayout, f
                              "--result_dir (with --loss_cache_dir to share stage 1).")
 
 
+def check_finished_inputs(layout: ResultsLayout, finished, provenance) -> None:
+    """Nor one made from other inputs than `provenance(task)` gives now (another base or customized model, other
+    candidate arrays, another stage-1 cache); each difference is named. Results older than these records are reused
+    with one warning line."""
+    unrecorded = 0
+    for task in finished:
+        result = finished_result(layout, task)
+        if "provenance" not in result:
+            unrecorded += 1
+            continue
+        stale = changed_inputs(result["provenance"], provenance(task))
+        if stale:
+            raise InputError(f"{layout.influence_file(task)} is a finished result made from other inputs than this "
+                             f"run's:\n  " + "\n  ".join(stale) + "\nIts numbers belong to the old ones: pass "
+                             "--overwrite to recompute it (after stage 1, if the model or candidates changed).")
+    if unrecorded:
+        print(f"warning: {unrecorded} finished result(s) in {layout.result_dir} predate the record of the inputs "
+              "they were made from (base and customized model, candidates, stage-1 cache) and are reused as they "
+              "are; --overwrite remakes them", file=sys.stderr)
+
+
+def finished_result(layout: ResultsLayout, task) -> dict:
+    result = load_pickle(layout.influence_file(task), "finished result", remedy="delete it, or pass --overwrite")
+    return result if isinstance(result, dict) else {}
+
+
+def input_provenance(task, base, laion, dataroot: Path, layout: ResultsLayout, on_demand: bool) -> dict:
+    """What a query's numbers were computed from, by fingerprint: the base model, the customized model, the candidate
+    arrays, and the stage-1 cache subtracted from (None with --before_losses on-demand, which reads none).
+    Recorded in influence.pkl and in measured.pkl, compared before either is reused."""
+    cache = layout.loss_cache(task)
+    return {"base_model": base.fingerprint,
+            "customized_model": customization_fingerprint(Path(dataroot) / task.model_path),
+            "laion_arrays": laion.fingerprint(),
+            "loss_cache": None if on_demand or not cache_is_complete(cache) else cache_fingerprint(cache)}
+
+
 def preflight(settings: InfluenceSettings, dataroot: Path, todo, laion, base, layout: ResultsLayout) -> dict:
     """Check every query's image and every model's loss cache before hours of unlearning, not at query 37.
-    Returns {model_path: (its exemplar paths, its cache's settings, or None when the losses before unlearning are
-    measured on demand)}."""
+    Returns {model_path: ModelInputs}."""
     checked, on_demand = {}, settings.screening.before_losses == "on-demand"
     remedy = RUN_STAGE_1 + (
         ", or skip stage 1 with --before_losses on-demand" if settings.screening.mode == "two-stage" else "")
     for task in todo:
         load_rgb(dataroot / task.synth_image_path)  # exists and reads as an image (or says which file does not)
         check_customized_model(dataroot / task.model_path, [task.prompt, task.train_prompt],
-                               f"query {task.synth_image_path}")
+                               f"query {task.synth_image_path}", base.tokenizer)
         if task.model_path not in checked:
             ex_paths = exemplar_paths(dataroot, task)
             if on_demand:  # no stage-1 cache to check; stage 2 encodes the exemplars itself
                 for path in ex_paths:
                     load_rgb(path)
-                checked[task.model_path] = ex_paths, None
+                checked[task.model_path] = ModelInputs(ex_paths, None, input_provenance(
+                    task, base, laion, dataroot, layout, on_demand=True))
                 continue
             expected = loss_settings(task, base, laion, dataroot, 2 * len(ex_paths), settings.measurement())
-            checked[task.model_path] = ex_paths, check_loss_cache(layout.loss_cache(task), expected, remedy)
+            cached = check_loss_cache(layout.loss_cache(task), expected, remedy)
+            checked[task.model_path] = ModelInputs(ex_paths, cached, input_provenance(task, base, laion, dataroot,
+                                                                                      layout, on_demand=False))
     return checked
+
+
+class ModelInputs(NamedTuple):
+    """What preflight found for one model: its exemplar images, its stage-1 cache's settings (None when the losses
+    before unlearning are measured on demand) and the fingerprints of its inputs (`input_provenance`)."""
+
+    exemplar_paths: list
+    cache: Optional[dict]
+    provenance: dict
 
 
 def unlearning_setup(settings: InfluenceSettings, base, dataroot: Path):
@@ -111,7 +162,7 @@ class Attributor:
     def __init__(self, settings: InfluenceSettings, base, laion: LaionCandidates, dataroot: Path,
                  layout: ResultsLayout, models: dict):
         self.settings, self.base, self.laion, self.dataroot, self.layout = settings, base, laion, dataroot, layout
-        self.models = models  # from preflight: {model_path: (exemplar paths, cache settings)}
+        self.models = models  # from preflight: {model_path: ModelInputs}
         self.measurement = settings.measurement()
         self.loss_unet = loss_unet(base.unet, settings.common.compile)
         self.pristine = PristineWeights(base.unet)
@@ -198,6 +249,12 @@ class Attributor:
         for t in tasks:
             result = load_pickle(self.layout.influence_file(t), "finished peer",
                                  remedy="rerun its model's queries with --overwrite")
+            stale = changed_inputs(result.get("provenance", self.models[t.model_path].provenance),
+                                   self.models[t.model_path].provenance)
+            if stale:
+                raise InputError(f"the peer {self.layout.influence_file(t)} that a contrast reads was made from other "
+                                 "inputs than this run's:\n  " + "\n  ".join(stale) +
+                                 "\nRerun its model's queries with --overwrite")
             out[t.synth_image_path] = result.get("parts", {}).get("influence", result["influence"])
         return out
 
@@ -217,8 +274,8 @@ class Attributor:
 
     def model_inputs(self, task):
         """The stage-1 cache of the task's model (checked by preflight) and its exemplars as candidates."""
-        _, cached = self.models[task.model_path]
-        ex_before, laion_before, ex_latents = read_loss_cache(self.layout.loss_cache(task), cached)
+        ex_before, laion_before, ex_latents = read_loss_cache(self.layout.loss_cache(task),
+                                                              self.models[task.model_path].cache)
         text = encode_prompt(self.base.tokenizer, self.base.text_encoder, task.train_prompt).cpu()
         return ex_before, laion_before, ExemplarCandidates(ex_latents, text)
 
@@ -268,7 +325,9 @@ class Attributor:
                     c = self.measure_query(task, inputs, noise_image=True)
                     load_weights(self.params, start)
                     m["control"], m["cost"]["noise control"] = c["influence"], sum(c["cost"].values())
-                save_pickle(self.layout.checkpoint_file(task), {"settings": record(*self.settings.result), **m})
+                save_pickle(self.layout.checkpoint_file(task), {"settings": record(*self.settings.result),
+                                                                "provenance": self.models[task.model_path].provenance,
+                                                                **m})
             if "control" in m:
                 controls.setdefault(task.prompt, m["control"])
             measured[task.synth_image_path] = m
@@ -295,6 +354,11 @@ class Attributor:
             return None
         saved = load_pickle(path, "checkpoint", remedy="delete it")
         if changed_settings(saved.pop("settings", {}), *self.settings.result):
+            return None
+        stale = changed_inputs(saved.pop("provenance", {}), self.models[task.model_path].provenance)
+        if stale:
+            tqdm.write(f"{task.synth_image_path}: the checkpoint {path} was measured from other inputs ("
+                       + "; ".join(stale) + "): measuring again")
             return None
         tqdm.write(f"{task.synth_image_path}: measured by an earlier run, read from {path}")
         return saved
@@ -350,7 +414,7 @@ class Attributor:
         them and the LAION rows, measured at the customized weights (loaded now); the collateral stopping rule's
         reference rows are measured at once, since unlearning moves the weights."""
         common = self.settings.common
-        exemplars = encode_exemplars(self.base, self.models[task.model_path][0], task.train_prompt,
+        exemplars = encode_exemplars(self.base, self.models[task.model_path].exemplar_paths, task.train_prompt,
                                      common.vae_batch_size, torch.Generator().manual_seed(common.seed))
         before = BeforeLosses(lambda candidates, desc, rows, steps: self.collect(
             candidates, desc, rows=rows, timestep_index=steps, per_timestep=True),
@@ -456,7 +520,7 @@ class Attributor:
 
     def write_outputs(self, task, ex_after, laion_after, influence, rank, unlearned: dict, extra: dict) -> None:
         """The query's after-losses, picture and, last, influence.pkl (with the settings that made it)."""
-        ex_paths, _ = self.models[task.model_path]
+        ex_paths = self.models[task.model_path].exemplar_paths
         out_dir = self.layout.query_dir(task)
         save_npy(out_dir / EXEMPLAR_LOSS, ex_after)
         save_npy(out_dir / LAION_LOSS, laion_after)
@@ -467,7 +531,7 @@ class Attributor:
             "influence": influence, "rank": rank, "n_exemplar": len(ex_paths), "query_loss": unlearned["query_loss"],
             "unlearn_loss_history": unlearned["history"], "unlearn_steps_taken": len(unlearned["history"]),
             "stop": unlearned.get("stop"), "settings": settings, "task": asdict(task), "mode": settings["mode"],
-            **extra})
+            "provenance": self.models[task.model_path].provenance, **extra})
         ranks = sorted(int(i) + 1 for i in np.flatnonzero(rank < len(ex_paths)))
         before, after = unlearned["query_loss"]
         tqdm.write(f"{task.synth_image_path}: query loss {before:.4f} -> {after:.4f}; "

@@ -119,11 +119,11 @@ def whitened_unit_gradients(base, names, inv_sqrt_fisher, candidates, settings, 
     try:
         batches = noised_batches(base.scheduler, candidates, settings["batch_size"], settings["time_samples"],
                                  settings["seed"] + first_batch, desc=desc)
-        for n, noisy, timesteps, text, noise in batches:
+        for n, latents, timesteps, text, noise in batches:
             per_sample = PerSampleLinearGrads(base.unet, names, dtype=torch.float32)
             with torch.enable_grad():
                 # sum over rows: each row's gradient is then its own; mean over a candidate's T rows below
-                per_row_loss(base.unet, noisy, timesteps, text, noise).sum().backward()
+                per_row_loss(base.unet, base.scheduler, latents, noise, timesteps, text).sum().backward()
             per_sample.remove()
             g = per_sample.flat().view(n, settings["time_samples"], -1).mean(1) * inv_sqrt_fisher
             out.append(torch.nn.functional.normalize(g.double(), dim=1).float())
@@ -190,3 +190,21 @@ def gradient_influence(inputs: BaselineInputs, tasks: List[Task]) -> Dict[str, n
 
 BASELINES: Dict[str, Callable[[BaselineInputs, List[Task]], Dict[str, np.ndarray]]] = {
     "random": random_influence, "pixel": pixel_influence, "vae": vae_influence, "gradient": gradient_influence}
+# the inputs each baseline's numbers come from, by the fingerprints of utils.attribution.input_provenance (random
+# reads none; pixel reads the images themselves, which no fingerprint covers)
+READS = {"random": (), "pixel": (), "vae": ("base_model", "laion_arrays", "loss_cache"),
+         "gradient": ("base_model", "customized_model", "laion_arrays", "loss_cache")}
+
+
+def baseline_provenance(inputs: BaselineInputs, task: Task) -> dict:
+    """The fingerprints of what `inputs.settings.method` reads for `task`'s model (READS), recorded beside its result
+    and compared before a finished one is reused."""
+    from .customization import customization_fingerprint
+    from .loss_cache import cache_fingerprint, cache_is_complete
+
+    reads, cache = READS[inputs.settings.method], inputs.layout.loss_cache(task)
+    current = {"base_model": lambda: inputs.base.fingerprint,
+               "customized_model": lambda: customization_fingerprint(inputs.dataroot / task.model_path),
+               "laion_arrays": inputs.laion.fingerprint,
+               "loss_cache": lambda: cache_fingerprint(cache) if cache_is_complete(cache) else None}
+    return {k: current[k]() for k in reads}

@@ -16,6 +16,7 @@ that names a `<token>` the folder does not hold is refused before any work (`che
 """
 import logging
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -93,9 +94,10 @@ def token_files(model_dir) -> Dict[str, Path]:
     return out
 
 
-def check_customized_model(model_dir, prompts, where: str) -> str:
+def check_customized_model(model_dir, prompts, where: str, tokenizer=None) -> str:
     """Before any work: the folder holds one accepted form, and every `<token>` the prompts name has its embedding
-    there. Returns the form."""
+    there; with the base's `tokenizer`, also that the text encoder reads every modifier token of each prompt
+    (`check_prompt_length`). Returns the form."""
     form, _ = customization_form(model_dir)
     held = token_files(model_dir)
     for prompt in prompts:  # a token without its embedding would be read as plain text, silently another prompt
@@ -105,6 +107,48 @@ def check_customized_model(model_dir, prompts, where: str) -> str:
                              f"no embedding for it (files {', '.join(f'{t}.bin' for t in missing)}; it has "
                              f"{', '.join(held) or 'none'}): add the token's file from the training run, or fix the "
                              f"prompt")
+        if tokenizer is not None:
+            check_prompt_length(tokenizer, prompt, list(held), where)
+    return form
+
+
+_WARNED_LONG = set()  # prompts already warned about in this process: one line each
+
+
+def prompt_token_count(tokenizer, prompt: str, modifier_tokens) -> Tuple[int, Dict[str, int]]:
+    """(tokens the text encoder would be given without truncation, start and end included; {modifier token: its
+    position}), counted as the tokenizer splits the prompt once the modifier tokens are single tokens (as
+    utils.customization loads them), without changing the tokenizer."""
+    tokens = [t for t in modifier_tokens if t in prompt]
+    pieces = re.split("(" + "|".join(re.escape(t) for t in tokens) + ")", prompt) if tokens else [prompt]
+    count, positions = 1, {}  # the start token
+    for piece in pieces:
+        if piece in tokens:
+            positions.setdefault(piece, count)
+            count += 1
+        elif piece.strip():
+            count += len(tokenizer(piece, add_special_tokens=False).input_ids)
+    return count + 1, positions  # the end token
+
+
+def check_prompt_length(tokenizer, prompt: str, modifier_tokens, where: str) -> None:
+    """The text encoder reads tokenizer.model_max_length tokens (77, start and end included) and the rest of a
+    prompt is cut (utils.encoders.encode_prompt truncates). A modifier token past the cut would vanish silently,
+    leaving another prompt: refused (InputError naming the prompt, its length and the limit). A cut elsewhere is one
+    warning line per prompt."""
+    limit = tokenizer.model_max_length
+    count, positions = prompt_token_count(tokenizer, prompt, modifier_tokens)
+    if count <= limit:
+        return
+    cut = [t for t, i in positions.items() if i >= limit - 1]  # the last place holds the end token
+    if cut:
+        raise InputError(f"{where}: the prompt {prompt!r} is {count} tokens long (start and end included) and the "
+                         f"text encoder reads {limit}: {', '.join(cut)} at token {positions[cut[0]]} would be cut "
+                         "off, and the prompt read without it. Shorten the prompt, or put the token earlier")
+    if prompt not in _WARNED_LONG:
+        _WARNED_LONG.add(prompt)
+        print(f"warning: {where}: the prompt {prompt!r} is {count} tokens long and the text encoder reads {limit}; "
+              f"its last {count - limit} token(s) are cut (as in training and sampling)", file=sys.stderr)
 
 
 def load_custom_diffusion_weights(unet: torch.nn.Module, model_dir,
@@ -234,16 +278,54 @@ def load_full_model(base: BaseModel, model_dir, pristine: PristineWeights, text_
     from transformers import CLIPTextModel
 
     model_dir = Path(model_dir)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-        text = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder") \
-            if (model_dir / "text_encoder").is_dir() else None
-    except (OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"cannot load the full fine-tune in {model_dir}: {str(e).splitlines()[0]}") from e
+    unet = load_in_fp32(lambda **kw: UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet",
+                                                                          torch_dtype=torch.float32, **kw),
+                        model_dir / "unet")
+    text = load_in_fp32(lambda **kw: CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder",
+                                                                   dtype=torch.float32, **kw),
+                        model_dir / "text_encoder") if (model_dir / "text_encoder").is_dir() else None
     changed = copy_weights(base.unet, unet.state_dict(), pristine, model_dir / "unet")
     if text is not None:
         copy_weights(base.text_encoder, text.state_dict(), text_pristine, model_dir / "text_encoder")
     return changed
+
+
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")  # diffusers' and transformers' weight files
+
+
+def weights_variant(folder: Path) -> Optional[str]:
+    """The variant to load from a `save_pretrained` folder: None when it holds plain weights
+    (`diffusion_pytorch_model.safetensors`, `model.safetensors`, `.bin`, shards of them), else the one variant its
+    files carry (`diffusion_pytorch_model.fp16.safetensors` -> 'fp16'). Raises InputError naming the folder when it
+    holds no weights, or several variants and no plain weights."""
+    variants, plain = set(), False
+    for path in folder.iterdir():
+        parts = path.name.split(".")
+        if path.suffix not in (".safetensors", ".bin") or parts[0].split("-")[0] not in WEIGHT_STEMS:
+            continue
+        if len(parts) == 2:
+            plain = True
+        elif len(parts) == 3:
+            variants.add(parts[1].split("-")[0])
+    if plain:
+        return None
+    if len(variants) == 1:
+        return variants.pop()
+    raise InputError(f"{folder} holds " + (f"the variants {', '.join(sorted(variants))} and no plain weights: keep "
+                                           "one variant" if variants else
+                                           f"no weights ({' / '.join(s + '.safetensors' for s in WEIGHT_STEMS)})"))
+
+
+def load_in_fp32(load, folder: Path):
+    """`load(**kw)` a module of a `save_pretrained` folder in float32, whatever dtype its files or its config hold
+    (the precision of the computation is --precision's), from its plain weights or its one variant
+    (`weights_variant`); an error names the folder and the files it holds."""
+    variant = weights_variant(folder)
+    try:
+        return load(**({"variant": variant} if variant else {}))
+    except (OSError, ValueError, RuntimeError) as e:
+        held = ", ".join(sorted(p.name for p in folder.iterdir()))
+        raise InputError(f"cannot load {folder} (files: {held}): {str(e).splitlines()[0]}") from e
 
 
 @torch.no_grad()

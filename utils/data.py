@@ -4,6 +4,7 @@ Both sets list every unflipped row first, then the same images flipped (docs/met
 a candidate i has rows i and n + i.
 """
 import hashlib
+import os
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -31,8 +32,13 @@ def candidate_image_paths(images_dir, required: bool = True) -> List[Path]:
         if not required:
             return []
         raise InputError(f"candidate image folder not found: {images_dir}")
-    paths = sorted(p for p in images_dir.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+    listed = [p for p in images_dir.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+    broken = sorted(p for p in listed if p.is_symlink() and not p.exists())
+    if broken:  # skipped, it would shift every later row against the arrays; kept, it cannot be read
+        raise InputError(f"{images_dir}: {len(broken)} image link(s) point to nothing, e.g. {broken[0].name} -> "
+                         f"{os.readlink(broken[0])}; restore the target(s) or remove the link(s), then re-encode "
+                         "the candidates if the folder changed (python data/encode_candidates.py --overwrite)")
+    paths = sorted(p for p in listed if p.is_file())
     if not paths and required:
         raise InputError(f"{images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths

@@ -38,3 +38,11 @@ def files_fingerprint(paths) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
+
+
+def changed_inputs(recorded: dict, current: dict) -> list:
+    """'name: the result has <old>, now <new>' for each input fingerprint that differs (recorded beside a result by
+    utils.attribution.input_provenance); an input not there now (a stage-1 cache deleted after use) is not held
+    against the result."""
+    return [f"{k}: the result has {recorded.get(k)!r}, now {v!r}" for k, v in current.items()
+            if v is not None and recorded.get(k) != v]

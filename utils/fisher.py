@@ -53,7 +53,7 @@ def sample_batch(laion: LaionCandidates, order: np.ndarray, start: int, stop: in
 
 def per_sample_losses(base: BaseModel, latents, text, timesteps, noise, device):
     latents, text, timesteps, noise = (t.to(device) for t in (latents, text, timesteps, noise))
-    return per_row_loss(base.unet, base.scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
+    return per_row_loss(base.unet, base.scheduler, latents, noise, timesteps, text)
 
 
 def estimate_fisher(base: BaseModel, laion: LaionCandidates, names: List[str], num_samples: int, batch_size: int,

@@ -113,6 +113,17 @@ def read_loss_cache(cache_dir, cached: dict):
                                                                 remedy=RECOMPUTE))
 
 
+def cache_fingerprint(cache_dir) -> str:
+    """Hash of a finished cache's settings and loss arrays: identifies the very losses a result subtracted from
+    (a cache recomputed from the same inputs has the same one)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in (SETTINGS, EXEMPLAR_LOSS, LAION_LOSS):
+        h.update((Path(cache_dir) / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def check_settings(cached: dict, expected: LossSettings, cache_dir) -> None:
     """Refuse to subtract losses made under other settings, naming each differing value."""
     diffs = [f"{f.name}: cache has {cached.get(f.name)!r}, this run uses {getattr(expected, f.name)!r}"

@@ -54,8 +54,8 @@ def expanded_batch(candidates, b: int, per_batch: int, step_grid: torch.Tensor, 
 
 def noised_batches(scheduler, candidates, batch_size: int = 200, time_samples: int = 10, seed: int = 0,
                    device="cpu", desc: str = "losses"):
-    """Yield (n, noisy, timesteps, text, noise) per batch: the batch plan and seeded noise of docs/method.md,
-    section 3.
+    """Yield (n, latents, timesteps, text, noise) per batch, the clean latents that per_row_loss noises: the batch
+    plan and seeded noise of docs/method.md, section 3.
 
     Batch b holds n = B / T candidates, each repeated T times (candidate-major) at the evenly spaced
     timesteps 0, s, 2s, ... (s = 1000 // T); its noise for the whole expanded batch comes from one
@@ -65,13 +65,33 @@ def noised_batches(scheduler, candidates, batch_size: int = 200, time_samples: i
     for b in tqdm(range(-(-len(candidates) // per_batch)), desc=desc, unit="batch", leave=False):
         n, latents, text, timesteps, noise = expanded_batch(candidates, b, per_batch, step_grid, seed)
         latents, noise, timesteps, text = latents.to(device), noise.to(device), timesteps.to(device), text.to(device)
-        yield n, scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise
+        yield n, latents, timesteps, text, noise
 
 
-def per_row_loss(unet, noisy, timesteps, text, noise) -> torch.Tensor:
-    """Each expanded row's MSE between the predicted and the true noise."""
-    pred = unet(noisy, timesteps, text, return_dict=False)[0]
-    return F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # what a scheduler's prediction_type may name
+
+
+def training_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet was trained to predict from `scheduler.add_noise(latents, noise, timesteps)`, by the scheduler's
+    `prediction_type`, as diffusers' training scripts compute it: the noise (epsilon, SD 1.x), the velocity
+    sqrt(a) * noise - sqrt(1 - a) * latents (v_prediction, SD 2.x; `scheduler.get_velocity`), or the clean latents
+    (sample). Raises InputError for another type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise InputError(f"the base model's scheduler predicts {kind!r}; supported: {', '.join(PREDICTION_TYPES)}")
+
+
+def per_row_loss(unet, scheduler, latents, noise, timesteps, text) -> torch.Tensor:
+    """Each row's diffusion training loss: the MSE between the UNet's prediction on the noised latent and its
+    training target (`training_target`), averaged over channels and pixels, in fp32. [rows]"""
+    pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text, return_dict=False)[0]
+    target = training_target(scheduler, latents, noise, timesteps)
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
 def selected_rows(candidates, rows, timestep_index, per_batch: int, step_grid: torch.Tensor, seed: int,
@@ -121,7 +141,7 @@ def collect_losses(unet, scheduler, candidates, batch_size: int = 200, time_samp
     for batch, (positions, latents, text, timesteps, noise) in enumerate(chunks):
         latents, text, timesteps, noise = (x.to(device) for x in (latents, text, timesteps, noise))
         with autocast(device, precision):
-            loss = per_row_loss(unet, scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
+            loss = per_row_loss(unet, scheduler, latents, noise, timesteps, text)
         out[positions] = loss.cpu()
         started = batch_done(len(positions), started)
         after_loss_batch(batch)

@@ -5,6 +5,7 @@ import torch
 
 from .errors import InputError
 from .fingerprints import model_fingerprint
+from .losses import PREDICTION_TYPES
 
 
 @dataclass
@@ -31,7 +32,9 @@ class BaseModel:
 
 
 def load_base_model(sd_version: str, device) -> BaseModel:
-    """UNet, VAE, CLIP text encoder and tokenizer of `sd_version`, and its DDPM training scheduler."""
+    """UNet, VAE, CLIP text encoder and tokenizer of `sd_version`, and its DDPM training scheduler (whose
+    prediction_type, epsilon for SD 1.x and v_prediction for SD 2.x, every loss reads its target from). Raises
+    InputError when the model cannot be loaded or predicts something else."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -44,6 +47,9 @@ def load_base_model(sd_version: str, device) -> BaseModel:
         scheduler = DDPMScheduler.from_pretrained(sd_version, subfolder="scheduler")
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the base model {sd_version!r} (--sd_version): {e}") from e
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:  # every loss reads its target from it
+        raise InputError(f"the base model {sd_version!r} (--sd_version): its scheduler's prediction_type is "
+                         f"{scheduler.config.prediction_type!r}; the losses know {', '.join(PREDICTION_TYPES)}")
     fingerprint = model_fingerprint(unet, vae, text_encoder, tokenizer, scheduler)  # on the CPU: device-free
     for module in (unet, vae, text_encoder):
         module.to(device).eval().requires_grad_(False)

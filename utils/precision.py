@@ -26,6 +26,41 @@ def device_type(device) -> str:
     return torch.device(device).type
 
 
+def available_devices() -> list:
+    """The devices this torch can run on: 'cpu', then 'cuda:<i>' per visible GPU and 'mps' where present."""
+    out = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    return out + (["mps"] if mps is not None and mps.is_available() else [])
+
+
+def check_device(device, flag: str = "--device") -> str:
+    """The device string, checked before any work: raises InputError naming the flag, the device that is not there
+    and the ones that are (a CPU-only torch, a GPU index past the last one, a misspelt name), instead of a
+    traceback when the first tensor moves there."""
+    from .errors import InputError
+
+    available = available_devices()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"{flag} {device!r} is not a torch device ({e}); available here: {', '.join(available)}") \
+            from None
+    if parsed.type == "cuda":
+        index = parsed.index or 0
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InputError(f"{flag} {device}: {why} (torch {torch.__version__}); available here: "
+                             f"{', '.join(available)}. Pass {flag} cpu, or install a CUDA build of torch on a GPU "
+                             "machine")
+        if index >= torch.cuda.device_count():
+            raise InputError(f"{flag} {device}: there is no GPU {index}, only {torch.cuda.device_count()} visible; "
+                             f"available here: {', '.join(available)}")
+    elif parsed.type != "cpu" and str(parsed.type) not in {d.split(":")[0] for d in available}:
+        raise InputError(f"{flag} {device}: no {parsed.type} device in this torch; available here: "
+                         f"{', '.join(available)}")
+    return device
+
+
 def resolve_precision(precision: str, device) -> str:
     """'auto' -> the device type's default (AUTO_PRECISION, fp32 elsewhere); anything else unchanged."""
     return AUTO_PRECISION.get(device_type(device), "fp32") if precision == "auto" else precision

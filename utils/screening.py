@@ -125,7 +125,7 @@ def first_order_screen(unet, scheduler, candidates, deltas: List[Dict[str, torch
             hooks = DirectionalDerivatives(unet, stacked)
             try:
                 with torch.enable_grad(), autocast(device, precision):
-                    loss = per_row_loss(unet, scheduler.add_noise(latents, noise, timesteps), timesteps, text, noise)
+                    loss = per_row_loss(unet, scheduler, latents, noise, timesteps, text)
                 (loss.sum() * scale).backward()
             finally:
                 hooks.remove()

@@ -17,7 +17,7 @@ from unlearn import LAION_400M
 
 from .errors import InputError
 from .losses import LossMeasurement, validate_batch_plan
-from .precision import resolve_precision
+from .precision import check_device, resolve_precision
 from .ranking import RANKINGS
 from .screening import SCREENS
 from .weights import WEIGHT_SELECTIONS
@@ -332,7 +332,7 @@ def parse_settings(stage: type, description: str, argv=None):
     checked before any work (InputError naming the flag)."""
     namespace = parser_for(stage, description).parse_args(argv)
     parts = {f.name: from_flags(f.type, namespace) for f in fields(stage)}
-    device = parts["execution"].device
+    device = check_device(parts["execution"].device)
     parts["common"] = replace(parts["common"], precision=resolve_precision(parts["common"].precision, device))
     settings = stage(**parts)
     check_settings(settings)

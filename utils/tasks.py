@@ -80,15 +80,31 @@ def load_tasks(path) -> List[Task]:
                              f"under the dataroot, e.g. {TEST_CASES[0]!r}")
         if entry["test_case_ind"] < 0:
             raise InputError(f"{where}: test_case_ind must be >= 0, got {entry['test_case_ind']}")
-        tasks.append(Task(**{k: v for k, v in entry.items() if k in known}))
+        values = {k: v for k, v in entry.items() if k in known}
+        for key in ("synth_image_path", "model_path"):  # one file, one spelling: before any check or grouping
+            values[key] = normalized_path(values[key], f"{where}: '{key}'")
+        tasks.append(Task(**values))
     _check_models_agree(tasks, path)
     seen = {}
     for i, t in enumerate(tasks):  # one output folder per query image: a second entry would overwrite the first
         if t.query_key in seen:
-            raise InputError(f"task file {path}: entries {seen[t.query_key]} and {i} name the same query "
-                             f"{t.synth_image_path!r}; remove one (results are kept per query image)")
+            j = seen[t.query_key]
+            raise InputError(f"task file {path}: entries {j} ({entries[j]['synth_image_path']!r}) and {i} "
+                             f"({entries[i]['synth_image_path']!r}) name the same query image {t.synth_image_path!r}; "
+                             "remove one (results are kept per query image)")
         seen[t.query_key] = i
     return tasks
+
+
+def normalized_path(path: str, where: str) -> str:
+    """A task file's path relative to the dataroot in one spelling: forward slashes, no `.` or empty parts, no
+    trailing slash ('./synth//a/x.png/' -> 'synth/a/x.png'), so that one file is one query and one folder one
+    model. Raises InputError (naming `where`) for an absolute path, one that leaves the dataroot, or an empty one."""
+    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+    if path.startswith("/") or not parts or ".." in parts:
+        raise InputError(f"{where} {path!r} must be a path inside the dataroot, relative to it (e.g. "
+                         "'synth/...png' or 'models/...')")
+    return "/".join(parts)
 
 
 def _check_models_agree(tasks: List[Task], path) -> None:
@@ -173,6 +189,9 @@ def image_ground_truth(dataroot, task: Task) -> Optional[List[Reading]]:
     the file for a malformed entry."""
     json_path, entry = _model_entry(Path(dataroot), task)
     truth = entry.get("image_level") if isinstance(entry, dict) else None
+    if isinstance(truth, dict):  # keyed by query path, spelled as the task file's are once normalized
+        truth = {normalized_path(k, f"{json_path} entry {task.test_case_ind}: an image_level key"): v
+                 for k, v in truth.items()}
     if not truth or task.synth_image_path not in truth:
         return None
     try:
