@@ -22,7 +22,7 @@ from utils.fingerprints import changed_inputs
 from utils.io import load_pickle, save_pickle
 from utils.layout import ResultsLayout
 from utils.metrics import rank_candidates
-from utils.settings import BaselineSettings, add_flags, from_flags
+from utils.settings import BaselineSettings, add_flags, changed_settings, from_flags, record
 from utils.tasks import exemplar_paths, load_tasks
 
 
@@ -37,12 +37,14 @@ def main(argv=None):
     todo = [t for t in tasks if settings.overwrite or not layout.influence_file(t).is_file()]
     inputs = BaselineInputs(settings, dataroot, laion, layout)
     provenance = cache(lambda model_path: baseline_provenance(inputs, next(t for t in tasks if t.model_path == model_path)))
-    for task in (t for t in tasks if t not in todo):  # a finished result of other inputs is not skipped silently
+    for task in (t for t in tasks if t not in todo):  # a finished result of other settings or inputs is not skipped
         recorded = load_pickle(layout.influence_file(task), "finished result", remedy="pass --overwrite")
-        stale = changed_inputs(recorded.get("provenance", provenance(task.model_path)), provenance(task.model_path))
+        stale = changed_settings(recorded.get("settings", record(settings)), settings) + changed_inputs(
+            recorded.get("provenance", provenance(task.model_path)), provenance(task.model_path))
         if stale:
-            raise InputError(f"{layout.influence_file(task)} is a finished {settings.method} result made from other "
-                             "inputs than this run's:\n  " + "\n  ".join(stale) + "\nPass --overwrite to recompute it")
+            raise InputError(f"{layout.influence_file(task)} is a finished {settings.method} result made with other "
+                             "settings or inputs than this run's:\n  " + "\n  ".join(stale) +
+                             "\nPass --overwrite to recompute it, or give this variant its own --result_dir")
 
     start = time.time()
     influences = BASELINES[settings.method](inputs, todo)
@@ -51,7 +53,8 @@ def main(argv=None):
         influence = influences[task.query_key]
         save_pickle(layout.influence_file(task), {
             "influence": influence, "rank": rank_candidates(influence, n_ex), "n_exemplar": n_ex,
-            "method": settings.method, "task": asdict(task), "provenance": provenance(task.model_path)})
+            "method": settings.method, "task": asdict(task), "provenance": provenance(task.model_path),
+            "settings": record(settings)})
     print(f"{settings.method}: {len(todo)} of {len(tasks)} queries in {time.time() - start:.1f} s "
           f"-> {settings.result_dir}/influence")
 

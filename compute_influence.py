@@ -17,7 +17,7 @@ from functools import cache
 from tqdm.auto import tqdm
 
 from utils.attribution import (Attributor, check_finished_inputs, check_finished_queries, input_provenance,
-                               preflight)
+                               preflight, work_units)
 from utils.claims import claim, finished_since
 from utils.cli import check_dataroot, run
 from utils.data import LaionCandidates
@@ -27,17 +27,14 @@ from utils.layout import ResultsLayout
 from utils.models import check_candidates_fit, load_base_model
 from utils.precision import configure_unet
 from utils.processes import process_share
-from utils.ranking import NEEDS_PEERS, peers_of
+from utils.ranking import RANKINGS, peers_of
 from utils.settings import InfluenceSettings, parse_settings, with_device
-from utils.tasks import load_tasks, tasks_by_model
+from utils.tasks import load_tasks
 
 
 def main(argv=None):
     settings = parse_settings(InfluenceSettings, __doc__, argv)
     common, overwrite = settings.common, settings.execution.overwrite
-    exact = settings.screening.mode == "exact"
-    ranking = settings.ranking.ranking
-    per_query = exact and ranking == "influence"  # other rankings measure a model's queries together
     configure_heap()  # host memory that follows the batch size, not the number of candidates
 
     # checks up front: the folders, the task file
@@ -48,11 +45,11 @@ def main(argv=None):
     todo = [t for t in tasks if overwrite or not layout.influence_file(t).is_file()]
     finished = [t for t in tasks if t not in todo]
     check_finished_queries(settings, layout, finished)
-    peers = peers_of(tasks, settings.ranking.contrast_with) if ranking in NEEDS_PEERS else {}
+    peers = peers_of(tasks, settings.ranking.contrast_with) if RANKINGS[settings.ranking.ranking].needs_peers else {}
 
     # two-stage screens all of a model's queries in one pass, and a contrast needs them all: processes then share
     # models, not queries
-    units = [[t] for t in todo] if per_query else list(tasks_by_model(todo).values())
+    units, per_query = work_units(settings, todo)
     units, device, rank, world = process_share(units, settings.execution.device)
     settings = with_device(settings, device)
 
@@ -83,12 +80,8 @@ def main(argv=None):
         with claim(lock, what) as mine:  # another process started on the same task file may hold it
             unit = [t for t in unit if not finished_since(layout.influence_file(t), started, overwrite)] \
                 if mine else []
-            if unit and per_query:
-                attributor.attribute_query(unit[0])
-            elif unit and exact:
-                attributor.attribute_model_ranked(unit, peers)
-            elif unit:
-                attributor.attribute_model_two_stage(unit)
+            if unit:
+                attributor.attribute(unit, peers)
 
 
 if __name__ == "__main__":

@@ -1,82 +1,129 @@
-"""Unlearning a synthesized image: Fisher-preconditioned gradient ascent on its diffusion loss.
+"""Unlearn one synthesized image and save the unlearned model: the paper's own sanity check, as a tool.
 
-Each step accumulates the gradient of the query's loss over `grad_accum_steps` micro-batches, then
-moves every selected parameter p UP it: p += lr * grad / (F_p * N) / grad_accum_steps, in float64.
-That is a Newton step of max_theta L(z; theta) - (N / 2) sum F (theta - theta0)^2 (elastic weight
-consolidation): forget z while staying close to the pretrained weights in the Fisher metric
-(docs/method.md, section 4). Which parameters move is the caller's choice (utils.weights.WEIGHT_SELECTIONS).
+    python unlearn.py --task_json tasks/demo_task.json --query synth/imagenet/.../00000.png --out results/unlearned/q0
+    python unlearn.py ... --samples 4   # + samples.png: the original and the unlearned model, same seeds
+
+Unlearns the query as compute_influence.py does (the same flags and seeds give stage 2's unlearned weights for it;
+the algorithm is utils/unlearning.py), then writes to --out a Custom Diffusion model in the form diffusers' own
+trainer writes (`pytorch_custom_diffusion_weights.bin` + the model's `<new1>.bin`), which diffusers
+(`pipe.unet.load_attn_procs(out, weight_name=..., _pipeline=pipe)`: without `_pipeline`, diffusers 0.42 installs
+nothing, huggingface/diffusers#9320; `pipe.load_textual_inversion(out, weight_name="<new1>.bin")`) and this repo's
+scripts load, and `unlearned.json` (the query,
+its loss before and after unlearning under stage 2's fixed noise, the steps taken, the settings). With --samples K,
+samples.png: the query's prompt sampled at K seeds by the original model and by the unlearned one, then another
+prompt of the model (another query's in the task file, else its train_prompt) likewise: after unlearning the model
+should no longer make the query while it keeps the rest. A finished --out is skipped unless --overwrite.
 """
-from typing import Callable, Dict, List, Optional
+import json
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+import numpy as np
 
-from utils.faults import checkpoint
-from utils.losses import training_target
-from utils.precision import FP16_LOSS_SCALE, autocast
+from utils.cli import check_dataroot, run
+from utils.customization import apply_customization, check_customized_model, customization_form, save_custom_diffusion
+from utils.data import LaionCandidates
+from utils.errors import InputError
+from utils.io import check_writable, save_json
+from utils.models import load_base_model
+from utils.precision import loss_unet
+from utils.settings import UnlearnToolSettings, parse_settings, record
+from utils.tasks import load_tasks, normalized_path
+from utils.transforms import load_rgb
+from utils.unlearning import QueryUnlearner
+from utils.visualize import save_sample_grid
+from utils.weights import PristineWeights, restored
 
-LAION_400M = 400_000_000  # N, the pretraining-set size the authors hard-code
-
-
-def query_diffusion_loss(unet, scheduler, latents, text, generator: torch.Generator,
-                         precision: str = "fp32") -> torch.Tensor:
-    """Loss of one micro-batch: fresh noise and distinct timesteps (a random permutation's first B), against the
-    model's own training target (utils.losses.training_target)."""
-    bs = latents.shape[0]
-    num_train_timesteps = scheduler.config.num_train_timesteps
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
-    timesteps = torch.randperm(num_train_timesteps, generator=generator)[:bs].to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    with autocast(latents.device, precision):
-        pred = unet(noisy, timesteps, text, return_dict=False)[0]
-    return F.mse_loss(pred.float(), training_target(scheduler, latents, noise, timesteps).float())
+RECORD = "unlearned.json"  # written last: marks a finished --out
 
 
-@torch.no_grad()
-def fisher_preconditioned_step(params: Dict[str, torch.nn.Parameter], fisher: Dict[str, torch.Tensor],
-                               lr: float, dataset_size: int, grad_accum_steps: int) -> None:
-    """p += lr * grad / (F_p * N) / grad_accum_steps, computed in float64, for each parameter with a gradient."""
-    for name, p in params.items():
-        if p.grad is None:
-            continue
-        update = lr * p.grad.double() / (fisher[name] * dataset_size) / grad_accum_steps
-        p.add_(update.to(p.dtype))
+def main(argv=None):
+    settings = parse_settings(UnlearnToolSettings, __doc__, argv)
+    common, tool = settings.common, settings.tool
+    dataroot, out = check_dataroot(common.dataroot), Path(tool.out)
+    tasks = load_tasks(common.task_json)
+    task = next((t for t in tasks if t.synth_image_path == normalized_path(tool.query, "--query")), None)
+    if task is None:
+        raise InputError(f"--query {tool.query} is not a query of {common.task_json} (it has e.g. "
+                         f"{tasks[0].synth_image_path}); give its synth_image_path")
+    if (out / RECORD).is_file() and not settings.execution.overwrite:
+        print(f"{out / RECORD} exists: {task.synth_image_path} was unlearned there; --overwrite to redo it")
+        return
+    check_writable(out)
+    load_rgb(dataroot / task.synth_image_path)
+    if settings.unlearning.weight_selection != "cross-attn-kv" or \
+            customization_form(dataroot / task.model_path)[0] != "custom-diffusion":
+        raise InputError(f"unlearn.py saves a Custom Diffusion model: it needs one ({task.model_path} is "
+                         f"{customization_form(dataroot / task.model_path)[0]}) and --weight_selection cross-attn-kv "
+                         f"(given {settings.unlearning.weight_selection}); compute_influence.py unlearns the others")
+
+    base = load_base_model(common.sd_version, settings.execution.device)
+    other = next((t.prompt for t in tasks if t.model_path == task.model_path and t.prompt != task.prompt),
+                 task.train_prompt)
+    check_customized_model(dataroot / task.model_path, [task.prompt, task.train_prompt], f"query {task.synth_image_path}",
+                           base.tokenizer)
+    measurement, pristine = settings.measurement(), PristineWeights(base.unet)
+    unet = loss_unet(base.unet, common.compile)
+    collect = lambda candidates, desc, **kw: measurement.collect(unet, base.scheduler, candidates, desc, **kw)  # noqa
+    laion = LaionCandidates(dataroot, common.laion_subset_size) if settings.stopping.stop_rule == "collateral" else None
+    unlearner = QueryUnlearner(settings, base, dataroot, collect, pristine, reference=laion)
+
+    apply_customization(base, pristine, dataroot / task.model_path)
+    reference_before = None
+    if laion is not None:  # the collateral rule's reference rows before unlearning, as stage 1 measures them
+        reference_before = np.full(len(laion), np.nan)
+        rows = np.arange(unlearner.reference_rows())
+        reference_before[rows] = collect(laion, "reference losses", rows=rows)
+    samples = {}
+    with restored(unlearner.params):  # the customized model comes back after: its samples are the original's
+        unlearned = unlearner.unlearn(task, reference_before)
+        saved = save_custom_diffusion(base.unet, dataroot / task.model_path, out)
+        if tool.samples:
+            samples["unlearned"] = draw_samples(base, settings, [task.prompt, other])
+    if tool.samples:
+        samples["original"] = draw_samples(base, settings, [task.prompt, other])
+        picture(out / "samples.png", dataroot / task.synth_image_path, [task.prompt, other], samples)
+    pristine.restore()
+
+    before, after = unlearned["query_loss"]
+    save_json(out / RECORD, {"query": task.synth_image_path, "model_path": task.model_path, "prompt": task.prompt,
+                             "query_loss": [before, after], "unlearn_steps_taken": len(unlearned["history"]),
+                             "stop": unlearned.get("stop"), "files": [p.name for p in saved]
+                             + (["samples.png"] if tool.samples else []),
+                             "settings": json.loads(json.dumps(record(*settings.result)))})
+    print(f"{task.synth_image_path}: query loss {before:.4f} -> {after:.4f} in {len(unlearned['history'])} steps; "
+          f"the unlearned model is in {out}" + (f" (samples: {out / 'samples.png'})" if tool.samples else ""))
 
 
-def unlearn(unet, scheduler, latents: torch.Tensor, text: torch.Tensor, params: Dict[str, torch.nn.Parameter],
-            fisher: Dict[str, torch.Tensor], steps: int = 100, grad_accum_steps: int = 10, lr: float = 0.1,
-            dataset_size: int = LAION_400M, generator: torch.Generator = None, progress: bool = True,
-            precision: str = "fp32", should_stop: Optional[Callable[[int], bool]] = None) -> List[float]:
-    """Run the unlearning loop in place on `params` (the only parameters that get gradients).
+def draw_samples(base, settings, prompts) -> list:
+    """[prompt][seed] images of the model as the base now holds it: DDIM, --sample_steps, --guidance_scale; sample i
+    from the noise of a generator seeded with --sample_seed + i."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    The UNet's forward runs at `precision` (utils.precision); the update stays float64. `should_stop(done)`, asked
-    before each step with the number of steps done (0 before the first), ends the loop early when it returns
-    True (a per-query stopping rule); the paper's schedule has none. Returns the mean query loss of each step
-    taken, measured before that step's update: its length is the number of steps taken.
-    """
-    scale = FP16_LOSS_SCALE if precision == "fp16" else 1.0
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    trainable = set(params)
-    for n, p in unet.named_parameters():
-        p.requires_grad_(n in trainable)
-    history = []
-    try:
-        for done in tqdm(range(steps), desc="unlearning", unit="step", disable=not progress, leave=False):
-            if should_stop is not None and should_stop(done):
-                break
-            for p in params.values():
-                p.grad = None
-            total = 0.0
-            for _ in range(grad_accum_steps):
-                loss = query_diffusion_loss(unet, scheduler, latents, text, generator, precision)
-                (loss * scale).backward()
-                total += loss.item()
-            fisher_preconditioned_step(params, fisher, lr / scale, dataset_size, grad_accum_steps)
-            history.append(total / grad_accum_steps)
-            checkpoint("unlearning-step")
-    finally:
-        for p in unet.parameters():
-            p.grad = None
-            p.requires_grad_(False)
-    return history
+    tool = settings.tool
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=DDIMScheduler.from_config(base.scheduler.config,
+                                                                                       clip_sample=False),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    size = base.resolution
+    out = []
+    for prompt in prompts:
+        generators = [torch.Generator().manual_seed(tool.sample_seed + i) for i in range(tool.samples)]
+        out.append(pipe([prompt] * tool.samples, height=size, width=size, num_inference_steps=tool.sample_steps,
+                        guidance_scale=tool.guidance_scale, generator=generators, output_type="pil").images)
+    return out
+
+
+def picture(path: Path, query_path: Path, prompts, samples: dict) -> None:
+    """samples.png: per prompt, the original model's samples, then the unlearned model's; the query leads the first."""
+    rows, labels = [], []
+    for p, prompt in enumerate(prompts):
+        for which in ("original", "unlearned"):
+            rows.append([load_rgb(query_path) if p == 0 and which == "original" else None] + samples[which][p])
+            labels.append(f"{'query' if p == 0 else 'another'} prompt, {which}: {prompt[:48]}")
+    save_sample_grid(path, rows, labels)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -24,8 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.runner import BENCH, REPO, abu_flags, common_flags, tuned_sizing
-from unlearn import unlearn
-from utils.attribution import Attributor, copy_weights, load_weights
+from utils.attribution import Attributor
 from utils.customization import apply_customization
 from utils.data import ExemplarCandidates, LaionCandidates
 from utils.encoders import encode_images, encode_prompt
@@ -35,6 +34,8 @@ from utils.models import load_base_model
 from utils.settings import InfluenceSettings, parse_settings
 from utils.tasks import exemplar_paths, image_ground_truth, load_tasks
 from utils.transforms import load_image_tensor
+from utils.unlearning import unlearn
+from utils.weights import copy_weights, loaded, restored
 
 BANDS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 LEVELS = (("customization, style", "looks_style"), ("customization, object", "looks_object"),
@@ -77,29 +78,28 @@ def candidate_rows(attributor, task, paths, dataroot: Path):
 def rises_by_step(attributor, task, candidates, rows, measure: LossMeasurement, keep=(5, 10, 15, 20)):
     """{steps: [rows, T] loss rise} after unlearning `task` for each kept number of steps and for the whole
     schedule; the weights are restored to the customized ones afterwards."""
-    a = attributor
+    a, u = attributor, attributor.unlearner
     collect = lambda: measure.collect(a.loss_unet, a.base.scheduler, candidates, "pair losses", rows=rows,
                                       per_timestep=True).astype(np.float64)
     before = collect()
-    start = copy_weights(a.params)
     kept = {}
 
     def snapshot(done):
         if done in keep:
-            kept[done] = copy_weights(a.params)
+            kept[done] = copy_weights(u.params)
         return False
 
-    u = a.settings.unlearning
+    s = a.settings.unlearning
     generator = torch.Generator().manual_seed(a.settings.common.seed)
-    latents, text = a.query_inputs(task, generator)
-    unlearn(a.base.unet, a.base.scheduler, latents, text, a.params, a.fisher, steps=u.unlearn_steps,
-            grad_accum_steps=u.unlearn_grad_accum_steps, lr=u.unlearn_lr, dataset_size=a.dataset_size,
-            generator=generator, precision=a.settings.common.precision, should_stop=snapshot, progress=False)
-    out = {u.unlearn_steps: collect() - before}
+    latents, text = u.inputs(task, generator)
+    with restored(u.params):
+        unlearn(a.base.unet, a.base.scheduler, latents, text, u.params, u.fisher, steps=s.unlearn_steps,
+                grad_accum_steps=s.unlearn_grad_accum_steps, lr=s.unlearn_lr, dataset_size=u.dataset_size,
+                generator=generator, precision=a.settings.common.precision, should_stop=snapshot, progress=False)
+        out = {s.unlearn_steps: collect() - before}
     for steps, weights in kept.items():
-        load_weights(a.params, weights)
-        out[steps] = collect() - before
-    load_weights(a.params, start)
+        with loaded(u.params, weights):
+            out[steps] = collect() - before
     return out
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 
-from unlearn import unlearn
+from utils.unlearning import unlearn
 from utils.losses import collect_losses
 from utils.weights import select_parameter_names
 

@@ -5,7 +5,7 @@
 The fixture: a randomly initialized UNet with cross-attention at 16 x 16 latents (SD's block layout at a
 tiny width), the authors' unlearning schedule per step (10 micro-batches of 16 copies of one query, fresh
 noise and 16 distinct timesteps each), fp32, 2 threads. Each case runs in a fresh process (allocator
-settings are per process): `unlearn.unlearn` under glibc's default allocator and under fixed mmap thresholds
+settings are per process): `utils.unlearning.unlearn` under glibc's default allocator and under fixed mmap thresholds
 (utils.host_memory.bound_heap_growth), and a reference: the loop the authors' release runs (the same
 gradients, a plain `p.add_` of the preconditioned step, no allocator setting), written here from its
 description so the two can be timed on the same inputs. Prints the median seconds per step after a warm-up.
@@ -68,7 +68,7 @@ def reference_steps(torch, unet, scheduler, latents, text, params, fisher, steps
 def child(case: str, steps: int) -> dict:
     import torch
 
-    from unlearn import unlearn
+    from utils.unlearning import unlearn
     from utils.host_memory import bound_heap_growth
     from utils.weights import select_parameter_names
 

@@ -67,4 +67,31 @@ def test_a_finished_baseline_of_another_model_is_refused(tiny_copy, tmp_path):
     torch.save({k: v * 1.01 for k, v in state.items()}, f)
     compute_training_loss.main(paths(tiny_copy, results) + STAGE1 + ["--overwrite"])
     proc = subprocess.run(flags, capture_output=True, text=True, cwd=repo)
-    assert proc.returncode == 2 and "made from other inputs" in proc.stderr and "customized_model" in proc.stderr
+    assert proc.returncode == 2 and "other settings or inputs" in proc.stderr and "customized_model" in proc.stderr
+
+
+def test_a_finished_baseline_made_with_other_settings_is_refused(tiny_copy, tmp_path):
+    """Baselines record their settings (BaselineSettings) and compare them before skipping a finished query, as the
+    stages do: another --seed of the random baseline is refused naming it; a setting that cannot change the result
+    (the seed of another method, a path) is not."""
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+
+    def run(method, *flags):
+        return subprocess.run([sys.executable, str(repo / "compute_baselines.py"), "--method", method, "--sd_version",
+                               tiny_copy["sd_version"], "--dataroot", tiny_copy["dataroot"], "--task_json",
+                               tiny_copy["task_json"], "--result_dir", str(tmp_path / method), "--laion_subset_size",
+                               "12", *flags], capture_output=True, text=True, cwd=repo)
+
+    assert run("random", "--seed", "1").returncode == 0
+    result = pickle.loads(next((tmp_path / "random").rglob("influence.pkl")).read_bytes())
+    assert result["settings"]["seed"] == 1 and result["settings"]["method"] == "random"
+    refused = run("random", "--seed", "2")
+    assert refused.returncode == 2 and "seed: result has 1, this run uses 2" in refused.stderr
+    assert run("random", "--seed", "1", "--fisher_path", "elsewhere.pt").returncode == 0  # a path: not compared
+    assert run("pixel", "--seed", "1").returncode == 0
+    assert run("pixel", "--seed", "5").returncode == 0  # pixel reads no seed

@@ -37,6 +37,16 @@ def test_no_script_imports_another():
     assert not offences, offences
 
 
+def test_the_library_imports_no_script():
+    """utils/ is the library the scripts stand on: no module of it imports a top-level script (no arrow climbs back
+    up the house), nor data/ or benchmarks/."""
+    top = {p.stem for p in REPO.glob("*.py")}
+    offences = [f"{p.relative_to(REPO)} imports {module}" for p in sorted((REPO / "utils").glob("*.py"))
+                for module in imported_modules(p)
+                if module.split(".")[0] in top | {"data", "benchmarks"}]
+    assert not offences, offences
+
+
 def test_no_comment_cites_a_document_outside_the_repo():
     cited = [f"{p.relative_to(REPO)}:{i + 1}" for folder in ("", "utils", "data", "data/mini_abc_build", "benchmarks",
                                                               "tests")

@@ -124,7 +124,7 @@ def test_losses_use_the_schedulers_prediction_type_as_diffusers_trainers_do(tiny
     computes its target; an epsilon model against the noise."""
     import torch.nn.functional as F
 
-    from unlearn import query_diffusion_loss
+    from utils.unlearning import query_diffusion_loss
     from utils.losses import per_row_loss
 
     for kind in ("epsilon", "v_prediction", "sample"):

@@ -11,7 +11,7 @@ import torch
 
 import compute_influence
 import compute_training_loss
-from unlearn import unlearn
+from utils.unlearning import unlearn
 from utils.data import LaionCandidates
 from utils.errors import InputError
 from utils.losses import collect_losses

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from unlearn import fisher_preconditioned_step, query_diffusion_loss, unlearn
+from utils.unlearning import fisher_preconditioned_step, query_diffusion_loss, unlearn
 from utils.weights import select_parameter_names
 from utils.weights import PristineWeights
 

@@ -30,8 +30,8 @@ from .models import BaseModel
 from .weights import PristineWeights
 
 CUSTOM_WEIGHTS_FILE = "pytorch_custom_diffusion_weights.pt"  # AbC's name; the trainer's are in CUSTOM_WEIGHTS_FILES
-CUSTOM_WEIGHTS_FILES = (CUSTOM_WEIGHTS_FILE, "pytorch_custom_diffusion_weights.bin",
-                        "pytorch_custom_diffusion_weights.safetensors")
+CUSTOM_DIFFUSION_BIN = "pytorch_custom_diffusion_weights.bin"  # diffusers' trainer's pickle form
+CUSTOM_WEIGHTS_FILES = (CUSTOM_WEIGHTS_FILE, CUSTOM_DIFFUSION_BIN, "pytorch_custom_diffusion_weights.safetensors")
 LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 FULL_MODEL_FILE = "model_index.json"  # a diffusers pipeline folder: a full fine-tune
 CONCEPT_TOKEN = "<new1>"
@@ -368,6 +368,42 @@ def apply_customization(base: BaseModel, pristine: PristineWeights, model_dir) -
         loaded = load_full_model(base, model_dir, pristine, text_pristine)
     load_concept_embeddings(base.tokenizer, base.text_encoder, model_dir)
     return loaded
+
+
+def save_custom_diffusion(unet: torch.nn.Module, model_dir, out_dir) -> List[Path]:
+    """Write the UNet's cross-attention K/V as a Custom Diffusion model in a form diffusers' own trainer writes
+    (examples/custom_diffusion: Custom Diffusion attention processors saved by `save_attn_procs`), with the
+    modifier-token files of `model_dir` copied beside them; diffusers' `unet.load_attn_procs` and the pipeline's
+    `load_textual_inversion` read it, and so does apply_customization. The pickle form (.bin), since it keeps the
+    empty entries of the self-attention processors that load_attn_procs counts (safetensors drops them, and
+    diffusers then refuses its own file). The UNet's own processors are put back. Returns the files written."""
+    import shutil
+
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    original = unet.attn_processors
+    processors = {}
+    for name in original:
+        attention = unet.get_submodule(name[:-len(".processor")])
+        kv = name.endswith("attn2.processor")
+        proc = CustomDiffusionAttnProcessor(train_kv=kv, train_q_out=False, hidden_size=attention.to_q.out_features,
+                                            cross_attention_dim=unet.config.cross_attention_dim if kv else None)
+        if kv:
+            proc.load_state_dict({"to_k_custom_diffusion.weight": attention.to_k.weight.detach().float().cpu(),
+                                  "to_v_custom_diffusion.weight": attention.to_v.weight.detach().float().cpu()})
+        processors[name] = proc
+    try:
+        unet.set_attn_processor(processors)
+        unet.save_attn_procs(out_dir, weight_name=CUSTOM_DIFFUSION_BIN, safe_serialization=False)
+    finally:
+        unet.set_attn_processor(original)
+    written = [out_dir / CUSTOM_DIFFUSION_BIN]
+    for path in token_files(model_dir).values():
+        shutil.copyfile(path, out_dir / path.name)
+        written.append(out_dir / path.name)
+    return written
 
 
 def customization_fingerprint(model_dir) -> str:

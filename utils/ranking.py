@@ -17,16 +17,12 @@ z(x) standardises over the candidates, (x - mean) / std: queries unlearned to di
 stops each at its own step) then weigh alike. Every part a ranking is made of is recorded in influence.pkl
 (`parts`), and `compose` rebuilds the ranked score from them exactly.
 """
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
 from .errors import InputError
-
-RANKINGS = ("influence", "control-corrected", "model-contrast", "combined")
-NEEDS_CONTROL = ("control-corrected",)
-NEEDS_PEERS = ("model-contrast", "combined")
-
 
 def standardize(values: np.ndarray) -> np.ndarray:
     """[n] -> [n] float64, (x - mean) / std over the candidates (std 1 when all are equal: the result is 0)."""
@@ -55,18 +51,41 @@ def compose(parts: dict, ranking: str, n_exemplar: int) -> np.ndarray:
     """The score a ranking ranks by, [n candidates] float64 (exemplars first), from a query's recorded parts:
     "influence" [n] (the query's loss rise), "control" [n] (the noise-image control's; control-corrected) and
     "peers_z" [n] (mean of the peers' standardised influences; model-contrast and combined). Raises KeyError when
-    a part the ranking needs is missing."""
-    if ranking == "influence":
-        return np.asarray(parts["influence"], dtype=np.float64)
-    own = standardize(parts["influence"])
-    if ranking == "control-corrected":
-        return own - standardize(parts["control"])
-    image_part = own - parts["peers_z"]
-    if ranking == "model-contrast":
-        return image_part
-    if ranking == "combined":
-        return within_blocks(parts["influence"], image_part, n_exemplar)
-    raise ValueError(f"unknown ranking {ranking!r}; one of {RANKINGS}")
+    a part the ranking needs is missing, ValueError for a ranking RANKINGS does not hold."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; one of {tuple(RANKINGS)}")
+    return RANKINGS[ranking].score(parts, n_exemplar)
+
+
+def image_part(parts: dict) -> np.ndarray:
+    """z(influence) - mean over the peers of z(their influence): what the query's image adds to its prompt's."""
+    return standardize(parts["influence"]) - parts["peers_z"]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One --ranking: what it needs besides the query's own loss rise (a noise-image control per distinct prompt of
+    a model, or the model's other queries as peers; either makes a model's queries one unit of work), what that
+    adds to a query's UNet forwards, and its score from the query's parts (utils.ranking.query_parts)."""
+
+    needs_control: bool
+    needs_peers: bool
+    extra_cost: str
+    score: Callable[[dict, int], np.ndarray]  # (parts, n_exemplar) -> [n candidates] float64
+
+
+# Adding a ranking: one entry here (its score from the parts), its test; the flag's choices, the record and the
+# routing (a model's queries together when it needs a control or peers) follow from the entry.
+RANKINGS: Dict[str, Ranking] = {
+    "influence": Ranking(False, False, "nothing",
+                         lambda parts, n: np.asarray(parts["influence"], dtype=np.float64)),
+    "control-corrected": Ranking(True, False, "one noise-image unlearning per distinct prompt of a model",
+                                 lambda parts, n: standardize(parts["influence"]) - standardize(parts["control"])),
+    "model-contrast": Ranking(False, True, "nothing (the peers are queries of the run)",
+                              lambda parts, n: image_part(parts)),
+    "combined": Ranking(False, True, "nothing (the peers are queries of the run)",
+                        lambda parts, n: within_blocks(parts["influence"], image_part(parts), n)),
+}
 
 
 def within_blocks(influence: np.ndarray, order_by: np.ndarray, n_exemplar: int) -> np.ndarray:

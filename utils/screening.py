@@ -37,15 +37,18 @@ Ranking: the re-scored candidates by their exact influence, then the others by t
 the exemplars throughout, utils.metrics.rank_candidates). A candidate the screen drops can only move down,
 so a two-stage setting is judged by its agreement with exact AbU (benchmarks/two_stage.py).
 """
-from typing import Callable, Dict, List, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .losses import batch_plan, mean_over_timesteps, per_row_loss, selected_rows
 from .precision import FP16_LOSS_SCALE, autocast
+from .weights import loaded
 
-SCREENS = ("coarse", "first-order", "caption", "coarse+caption")
 CAPTION_LAYERS = ("attn2.to_k.weight", "attn2.to_v.weight")  # the weights that read a caption
 
 
@@ -230,3 +233,96 @@ class BeforeLosses:
             complete = these[~np.isnan(self.by_t[key][these]).any(axis=1)]
             if len(complete):
                 self.mean[key][complete] = mean_over_timesteps(self.by_t[key][complete]).numpy()
+
+
+# ---------------------------------------------------------------- the screens, as a registry
+@dataclass
+class ScreenInputs:
+    """What a screen of one model's queries reads. `weights[q]`: query q's unlearned weights (utils.weights'
+    copy_weights of `params`), `start` the customized ones (loaded when a screen runs); `collect(candidates, desc,
+    **kw)` the run's loss measurement; `before`: a BeforeLosses (--before_losses on-demand) or None, then stage 1's
+    per-timestep losses in `cache_dir` are read."""
+
+    unet: torch.nn.Module
+    scheduler: Any
+    measurement: Any  # utils.losses.LossMeasurement
+    collect: Callable
+    params: Dict[str, torch.nn.Parameter]
+    start: Dict[str, torch.Tensor]
+    weights: List[Dict[str, torch.Tensor]]
+    exemplars: Any  # utils.data.ExemplarCandidates
+    laion: Any  # utils.data.LaionCandidates
+    t_index: np.ndarray
+    screen_flips: int
+    screen_batch_size: int
+    before: Optional["BeforeLosses"] = None
+    cache_dir: Optional[Path] = None
+
+    @cached_property
+    def deltas(self) -> List[Dict[str, torch.Tensor]]:
+        """Each query's weight change, unlearned minus customized."""
+        return [{n: w[n] - self.start[n] for n in self.start} for w in self.weights]
+
+
+def coarse_estimate(i: ScreenInputs) -> Dict[str, np.ndarray]:
+    """The exact rise at the screen timesteps, one pass over the candidates per query; with --screen_flips 1 over
+    the unflipped rows only (the first half), each value standing for the candidate's flipped row too. The losses
+    before: stage 1's cache, or measured now (`i.before`, at the customized weights, which are loaded)."""
+    one_flip = i.screen_flips == 1
+    if i.before:
+        for key, n_rows in (("exemplar", len(i.exemplars)), ("laion", len(i.laion))):
+            i.before.ensure(key, np.arange(n_rows // 2 if one_flip else n_rows), i.t_index)
+        ex_before_t, laion_before_t = i.before.by_t["exemplar"], i.before.by_t["laion"]
+    else:
+        from .loss_cache import load_losses_by_timestep
+
+        ex_before_t, laion_before_t = load_losses_by_timestep(i.cache_dir)
+    out = {"exemplar": [], "laion": []}
+    for w in i.weights:
+        with loaded(i.params, w):
+            for key, candidates, by_t in (("exemplar", i.exemplars, ex_before_t), ("laion", i.laion, laion_before_t)):
+                rows = np.arange(len(by_t) // 2 if one_flip else len(by_t))
+                after = i.collect(candidates, f"coarse screen ({key})", rows=rows, timestep_index=i.t_index,
+                                  per_timestep=True)
+                rise = (after.astype(np.float64) - by_t[rows][:, i.t_index]).mean(axis=1)
+                out[key].append(np.concatenate([rise, rise]) if one_flip else rise)
+    return {k: np.stack(v, axis=1) for k, v in out.items()}
+
+
+def first_order_estimate(i: ScreenInputs) -> Dict[str, np.ndarray]:
+    """The directional derivative of every row's loss along each query's weight change (`first_order_screen`)."""
+    m = i.measurement
+    kw = dict(batch_size=m.batch_size, time_samples=m.time_samples, seed=m.seed, timestep_index=i.t_index,
+              device=m.device, precision=m.precision, chunk=i.screen_batch_size)
+    return {"exemplar": first_order_screen(i.unet, i.scheduler, i.exemplars, i.deltas, **kw),
+            "laion": first_order_screen(i.unet, i.scheduler, i.laion, i.deltas, **kw)}
+
+
+def caption_estimate(i: ScreenInputs) -> Dict[str, np.ndarray]:
+    """The caption-side size of each query's K/V change (`caption_screen`): no UNet pass."""
+    return caption_screen(i.deltas, i.exemplars.text_embedding, len(i.exemplars),
+                          i.laion.text_embeddings[:i.laion.subset_size])
+
+
+@dataclass(frozen=True)
+class Screen:
+    """One --screen: the estimates it re-scores the tops of (the first ranks what is not re-scored), the UNet passes
+    it makes over the screened rows for a model of q queries (the cost it is charged), and the flags it takes."""
+
+    estimates: Tuple[Callable[[ScreenInputs], Dict[str, np.ndarray]], ...]
+    passes: Callable[[int], int]
+    one_flip: bool  # --screen_flips 1 may halve its passes
+    keep_top: bool  # --keep_top may follow its order (one screen)
+    linear_only: bool  # needs nn.Linear weights (--weight_selection cross-attn-kv or cross-attn)
+
+
+# Adding a screen: its estimate above and one entry here, and its test; the flag's choices, the checks of its flags,
+# its cost and the scoring follow from the entry.
+SCREENS: Dict[str, Screen] = {
+    "coarse": Screen((coarse_estimate,), lambda q: q, one_flip=True, keep_top=True, linear_only=False),
+    "first-order": Screen((first_order_estimate,), lambda q: 3, one_flip=False, keep_top=True, linear_only=True),
+    "caption": Screen((caption_estimate,), lambda q: 0, one_flip=False, keep_top=True, linear_only=False),
+    "coarse+caption": Screen((coarse_estimate, caption_estimate), lambda q: q, one_flip=True, keep_top=False,
+                             linear_only=False),
+}
+

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple, Union, get_args, get_origin, get_type_
 
 import torch
 
-from unlearn import LAION_400M
+from .unlearning import LAION_400M
 
 from .errors import InputError
 from .losses import LossMeasurement, validate_batch_plan
@@ -206,22 +206,27 @@ class RankingSettings:
 
 @dataclass(frozen=True)
 class BaselineSettings:
-    """The baselines that need no unlearning (utils/baselines.py); they run on the CPU."""
+    """The baselines that need no unlearning (utils/baselines.py); they run on the CPU. Recorded in each result and
+    compared before a finished one is reused, like the stages'."""
 
     method: str = setting(None, "the baseline (utils/baselines.py)", choices=["random", "pixel", "vae", "gradient"],
                           required=True)
-    task_json: str = setting(None, "task file: a JSON list of queries (see tasks/)", required=True)
-    result_dir: str = setting(None, "this method's own results folder", required=True)
+    task_json: str = setting(None, "task file: a JSON list of queries (see tasks/)", required=True, compared=False)
+    result_dir: str = setting(None, "this method's own results folder", required=True, compared=False)
     loss_cache_dir: Optional[str] = setting(None, "stage-1 caches (default <result_dir>/orig_loss); vae reads their "
                                                   "exemplar latents, gradient their settings (B, T, seed: the same "
-                                                  "noise as the cache) and exemplar latents")
+                                                  "noise as the cache) and exemplar latents", compared=False)
     sd_version: str = setting("CompVis/stable-diffusion-v1-4", "base model: a Hugging Face id or a local diffusers "
-                                                              "folder")
-    dataroot: str = setting("data/abc", "AbC data folder (layout in README)")
+                                                              "folder (its fingerprint is recorded)", compared=False)
+    dataroot: str = setting("data/abc", "AbC data folder (layout in README)", compared=False)
     laion_subset_size: int = setting(100_000, "number of LAION images used as candidates (each also flipped)")
     seed: int = setting(0, "seeds the random baseline")
-    fisher_path: Optional[str] = setting(None, "gradient: diagonal Fisher (default: <dataroot>/sd_fisher.pt)")
-    overwrite: bool = setting(False, "recompute queries that already have results")
+    fisher_path: Optional[str] = setting(None, "gradient: diagonal Fisher (default: <dataroot>/sd_fisher.pt)",
+                                         compared=False)
+    overwrite: bool = setting(False, "recompute queries that already have results", compared=False)
+
+    def idle(self) -> Tuple[str, ...]:
+        return () if self.method == "random" else ("seed",)
 
 
 def field_default(f):
@@ -321,6 +326,45 @@ class InfluenceSettings:
                                self.common.compile, self.execution.device)
 
 
+@dataclass(frozen=True)
+class ToolSettings:
+    """unlearn.py: which query, where the unlearned model goes, and the samples that show what it forgot."""
+
+    query: str = setting(None, "the query to unlearn: its synth_image_path in the task file", compared=False,
+                         required=True)
+    out: str = setting(None, "folder for the unlearned model (diffusers' Custom Diffusion form), unlearned.json and "
+                             "samples.png", compared=False, required=True)
+    samples: int = setting(0, "also sample the query's prompt (and another prompt of the model) at this many seeds "
+                              "with the original and the unlearned model, side by side in samples.png")
+    sample_steps: int = setting(50, "DDIM steps of each sample")
+    guidance_scale: float = setting(7.5, "classifier-free guidance of the samples (7.5: Stable Diffusion's default)")
+    sample_seed: int = setting(0, "sample i starts from the noise of a generator seeded with sample_seed + i")
+
+
+@dataclass(frozen=True)
+class UnlearnToolSettings:
+    """Everything unlearn.py is run with: stage 2's unlearning flags (the same query, settings and seeds unlearn to
+    the same weights as compute_influence.py), and the tool's own."""
+
+    common: CommonSettings
+    unlearning: UnlearningSettings
+    loss: MeasurementSettings
+    ablation: AblationSettings
+    stopping: StoppingSettings
+    control: ControlSettings
+    tool: ToolSettings
+    execution: Execution
+
+    @property
+    def result(self) -> tuple:
+        return (self.common, self.unlearning, self.loss, self.ablation, self.stopping, self.control, self.tool)
+
+    def measurement(self) -> LossMeasurement:
+        m = self.loss
+        return LossMeasurement(m.loss_batch_size, m.loss_time_samples, self.common.seed, self.common.precision,
+                               self.common.compile, self.execution.device)
+
+
 def parser_for(stage: type, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(parser, *(f.type for f in fields(stage)))
@@ -356,6 +400,12 @@ def check_settings(settings) -> None:
     """Refuse flag values that would fail, or silently do something else, hours into a run."""
     m = settings.measurement()
     validate_batch_plan(m.batch_size, m.time_samples)
+    if isinstance(settings, UnlearnToolSettings):
+        check_stopping(settings.stopping)
+        if settings.tool.samples < 0 or settings.tool.sample_steps < 1:
+            raise InputError(f"--samples must be at least 0 and --sample_steps at least 1, got {settings.tool.samples} "
+                             f"and {settings.tool.sample_steps}")
+        return
     if not isinstance(settings, InfluenceSettings):
         return
     screening, stopping = settings.screening, settings.stopping
@@ -367,7 +417,8 @@ def check_settings(settings) -> None:
             raise InputError(f"--rescore_top and --screen_batch_size must be at least 1, got "
                              f"{screening.rescore_top} and {screening.screen_batch_size}: leave them out for the "
                              "defaults (5000 and 16)")
-        if screening.screen_flips == 1 and screening.screen not in ("coarse", "coarse+caption"):
+        screen = SCREENS[screening.screen]
+        if screening.screen_flips == 1 and not screen.one_flip:
             raise InputError(f"--screen_flips 1 applies to the coarse screens; --screen {screening.screen} "
                              + ("scores both flips of a candidate alike already" if screening.screen == "caption"
                                 else "measures both flips") + ": drop --screen_flips or use --screen coarse")
@@ -378,11 +429,11 @@ def check_settings(settings) -> None:
         if screening.keep_top > screening.rescore_top:
             raise InputError(f"--keep_top {screening.keep_top} keeps more candidates than --rescore_top "
                              f"{screening.rescore_top} may re-score: raise --rescore_top or lower --keep_top")
-        if screening.keep_top and screening.screen == "coarse+caption":
-            raise InputError("--keep_top follows one screen; --screen coarse+caption re-scores the union of two fixed "
-                             "tops: use --screen coarse with --keep_top, or drop --keep_top")
-        if screening.screen == "first-order" and settings.unlearning.weight_selection not in LINEAR_SELECTIONS:
-            raise InputError(f"--screen first-order needs nn.Linear weights; --weight_selection "
+        if screening.keep_top and not screen.keep_top:
+            raise InputError(f"--keep_top follows one screen; --screen {screening.screen} re-scores the union of "
+                             "fixed tops: use --screen coarse with --keep_top, or drop --keep_top")
+        if screen.linear_only and settings.unlearning.weight_selection not in LINEAR_SELECTIONS:
+            raise InputError(f"--screen {screening.screen} needs nn.Linear weights; --weight_selection "
                              f"{settings.unlearning.weight_selection} includes others: use --screen coarse")
     if screening.mode == "exact" and screening.before_losses == "on-demand":
         raise InputError("--before_losses on-demand is a two-stage option: exact AbU reads every candidate's loss "
@@ -390,6 +441,10 @@ def check_settings(settings) -> None:
     if screening.mode == "two-stage" and settings.ranking.ranking != "influence":
         raise InputError(f"--ranking {settings.ranking.ranking} is exact-mode only for now: drop --mode two-stage "
                          "(docs/method.md section 11 says how the two-stage screen could share the control's pass)")
+    check_stopping(stopping)
+
+
+def check_stopping(stopping: StoppingSettings) -> None:
     if stopping.stop_rule != "none" and (stopping.stop_every < 1 or stopping.stop_reference < 1
                                          or stopping.stop_target <= 0):
         raise InputError("--stop_every and --stop_reference must be at least 1 and --stop_target positive")

@@ -1,4 +1,5 @@
 """Which UNet parameters a method updates, and the base values that bring the UNet back after it did."""
+from contextlib import contextmanager
 from typing import Dict, List
 
 import torch
@@ -57,3 +58,36 @@ class PristineWeights:
         for n, value in self.saved.items():
             target = params[n] if params[n].shape == value.shape else params[n][:len(value)]
             target.copy_(value)
+
+
+def copy_weights(params: Dict[str, torch.nn.Parameter]) -> Dict[str, torch.Tensor]:
+    """{name: a detached copy} of the parameters (e.g. the ones unlearning moves): a state to load again later."""
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+@torch.no_grad()
+def load_weights(params: Dict[str, torch.nn.Parameter], values: Dict[str, torch.Tensor]) -> None:
+    for n, p in params.items():
+        p.copy_(values[n])
+
+
+@contextmanager
+def loaded(params: Dict[str, torch.nn.Parameter], values: Dict[str, torch.Tensor]):
+    """Run the block with `values` (copy_weights') in `params`; what they held before is put back after, also when
+    the block raises. Which weights a measurement reads is then the `with` around it."""
+    held = copy_weights(params)
+    load_weights(params, values)
+    try:
+        yield
+    finally:
+        load_weights(params, held)
+
+
+@contextmanager
+def restored(params: Dict[str, torch.nn.Parameter]):
+    """Run the block (unlearning in place, say), then put back what `params` held before it."""
+    held = copy_weights(params)
+    try:
+        yield
+    finally:
+        load_weights(params, held)
