@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runner import (BENCH, REPO, SIZING, TUNED, abu_flags, common_flags, derive_arrays, run, stage1,
-                               timed, write_table)
+from benchmarks.runner import (BENCH, COLOURS, REPO, SIZING, TUNED, abu_flags, canvas, common_flags,
+                               derive_arrays, labelled_task_file, run, stage1, timed, write_table)
 from data.mini_abc_build.image_level import IMAGE_TEST_CASES, ImageLevelConfig
 from utils.evaluation import load_result, mean_metric, overlap, score_queries
 from utils.metrics import mean_and_stderr, rank_candidates
@@ -298,26 +298,13 @@ def margins(per_query, metric: str = "ap", groups=(("style", "family", "style"),
     return "\n".join(lines) + "\n"
 
 
-# 16 colours no two of which are alike (from Kelly's list of maximally distinct colours): one a row
-COLOURS = [(34, 34, 34), (0, 103, 165), (243, 132, 0), (0, 136, 86), (190, 0, 50), (135, 86, 146), (161, 202, 241),
-           (243, 195, 0), (230, 143, 172), (132, 132, 130), (136, 45, 23), (194, 178, 128), (141, 182, 0),
-           (96, 78, 151), (249, 150, 121), (43, 61, 38)]
-
-
-def _canvas(w: int, h: int):
-    from PIL import Image, ImageDraw, ImageFont
-
-    img = Image.new("RGB", (w, h), "white")
-    return img, ImageDraw.Draw(img), ImageFont.load_default(size=13)
-
-
 def plot(table, path):
     """Recall@10 (x) against mAP (y), one colour per method (circle: object, square: style); the legend beside it
     names every method in full."""
-    font_probe = _canvas(1, 1)
+    font_probe = canvas(1, 1)
     legend_w = 40 + max(int(font_probe[1].textlength(r["method"], font=font_probe[2])) for r in table)
     plot_w, h, pad = 620, max(620, 60 + 22 * len(table)), 70
-    img, d, font = _canvas(plot_w + legend_w + 20, h)
+    img, d, font = canvas(plot_w + legend_w + 20, h)
     right = plot_w
     d.rectangle([pad, 20, right, h - pad], outline="black")
     X = lambda v: pad + v * (right - pad)  # noqa: E731
@@ -344,11 +331,11 @@ def plot_auc(table, path):
     the dashed line at 0.5 is where a ranking that ignores the image lands."""
     cases = [(f"{tc[5:]} auc", IMAGE_CASES[tc]) for tc in IMAGE_CASES] + \
             [("pretraining_style auc (that style)", "pretraining, style (every picture in that style)")]
-    _, probe, font = _canvas(1, 1)
+    _, probe, font = canvas(1, 1)
     label_w = 20 + max(int(probe.textlength(r["method"], font=font)) for r in table)
     row_h, top, plot_w = 36, 30, 520
     h = top + row_h * len(table) + 40 + 20 * len(cases)
-    img, d, font = _canvas(label_w + plot_w + 40, h)
+    img, d, font = canvas(label_w + plot_w + 40, h)
     X = lambda v: label_w + 10 + v * plot_w  # noqa: E731
     bottom = top + row_h * len(table)
     d.rectangle([X(0), top - 10, X(1), bottom], outline="black")
@@ -438,6 +425,8 @@ def main():
     load_tasks(task_json)  # checks the task file before any work
     captions = (bench / "abc" / "laion_subset" / "captions.txt").read_text().splitlines()
     dataroot = bench / "abc"
+    if image:  # the labelled pairs; the file's other samples are the counterfactual benchmark's
+        task_json = labelled_task_file(task_json, dataroot, out)
     n_laion = args.laion_subset_size or len(captions)
     flags = common_flags(bench, n_laion)
     device = ["--device", "cpu"]

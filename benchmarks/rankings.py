@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runner import REPO, write_table
+from benchmarks.runner import REPO, labelled_task_file, write_table
 from utils.evaluation import load_result, score_queries
 from utils.metrics import mean_and_stderr, rank_candidates
 from utils.ranking import compose, peers_of, query_parts
@@ -90,7 +90,11 @@ def main():
         ensure_runs(args.split)
     roots = {"abc": REPO / "results" / "mini_abc" / args.split, "image": REPO / "results" / "mini_abc" /
              f"image_{args.split}"}
-    tasks = {kind: load_tasks(BENCH / "tasks" / f"{stem.name}.json") for kind, stem in roots.items()}
+    # the image-level cases' labelled pairs, each the other's only peer of its prompt (what this table was made with;
+    # benchmarks/counterfactual.py composes the same rankings with the prompt's unselected samples as peers)
+    task_files = {"abc": BENCH / "tasks" / f"{args.split}.json",
+                  "image": labelled_task_file(BENCH / "tasks" / f"image_{args.split}.json", BENCH / "abc", roots["image"])}
+    tasks = {kind: load_tasks(path) for kind, path in task_files.items()}
     table, per_query = [], {}
     for base, (run, control) in BASES.items():
         for source, (query_run, control_run) in ((base, (run, control)),

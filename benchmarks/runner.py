@@ -44,6 +44,19 @@ def abu_flags(args):
             "--unlearn_steps", str(args.unlearn_steps), "--unlearn_grad_accum_steps", str(args.unlearn_grad_accum_steps)]
 
 
+def labelled_task_file(task_json: Path, dataroot: Path, out: Path) -> Path:
+    """The queries of an image-level task file that carry image-level ground truth (the labelled pairs), written to
+    <out>/labelled_tasks.json: the task files also hold every other sample of those prompts (the peers a contrast
+    reads, and the counterfactual truth's queries), which the comparison and the rankings' table do not score."""
+    from utils.tasks import image_ground_truth, load_tasks
+
+    entries = json.loads(Path(task_json).read_text())
+    keep = {t.synth_image_path for t in load_tasks(task_json) if image_ground_truth(dataroot, t) is not None}
+    path = Path(out) / "labelled_tasks.json"
+    save_json(path, [e for e in entries if e["synth_image_path"] in keep])
+    return path
+
+
 def run(cmd) -> bool:
     """Run one of the repo's scripts with this Python; True when it exits 0."""
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
@@ -106,3 +119,17 @@ def write_random_candidates(root: Path, n: int, latent_size: int, width: int, rn
     lat.flush()
     txt.flush()
     del lat, txt
+
+
+# 16 colours no two of which are alike (from Kelly's list of maximally distinct colours): one a row
+COLOURS = [(34, 34, 34), (0, 103, 165), (243, 132, 0), (0, 136, 86), (190, 0, 50), (135, 86, 146), (161, 202, 241),
+           (243, 195, 0), (230, 143, 172), (132, 132, 130), (136, 45, 23), (194, 178, 128), (141, 182, 0),
+           (96, 78, 151), (249, 150, 121), (43, 61, 38)]
+
+
+def canvas(w: int, h: int):
+    """A white picture of w x h pixels, its drawing context and the font every benchmark figure uses."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.new("RGB", (w, h), "white")
+    return img, ImageDraw.Draw(img), ImageFont.load_default(size=13)

@@ -46,6 +46,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 from data.mini_abc_build import sources
+from data.mini_abc_build.counterfactual import CounterfactualConfig, CounterfactualStage
 from data.mini_abc_build.customize import CustomizationConfig, customize
 from data.mini_abc_build.image_level import ImageLevelConfig, ImageLevelStage, image_level_report
 from data.mini_abc_build.judge import JudgeConfig, customization_gate, load_judge, prompt_gate, train_judge
@@ -100,6 +101,7 @@ class BuildConfig:
     query_guidance: float = 5.0  # classifier-free guidance of the queries (and the base's samples gate 2 compares)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     image_level: ImageLevelConfig = field(default_factory=ImageLevelConfig)  # the image-level test cases
+    counterfactual: CounterfactualConfig = field(default_factory=CounterfactualConfig)  # retrained customizations
     gate_prompts: int = 100  # (concept, style) prompts sampled for gate 1
     gate_samples: int = 4  # images per prompt
     sample_steps: int = 50  # DDIM steps of every sample (queries, grids, gates); guidance 3 but for the queries
@@ -407,6 +409,11 @@ class Builder:
         different answer."""
         ImageLevelStage(self, self.config.image_level).run()
 
+    def counterfactual(self, bases=None, max_tier: int = 2) -> None:
+        """Counterfactual ground truth (data/mini_abc_build/counterfactual.py): chosen customizations retrained on
+        subsets of their exemplars, every query's loss under each. Resumable; opt-in (hours on a CPU)."""
+        CounterfactualStage(self, self.config.counterfactual, self.config.image_level).run(bases, max_tier)
+
     def customize_model(self, spec, i: int, attempt: int, pipe, judge, pretraining, exemplar_captions) -> dict:
         """Train one model (seeded by its index and attempt), sample its queries and, from the base model, the
         same prompts without <new1> (same seeds); score gate 2."""
@@ -521,11 +528,12 @@ def derive(out: Path, config: BuildConfig, all_weights_fisher: bool = True, over
             seed=config.seed), config.device, overwrite=overwrite)
 
 
-STAGES = ("data", "base", "judge", "models", "image_level", "derive")  # the judge trains before the base model if asked
+STAGES = ("data", "base", "judge", "models", "image_level", "derive", "counterfactual")
+DEFAULT_STAGES = STAGES[:-1]  # the counterfactual truth only when asked: hours on a CPU (docs/counterfactual.md)
 
 
-def build(out, config: BuildConfig, stages=STAGES, cache=None, overwrite: bool = False,
-          all_weights_fisher: bool = True):
+def build(out, config: BuildConfig, stages=DEFAULT_STAGES, cache=None, overwrite: bool = False,
+          all_weights_fisher: bool = True, bases=None, max_tier: int = 2):
     out = Path(out)
     builder = Builder(out, config, Path(cache or REPO / "data" / ".cache"))
     times = {}
@@ -535,10 +543,12 @@ def build(out, config: BuildConfig, stages=STAGES, cache=None, overwrite: bool =
         t0 = time.time()
         if stage == "derive":
             derive(out, config, all_weights_fisher=all_weights_fisher, overwrite=overwrite)
+        elif stage == "counterfactual":
+            builder.counterfactual(bases, max_tier)
         else:
             getattr(builder, stage)()
         times[stage] = round(time.time() - t0)
-    if set(stages) - {"derive"}:
+    if set(stages) - {"derive", "counterfactual"}:
         log = out / "build_log.json"
         previous = json.loads(log.read_text()) if log.is_file() else {}
         save_json(log, {"config": asdict(config), "seconds": {**previous.get("seconds", {}), **times}})
@@ -548,7 +558,14 @@ def build(out, config: BuildConfig, stages=STAGES, cache=None, overwrite: bool =
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/mini_abc")
-    p.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
+    p.add_argument("--stage", choices=STAGES, action="append",
+                   help="run only these stages (repeatable); counterfactual runs only when named")
+    p.add_argument("--bases", nargs="+", default=None,
+                   help="counterfactual: only these customized models (names as in counterfactual/plan.json, "
+                        "e.g. looks_style__looks_0)")
+    p.add_argument("--max_tier", type=int, default=2, choices=[0, 1, 2],
+                   help="counterfactual: 0 the leave-one-out sets and the second seed, 1 also the random halves, "
+                        "2 also the second seed's leave-one-out of the AbC models")
     p.add_argument("--device", default="cpu", help="where to train and sample (cpu or cuda)")
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the base model's training steps")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -569,8 +586,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
         config.base.threads = args.threads
-    build(args.out, config, args.stage or STAGES, overwrite=args.overwrite,
-          all_weights_fisher=not args.no_all_weights_fisher)
+    build(args.out, config, args.stage or DEFAULT_STAGES, overwrite=args.overwrite,
+          all_weights_fisher=not args.no_all_weights_fisher, bases=args.bases, max_tier=args.max_tier)
 
 
 if __name__ == "__main__":

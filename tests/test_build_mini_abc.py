@@ -409,3 +409,68 @@ def test_cross_model_derangement_when_random_draws_cannot_find_one():
     perm = cross_model_derangement(models, np.random.default_rng(0), tries=0)
     assert sorted(perm.tolist()) == list(range(24)) and all(models[p] != models[k] for k, p in enumerate(perm))
     assert cross_model_derangement(["a", "a", "a", "b"], np.random.default_rng(0), tries=5) is None  # a holds 3 of 4
+
+
+def test_counterfactual_stage_retrains_with_the_builders_recipe_and_resumes(built, tmp_path):
+    """The counterfactual stage on a copy of the built miniature: every set of every chosen model is retrained and
+    measured; the full set at the model's own seed is the committed model again (same recipe, prior images, seed);
+    the task files gain every sample of the labelled prompts; a rerun does nothing; the benchmark scores it."""
+    import csv
+    import shutil
+    import subprocess
+    import sys
+
+    from data.mini_abc_build.counterfactual import CounterfactualConfig, load_truth
+    from utils.tasks import image_ground_truth
+
+    out, cache = built
+    copy = tmp_path / "mini_abc"
+    shutil.copytree(out, copy)
+    labelled_before = json.loads((copy / "tasks" / "image_val.json").read_text())
+    config = tiny_config()
+    config.counterfactual = CounterfactualConfig(half_subsets=2, time_samples=4, loss_batch_size=8,
+                                                 abc_seeds_per_prompt=2)
+    chosen = ["looks_style__looks_0", "imagenet__" + next(  # a two-look style model and a one-exemplar AbC model
+        e["class_id"] for e in json.loads((copy / "abc" / "json" / "test_observed_imagenet.json").read_text())
+        if e["split"] == "val")]
+    build(copy, config, stages=["counterfactual"], cache=cache, bases=chosen)
+    plan = json.loads((copy / "counterfactual" / "plan.json").read_text())
+    kinds = {b["kind"] for b in plan["bases"]}
+    assert {"two-look style", "two-look object", "AbC style", "AbC object"} <= kinds
+    assert sorted(p.name for p in (copy / "counterfactual" / "losses").iterdir()) == sorted(chosen)
+    for base in (b for b in plan["bases"] if b["name"] in chosen):
+        truth = load_truth(copy, base["name"])
+        assert set(truth["loss"]) == {s["name"] for s in base["sets"]} | {"committed"}
+        assert truth["queries"] == [q["path"] for q in base["queries"]]
+        for values in truth["loss"].values():
+            assert values.shape == (len(base["queries"]),) and np.isfinite(values).all()
+        np.testing.assert_allclose(truth["loss"]["full@0"], truth["loss"]["committed"], rtol=1e-5)
+        assert not np.allclose(truth["loss"]["full@0"], truth["loss"]["full@1"])  # another seed, another model
+        n = len(base["exemplars"])
+        assert {f"loo{e}@0" for e in range(n)} <= set(truth["loss"])
+        if base["kind"] == "two-look style":  # 4 exemplars here: looks alone and 2 halves of 2
+            assert {"lookA@0", "lookB@0", "half00@0", "half01@0"} <= set(truth["loss"])
+            assert all(len(s["members"]) == n // 2 for s in base["sets"] if s["name"].startswith("half"))
+    # the image-level task file: the labelled queries as before, then every other sample of their prompts
+    image_tasks = load_tasks(copy / "tasks" / "image_val.json")
+    assert [t.synth_image_path for t in image_tasks[:len(labelled_before)]] == \
+        [t["synth_image_path"] for t in labelled_before]
+    extra = image_tasks[len(labelled_before):]
+    assert extra and all(image_ground_truth(copy / "abc", t) is None for t in extra)
+    assert len(load_tasks(copy / "tasks" / "counterfactual_val.json")) == \
+        sum(len(b["queries"]) for b in plan["bases"] if b["split"] == "val")
+    stamps = {p: p.stat().st_mtime_ns for p in (copy / "counterfactual" / "losses").rglob("*.npz")}
+    build(copy, config, stages=["counterfactual"], cache=cache, bases=chosen)  # finished: nothing is redone
+    assert {p: p.stat().st_mtime_ns for p in (copy / "counterfactual" / "losses").rglob("*.npz")} == stamps
+
+    repo = Path(__file__).resolve().parent.parent
+    flags = ["--bench", str(copy), "--split", "val", "--out", str(tmp_path / "runs"), "--table_dir", str(tmp_path),
+             "--unlearn_steps", "2", "--fisher_dataset_size", "1000", "--laion_subset_size", "0", "--no_gradient"]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "counterfactual.py")] + flags,
+                          capture_output=True, text=True, cwd=repo, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (tmp_path / "counterfactual_val.md").read_text()
+    assert "ceiling: the truth at a second training seed" in md and "AbU, stop rule: combined" in md
+    rows = list(csv.DictReader(open(tmp_path / "counterfactual_val.csv")))
+    loo = [float(r["mean"]) for r in rows if r["metric"] == "LOO" and r["kind"] == "two-look style"]
+    assert loo and all(-1 <= v <= 1 for v in loo if v == v)

@@ -56,3 +56,32 @@ def test_customization_trains_only_kv_and_the_token_and_saves_the_abc_format(tin
         emb[-1] = emb[ids].mean(0)
     assert tuned < exemplar_loss(fresh_base)
     assert np.isfinite(result["prior_losses"]).all()
+
+
+def test_a_coupled_subset_run_shares_the_full_runs_draws(tiny_abc, tmp_path):
+    """customize(keep=...): with every exemplar kept it is the plain run bit for bit; with one left out its batches
+    are the full run's except the slots that drew it; with none kept only the prior term trains (exemplar loss NaN)
+    and the K/V still move."""
+    root = Path(tiny_abc["dataroot"])
+    exemplar_paths = sorted((root / "laion_subset" / "images").glob("*.png"))[6:9]
+    exemplars = load_exemplar_images(exemplar_paths, 32)[:3]
+    prior_paths = sorted((root / "laion_subset" / "images").glob("*.png"))[:6]
+    prior = load_exemplar_images(prior_paths, 32)[:6]
+    captions = (root / "laion_subset" / "captions.txt").read_text().splitlines()[:6]
+    config = CustomizationConfig(steps=6, batch_size=4, lr=3e-3, token_lr=3e-2)
+
+    def run(keep, name):
+        base = load_base_model(tiny_abc["sd_version"], "cpu")
+        result = customize(base, exemplars, ["<new1> fish"] * 3, prior, captions, tmp_path / name, config, keep=keep)
+        return result, torch.load(tmp_path / name / "pytorch_custom_diffusion_weights.pt")
+
+    plain, w_plain = run(None, "plain")
+    every, w_every = run([0, 1, 2], "every")
+    assert plain == every and all(torch.equal(w_plain[k], w_every[k]) for k in w_plain)
+    one_out, w_one_out = run([0, 2], "one_out")
+    assert np.isfinite(one_out["losses"]).all() and one_out["losses"] != plain["losses"]
+    assert one_out["prior_losses"][0] == plain["prior_losses"][0]  # the same draws until the weights differ
+    none, w_none = run([], "none")
+    assert np.isnan(none["losses"]).all() and np.isfinite(none["prior_losses"]).all()
+    assert none["prior_losses"][0] == plain["prior_losses"][0]
+    assert any(not torch.equal(w_none[k], w_plain[k]) for k in w_plain)

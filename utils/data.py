@@ -57,18 +57,26 @@ def laion_image_paths(dataroot, n_rows: Optional[int] = None) -> List[Path]:
 
 
 class ExemplarCandidates:
-    """A model's exemplar latents [2n, C, h, w] (unflipped, then flipped), all with one caption embedding."""
+    """Image latents [2n, C, h, w] (unflipped, then flipped) as candidate rows: a model's exemplars, all with one
+    caption embedding [77, D] (or [1, 77, D]); or images with a caption each, [n, 77, D], row r reading caption
+    r mod n (the queries whose counterfactual losses data/mini_abc_build/counterfactual.py measures)."""
 
     def __init__(self, latents: torch.Tensor, text_embedding: torch.Tensor):
         self.latents = latents.float()
-        self.text_embedding = text_embedding.float().reshape(1, *text_embedding.shape[-2:])
+        self.text_embedding = text_embedding.float().reshape(-1, *text_embedding.shape[-2:])
+        if len(self.text_embedding) not in (1, len(self.latents) // 2):
+            raise ValueError(f"{len(self.text_embedding)} caption embeddings for {len(self.latents)} rows: give one, "
+                             "or one per image (half the rows)")
 
     def __len__(self) -> int:
         return len(self.latents)
 
     def batch(self, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
         latents = self.latents[start:stop]
-        return latents, self.text_embedding.expand(len(latents), -1, -1)
+        if len(self.text_embedding) == 1:
+            return latents, self.text_embedding.expand(len(latents), -1, -1)
+        rows = torch.arange(start, start + len(latents)) % len(self.text_embedding)
+        return latents, self.text_embedding[rows]
 
 
 def load_exemplar_images(paths: List[Path], resolution: int) -> torch.Tensor:

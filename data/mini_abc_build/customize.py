@@ -9,7 +9,7 @@ the repo's scripts load for a real AbC model.
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,12 +34,18 @@ class CustomizationConfig:
 
 
 def customize(base, exemplars: torch.Tensor, train_prompt, prior_images: torch.Tensor, prior_captions: List[str],
-              out_dir, config: CustomizationConfig = CustomizationConfig()) -> dict:
+              out_dir, config: CustomizationConfig = CustomizationConfig(), keep: Optional[Sequence[int]] = None) -> dict:
     """Fine-tune `base` (utils.models.BaseModel, changed in place: restore it afterwards) and save the model.
 
     exemplars / prior_images: [n, 3, R, R] in [-1, 1]. train_prompt: one caption for every exemplar, or a list
-    with one per exemplar. Returns {"losses": per-step exemplar losses,
+    with one per exemplar. Returns {"losses": per-step exemplar losses (NaN without exemplars),
     "prior_losses": per-step prior losses}.
+
+    `keep`: train on these exemplars only (the counterfactual models of data/mini_abc_build/counterfactual.py),
+    coupled to the run on all of them: every random draw is the same (latent samples, noise, timesteps, flips,
+    prior batches), except that a batch slot drawing a left-out exemplar draws again among the kept ones from a
+    stream of its own; with none kept only the prior-preservation term trains. Each slot is still uniform over the
+    kept exemplars, and two such runs differ by the left-out exemplar, not by the training's luck.
     """
     unet, text_encoder, tokenizer, scheduler = base.unet, base.text_encoder, base.tokenizer, base.scheduler
     if CONCEPT_TOKEN not in tokenizer.get_vocab():
@@ -79,28 +85,37 @@ def customize(base, exemplars: torch.Tensor, train_prompt, prior_images: torch.T
     frozen_rows = table.detach().clone()
     alphas = scheduler.alphas_cumprod.to(device)
 
-    def loss_of(latents, token_ids):
+    def loss_of(latents, token_ids, compute: bool = True):
+        """The batch's loss (None when not `compute`: its random draws are made all the same)."""
         noise = torch.randn(latents.shape, generator=g).to(device)
         t = torch.randint(0, len(alphas), (len(latents),), generator=g).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         x = latents.flip(-1) if rng.random() < 0.5 else latents
+        if not compute:
+            return None
         pred = unet(a.sqrt() * x + (1 - a).sqrt() * noise, t, text_encoder(token_ids)[0]).sample
         return F.mse_loss(pred, noise)
 
+    kept = np.arange(len(exemplars)) if keep is None else np.asarray(sorted(keep), dtype=np.int64)
+    left_out = np.setdiff1d(np.arange(len(exemplars)), kept)
+    redraw = np.random.default_rng([config.seed, 1])  # only left-out slots draw from it: the rest stay aligned
     losses, prior_losses = [], []
     for _ in range(config.steps):
         ex_idx = rng.integers(0, len(ex_latents), config.batch_size)
         pr_idx = rng.integers(0, len(prior_latents), config.batch_size)
-        ex_loss = loss_of(ex_latents[ex_idx], ex_ids[ex_idx])
+        out = np.isin(ex_idx, left_out)
+        if out.any() and len(kept):
+            ex_idx[out] = kept[redraw.integers(0, len(kept), int(out.sum()))]
+        ex_loss = loss_of(ex_latents[ex_idx], ex_ids[ex_idx], compute=len(kept) > 0)
         pr_loss = loss_of(prior_latents[pr_idx], prior_ids[pr_idx])
         opt.zero_grad(set_to_none=True)
-        (ex_loss + config.prior_weight * pr_loss).backward()
+        (config.prior_weight * pr_loss if ex_loss is None else ex_loss + config.prior_weight * pr_loss).backward()
         opt.step()
         with torch.no_grad():  # only the <new1> row of the embedding table may move
             keep = torch.ones(len(table), dtype=torch.bool, device=table.device)
             keep[token_id] = False
             table[keep] = frozen_rows[keep]
-        losses.append(ex_loss.item())
+        losses.append(float("nan") if ex_loss is None else ex_loss.item())
         prior_losses.append(pr_loss.item())
     unet.requires_grad_(False)
     table.requires_grad_(False)

@@ -1,0 +1,486 @@
+"""Every ranking judged on counterfactual ground truth: what retraining a customization without an exemplar does.
+
+    python benchmarks/counterfactual.py --split val     # benchmarks/results/mini_abc/counterfactual_val.{md,csv,png}
+    python benchmarks/counterfactual.py --split test
+
+Reads the truth the builder measured (python data/build_mini_abc.py --stage counterfactual;
+data/mini_abc_build/counterfactual.py) for every customized model of the split that has one, runs (or reuses) the
+rankings over every query of tasks/counterfactual_<split>.json at the image-level comparison's sizing (its results
+folder results/mini_abc/image_<split>, so both share runs): AbU on the paper's schedule, AbU with the stopping rule,
+their noise-image controls (one query per prompt: a prompt's controls are identical), and the baselines of
+compute_baselines.py. Each --ranking is composed per query with utils.ranking exactly as compute_influence.py
+composes it, with **peers the other samples of the query's prompt that no label chose** (the labelled pair partner
+is left out: a user's other samples of a prompt are not chosen by the answer). Then, per query (utils/counterfactual.py):
+LOO Spearman, LDS and both on the image-specific part; per prompt of a two-look model, the look-level truth; the
+truth's own seed ceiling and how much it differs between samples of a prompt; the proxy labels against it.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.runner import (BENCH, COLOURS, REPO, SIZING, TUNED, abu_flags, canvas, common_flags, derive_arrays,
+                               run, stage1, timed, tuned_sizing, write_table)
+from data.mini_abc_build.counterfactual import OUT_DIR, load_truth
+from data.mini_abc_build.image_level import IMAGE_TEST_CASES, ImageLevelConfig
+from utils import counterfactual as cf
+from utils.evaluation import load_result, score_queries
+from utils.io import load_json, save_json
+from utils.layout import ResultsLayout
+from utils.metrics import mean_and_stderr, rank_candidates
+from utils.ranking import compose, query_parts
+from utils.tasks import load_tasks
+
+STOP = ["--stop_rule", TUNED["stop_rule"], "--stop_target", str(TUNED["stop_target"]), "--stop_every",
+        str(TUNED["stop_every"])]
+UNLEARNING = {"AbU": ("abu", []), "AbU, stop rule": ("abu_stop_rule", STOP)}  # name: (folder, flags)
+CONTROL = {"AbU": "abu_noise_image_control", "AbU, stop rule": "abu_stop_rule_noise_image_control"}
+BASELINES = {"random": "random", "pixel cosine": "pixel", "VAE-latent cosine": "vae",
+             "gradient similarity (Fisher-whitened, K/V)": "gradient"}
+RANKINGS = [("influence (the paper)", "influence"), ("control-corrected", "control-corrected"),
+            ("model-contrast", "model-contrast"), ("combined", "combined")]
+KINDS = ("two-look style", "two-look object", "AbC style", "AbC object")
+METRICS = [("LOO", "LOO Spearman"), ("LOO, image-specific", "LOO Spearman, image-specific"),
+           ("LDS", "LDS"), ("LDS, image-specific", "LDS, image-specific"),
+           ("across samples", "across a prompt's samples")]
+N_LAION = ImageLevelConfig().pretraining_candidates  # the image-level comparison's candidates
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+
+
+# ------------------------------------------------------------------ the runs
+def with_truth(bench: Path, split: str, out: Path) -> Path:
+    """<out>/counterfactual_tasks.json: the queries of tasks/counterfactual_<split>.json whose model has a measured
+    leave-one-out truth (a build in progress has some models only): the ones worth running."""
+    plan = load_json(bench / OUT_DIR / "plan.json", "counterfactual plan (python data/build_mini_abc.py --stage "
+                                                    "counterfactual)")
+    ready = {q["path"] for b in plan["bases"] if b["split"] == split and b["name"] in measured_bases(bench, plan)
+             for q in b["queries"]}
+    entries = json.loads((bench / "tasks" / f"counterfactual_{split}.json").read_text())
+    path = out / "counterfactual_tasks.json"
+    save_json(path, [e for e in entries if e["synth_image_path"] in ready])
+    return path
+
+
+def measured_bases(bench: Path, plan: dict) -> set:
+    """Names of the bases whose full@0 and every loo<e>@0 are measured."""
+    folder = bench / OUT_DIR / "losses"
+    return {b["name"] for b in plan["bases"] if all((folder / b["name"] / f"{n}.npz").is_file() for n in
+                                                     ["full@0"] + [f"loo{e}@0" for e in range(len(b["exemplars"]))])}
+
+
+def representatives(tasks) -> dict:
+    """{(model, prompt): the query whose noise-image control stands for the prompt's} (a labelled one if any: the
+    image-level comparison runs those)."""
+    out = {}
+    for t in tasks:
+        out.setdefault((t.model_path, t.prompt), t)
+    return out
+
+
+def ensure_runs(task_json: Path, out: Path, tasks, args) -> dict:
+    """Run (or reuse) every ranking's unlearning and baseline runs; {name: seconds}."""
+    bench = Path(args.bench)
+    derive_arrays(bench, all_weights_fisher=False)
+    n_laion = args.laion_subset_size or len((bench / "abc" / "laion_subset" / "captions.txt").read_text().splitlines())
+    flags = common_flags(bench, n_laion) + ["--device", "cpu"]
+    sizing = argparse.Namespace(**{**vars(tuned_sizing()), "unlearn_steps": args.unlearn_steps,
+                                   "fisher_dataset_size": args.fisher_dataset_size})
+    ok, seconds = stage1(task_json, out, sizing, flags)
+    if not ok:
+        sys.exit("stage 1 failed; see the error above")
+    times = {"stage 1": seconds}
+    control_json = out / "counterfactual_controls.json"  # one query a prompt
+    all_tasks = json.loads(task_json.read_text())
+    reps = {t.synth_image_path for t in representatives(tasks).values()}
+    save_json(control_json, [t for t in all_tasks if t["synth_image_path"] in reps])
+    cache = out / "orig_loss"
+    for name, (folder, extra) in UNLEARNING.items():
+        for tj, f, more in ((task_json, folder, []), (control_json, CONTROL[name], ["--noise_image"])):
+            cmd = (["compute_influence.py", "--task_json", tj, "--result_dir", out / f, "--loss_cache_dir", cache]
+                   + abu_flags(sizing) + flags + extra + more)
+            ok, times[f] = timed(out / f, "influence.pkl", lambda: run(cmd))
+            if not ok:
+                sys.exit(f"{' '.join(map(str, cmd))} failed")
+    for name, method in BASELINES.items():
+        if method == "gradient" and args.no_gradient:
+            continue
+        cmd = (["compute_baselines.py", "--task_json", task_json, "--result_dir", out / slug(name), "--loss_cache_dir",
+                cache, "--method", method] + common_flags(bench, n_laion))
+        ok, times[slug(name)] = timed(out / slug(name), "influence.pkl", lambda: run(cmd))
+        if not ok:
+            sys.exit(f"{' '.join(map(str, cmd))} failed")
+    return times
+
+
+# ------------------------------------------------------------------ the truth of a base, and its queries
+class Base:
+    """One customized model with a counterfactual truth: its queries (in the truth's order), their prompts, labels
+    and peers, and the truth's arrays."""
+
+    def __init__(self, spec: dict, tasks_by_path: dict, bench: Path):
+        self.spec, self.name, self.kind, self.split = spec, spec["name"], spec["kind"], spec["split"]
+        self.bench = bench
+        self.truth = load_truth(bench, self.name)
+        queries = spec["queries"]
+        self.tasks = [tasks_by_path[q["path"]] for q in queries]
+        self.prompt_of = [q["prompt_index"] for q in queries]
+        self.labelled = [q["label"] is not None for q in queries]
+        self.n_exemplar = len(spec["exemplars"])
+        # peers of a ranking: the prompt's samples no label chose; of the truth's image-specific part: every other
+        self.unselected_peers = [[j for j, q in enumerate(queries) if q["prompt_index"] == queries[i]["prompt_index"]
+                                  and j != i and q["label"] is None] for i in range(len(queries))]
+        loss = self.truth["loss"]
+        self.has = lambda *names: all(n in loss for n in names)  # noqa: E731
+        loo = [f"loo{e}@{s}" for e in range(self.n_exemplar) for s in (0,)]
+        self.effects = cf.loo_effects(loss, self.n_exemplar, 0) if self.has("full@0", *loo) else None
+        loo1 = [f"loo{e}@1" for e in range(self.n_exemplar)]
+        self.effects_1 = cf.loo_effects(loss, self.n_exemplar, 1) if self.has("full@1", *loo1) else None
+        self.halves = sorted(n for n in loss if n.startswith("half"))
+        looks = spec["looks"]
+        self.look_sets = None
+        if looks is not None:
+            members = {tuple(s["members"]): s["name"] for s in self.truth["sets"].values()
+                       if s["members"] is not None and s["name"].endswith("@0")}
+            alone = [tuple(e for e, look in enumerate(looks) if look == side) for side in (0, 1)]
+            if all(a in members for a in alone):
+                self.look_sets = [members[a] for a in alone]
+
+    def image_specific(self, values):
+        return cf.image_specific(values, self.prompt_of)
+
+    def look_dependence(self, seed: int = 0):
+        """L(look B alone) - L(look A alone) per query (how much more it needs look A), or None."""
+        if self.look_sets is None:
+            return None
+        a, b = (n.replace("@0", f"@{seed}") for n in self.look_sets)
+        loss = self.truth["loss"]
+        return loss[b] - loss[a] if a in loss and b in loss else None
+
+
+def exemplar_scores(base: Base, root: Path, folder: str, ranking: str, control_folder=None, reps=None) -> tuple:
+    """([n_queries, n_exemplars] the ranking's scores of the base's exemplars, [n_queries] its full ranks, cost per
+    query): `ranking` composed from the runs in `folder` with peers the prompt's unselected samples (and the
+    noise-image control of the prompt's representative, for control-corrected)."""
+    layout = lambda f: ResultsLayout(root / f, root / "orig_loss")  # noqa: E731
+    results = [load_result(layout(folder), t) for t in base.tasks]
+    influences = [r["influence"] for r in results]
+    scores, ranked, costs = [], [], []
+    for i, (t, r) in enumerate(zip(base.tasks, results)):
+        control, cost = None, sum(r.get("forward_equivalents", {}).values())
+        if ranking == "control-corrected":
+            c = load_result(layout(control_folder), reps[(t.model_path, t.prompt)])
+            control = c["influence"]
+            sharing = sum(1 for o in base.tasks if o.prompt == t.prompt)
+            cost += sum(c.get("forward_equivalents", {}).values()) / sharing
+        peers = base.unselected_peers[i] if ranking in ("model-contrast", "combined") else None
+        parts = query_parts(influences[i], control,
+                            None if peers is None else {base.tasks[j].synth_image_path: influences[j] for j in peers})
+        score = compose(parts, ranking, r["n_exemplar"])
+        scores.append(score[:base.n_exemplar])
+        ranked.append({"n_exemplar": r["n_exemplar"], "rank": rank_candidates(score, r["n_exemplar"])})
+        costs.append(cost)
+    return np.array(scores), ranked, float(np.mean(costs))
+
+
+# ------------------------------------------------------------------ scoring
+def score_rows(base: Base, scores: np.ndarray) -> dict:
+    """Per-query metrics of one ranking on one base: {metric: [n_queries]} (NaN where the truth lacks what it needs)."""
+    n = len(base.tasks)
+    nan = np.full(n, np.nan)
+    out = {k: nan.copy() for k, _ in METRICS}
+    if base.effects is not None:
+        out["LOO"] = cf.per_query(scores, base.effects)
+        out["LOO, image-specific"] = cf.per_query(scores, base.image_specific(base.effects))
+        out["across samples"] = cf.across_samples(scores, base.effects, base.prompt_of)
+    if len(base.halves) >= 2:
+        subsets = [base.truth["sets"][h]["members"] for h in base.halves]
+        losses = np.stack([base.truth["loss"][h] for h in base.halves])
+        out["LDS"] = cf.lds(scores, subsets, losses)
+        out["LDS, image-specific"] = cf.lds(scores, subsets, base.image_specific(losses.T).T)
+    return out
+
+
+def ceiling_rows(base: Base) -> dict:
+    """The truth's own noise: the LOO effects of the second training seed as scores (the image-specific part of
+    them for the image-specific metrics), scored like a ranking."""
+    if base.effects is None or base.effects_1 is None:
+        return None
+    whole, specific = score_rows(base, base.effects_1), score_rows(base, base.image_specific(base.effects_1))
+    return {"LOO": whole["LOO"], "LOO, image-specific": specific["LOO, image-specific"], "LDS": whole["LDS"],
+            "LDS, image-specific": specific["LDS, image-specific"], "across samples": whole["across samples"]}
+
+
+def look_rows(base: Base, scores: np.ndarray) -> dict:
+    """Two-look models: per prompt, Spearman across samples between the ranking's A-above-B (within-query AUC of look
+    A's exemplars over B's) and the look dependence; per prompt's most-apart pair, the pair AUC."""
+    dependence = base.look_dependence()
+    if dependence is None:
+        return {}
+    looks = base.spec["looks"]
+    a = [e for e, look in enumerate(looks) if look == 0]
+    b = [e for e, look in enumerate(looks) if look == 1]
+    a_above_b = np.array([cf.within_query_auc(s, a, b) for s in scores])
+    prompts = sorted(set(base.prompt_of))
+    per_prompt = [cf.spearman(a_above_b[np.array(base.prompt_of) == p], dependence[np.array(base.prompt_of) == p])
+                  for p in prompts]
+    return {"look Spearman": per_prompt,
+            "look pair AUC": cf.look_pair_auc(scores, looks, cf.look_pairs(dependence, base.prompt_of)).tolist()}
+
+
+def truth_stats(base: Base) -> dict:
+    """The ruler's own figures for one base."""
+    out = {"base": base.name, "kind": base.kind, "split": base.split, "queries": len(base.tasks),
+           "prompts": len(set(base.prompt_of)), "sets": len(base.truth["loss"])}
+    if base.effects is not None:
+        out["mean LOO effect"] = float(base.effects.mean())
+        out["queries needing every exemplar (effect > 0)"] = float((base.effects > 0).all(axis=1).mean())
+        if base.n_exemplar > 1:
+            out["Kendall tau, two samples of a prompt"] = float(np.nanmean(
+                cf.agreement_between_samples(base.effects, base.prompt_of)))
+    if base.effects is not None and base.effects_1 is not None:
+        if base.n_exemplar > 1:
+            out["Kendall tau, two training seeds"] = float(np.nanmean(
+                [cf.kendall_tau(x, y) for x, y in zip(base.effects, base.effects_1)]))
+            out["Spearman, two training seeds"] = float(np.nanmean(cf.per_query(base.effects_1, base.effects)))
+            out["Spearman, two seeds, image-specific"] = float(np.nanmean(cf.per_query(
+                base.image_specific(base.effects_1), base.image_specific(base.effects))))
+        out["between samples / seed noise"] = cf.signal_to_noise(base.effects, base.effects_1, base.prompt_of)
+    loss = base.truth["loss"]
+    if "committed" in loss and "full@0" in loss:
+        out["|full@0 - committed| / mean LOO effect"] = float(
+            np.abs(loss["full@0"] - loss["committed"]).mean() / max(abs(out.get("mean LOO effect", np.nan)), 1e-12))
+    dependence = base.look_dependence()
+    if dependence is not None:
+        seed1 = base.look_dependence(1)
+        out["look dependence > 0"] = float((dependence > 0).mean())
+        out["look dependence, spread within prompt / between"] = float(
+            np.mean([np.std(dependence[np.array(base.prompt_of) == p]) for p in set(base.prompt_of)])
+            / max(np.std(dependence), 1e-12))
+        if seed1 is not None:
+            out["look dependence, Spearman across seeds"] = cf.spearman(dependence, seed1)
+        position = proxy_positions(base)
+        pro = [cf.spearman(-position[np.array(base.prompt_of) == p], dependence[np.array(base.prompt_of) == p])
+               for p in set(base.prompt_of)]
+        out["proxy (look position) vs look dependence, Spearman per prompt"] = float(np.nanmean(pro))
+        labelled = [(i, j) for i in range(len(base.tasks)) for j in range(len(base.tasks))
+                    if base.spec["queries"][i]["label"] == "A" and base.spec["queries"][j]["label"] == "B"
+                    and base.spec["queries"][i]["pair"] == base.spec["queries"][j]["pair"]]
+        if labelled:
+            out["labelled pairs whose A sample needs look A more"] = float(np.mean(
+                [dependence[i] > dependence[j] for i, j in labelled]))
+    return out
+
+
+def proxy_positions(base: Base) -> np.ndarray:
+    """The builder's proxy measure of every query: look_position of its mean ink colour (0 look A, 1 look B)."""
+    from PIL import Image
+
+    from data.mini_abc_build.image_level import ink_colour, look_position
+
+    root = base.bench / "abc"
+    ex = [Image.open(root / p).convert("RGB") for p in base.spec["exemplars"]]
+    colours = [np.mean([ink_colour(img) for img, look in zip(ex, base.spec["looks"]) if look == side], axis=0)
+               for side in (0, 1)]
+    return np.array([look_position(Image.open(root / t.synth_image_path).convert("RGB"), *colours)
+                     for t in base.tasks])
+
+
+# ------------------------------------------------------------------ the table
+def evaluate(split: str, root: Path, bench: Path = BENCH):
+    plan = load_json(bench / OUT_DIR / "plan.json", "counterfactual plan (python data/build_mini_abc.py --stage "
+                                                    "counterfactual)")
+    tasks = load_tasks(bench / "tasks" / f"counterfactual_{split}.json")
+    by_path = {t.synth_image_path: t for t in tasks}
+    bases = [Base(b, by_path, bench) for b in plan["bases"] if b["split"] == split]
+    bases = [b for b in bases if b.effects is not None]
+    reps = representatives(tasks)
+    rows, looks, per_query, labelled = [], {}, {}, {}
+
+    def add(method: str, per_base_scores, cost):
+        for base, scores in per_base_scores:
+            got = score_rows(base, scores)
+            for metric, values in got.items():
+                per_query.setdefault((method, base.kind, metric), []).extend(values.tolist())
+            for metric, values in look_rows(base, scores).items():
+                looks.setdefault((method, base.kind, metric), []).extend(values)
+        per_query.setdefault((method, "cost", "cost"), []).append(cost)
+
+    for name, (folder, _) in UNLEARNING.items():
+        for label, ranking in RANKINGS:
+            method = f"{name}: {label}"
+            got = [(b,) + exemplar_scores(b, root, folder, ranking, CONTROL[name], reps) for b in bases]
+            add(method, [(b, s) for b, s, _, _ in got], np.mean([c for _, _, _, c in got]))
+            labelled[method] = proxy_auc([(b, r) for b, _, r, _ in got], bench)
+    for name, folder in (("AbU, noise-image control", CONTROL["AbU"]),):
+        got = [(b, control_scores(b, root, folder, reps)) for b in bases]
+        add(name, got, float("nan"))
+    for name in BASELINES:
+        if (root / slug(name)).is_dir():
+            got = [(b,) + exemplar_scores(b, root, slug(name), "influence") for b in bases]
+            add(name, [(b, s) for b, s, _, _ in got], float("nan"))
+    rng = np.random.default_rng(0)
+    add("random scores (truth's chance)", [(b, rng.standard_normal((len(b.tasks), b.n_exemplar))) for b in bases],
+        float("nan"))
+    ceilings = {}
+    for b in bases:
+        c = ceiling_rows(b)
+        if c is not None:
+            for metric, values in c.items():
+                ceilings.setdefault((b.kind, metric), []).extend(values.tolist())
+    stats = [truth_stats(b) for b in bases]
+    return per_query, looks, ceilings, stats, labelled
+
+
+def control_scores(base: Base, root: Path, folder: str, reps) -> np.ndarray:
+    """The noise-image control as a ranking: its influence (the prompt's representative's) for every sample."""
+    layout = ResultsLayout(root / folder, root / "orig_loss")
+    return np.array([load_result(layout, reps[(t.model_path, t.prompt)])["influence"][:base.n_exemplar]
+                     for t in base.tasks])
+
+
+def proxy_auc(found, bench: Path) -> dict:
+    """The image-level AUC of the labelled pair queries (their proxy labels), per family, from rankings composed with
+    unselected peers."""
+    out = {}
+    for base, ranked in found:
+        pairs = [(t, r) for t, r, lab in zip(base.tasks, ranked, base.labelled) if lab]
+        if pairs:
+            for row in score_queries(pairs, dataroot=bench / "abc"):
+                out.setdefault(base.kind, []).append(row["auc"])
+    return out
+
+
+def fmt(values) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "–"
+    m, se = mean_and_stderr(values)
+    return f"{m:+.2f} ± {se:.2f}"
+
+
+def markdown(split, per_query, looks, ceilings, stats, labelled) -> str:
+    methods = list(dict.fromkeys(m for m, _, _ in per_query))
+    kinds = [k for k in KINDS if any(k == kk for _, kk, _ in per_query)]
+    lines = [f"Counterfactual truth, mini-AbC {split} split: every ranking's scores of a model's exemplars against "
+             "what retraining without each does (mean ± standard error over queries; ceiling: the truth of a second "
+             "training seed scored the same way). Peers of the contrasts: the prompt's samples that no label chose.", ""]
+    for kind in kinds:
+        n = len(per_query[(methods[0], kind, "LOO")])
+        lines += [f"**{kind}** ({n} queries)", "", "| ranking | " + " | ".join(t for _, t in METRICS) + " | cost |",
+                  "|---|" + "---|" * (len(METRICS) + 1)]
+        lines.append("| *ceiling: the truth at a second training seed* | " + " | ".join(
+            fmt(ceilings.get((kind, k), [])) for k, _ in METRICS) + " | |")
+        for m in methods:
+            cost = per_query.get((m, "cost", "cost"), [float("nan")])[0]
+            lines.append(f"| {m} | " + " | ".join(fmt(per_query[(m, kind, k)]) for k, _ in METRICS) +
+                         f" | {'' if cost != cost else f'{cost:,.0f}'} |")
+        lines.append("")
+    look_kinds = [k for k in ("two-look style", "two-look object") if any(kk == k for _, kk, _ in looks)]
+    if look_kinds:
+        lines += ["Look-level truth (two-look models: a sample's dependence on look A = its loss under the model "
+                  "retrained on look B alone minus under look A alone): per prompt, Spearman across samples between "
+                  "a ranking's A-exemplars-above-B and that dependence; pair AUC on each prompt's two samples most "
+                  "apart on it (0.5: ignores the image). Proxy AUC: the labelled pairs' AUC (their look-position "
+                  "labels), rankings composed with unselected peers.", "",
+                  "| ranking | " + " | ".join(f"{k}: look Spearman | {k}: look pair AUC | {k}: proxy AUC"
+                                              for k in look_kinds) + " |",
+                  "|---|" + "---|" * (3 * len(look_kinds))]
+        for m in methods:
+            cells = []
+            for k in look_kinds:
+                cells += [fmt(looks.get((m, k, "look Spearman"), [])), fmt(looks.get((m, k, "look pair AUC"), [])),
+                          fmt(labelled.get(m, {}).get(k, []))]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    keys = list(dict.fromkeys(k for s in stats for k in s if k not in ("base", "kind", "split")))
+    lines += ["The truth itself, per customized model:", "", "| model | kind | " + " | ".join(keys) + " |",
+              "|---|---|" + "---|" * len(keys)]
+    for s in stats:
+        lines.append(f"| {s['base']} | {s['kind']} | " + " | ".join(
+            ("–" if s.get(k) is None or s.get(k) != s.get(k) else
+             (f"{s[k]:.3g}" if isinstance(s[k], float) else str(s[k]))) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(per_query, ceilings, path: Path, metrics=("LOO", "LOO, image-specific", "LDS", "LDS, image-specific")) -> None:
+    """One panel per kind of model: each ranking's mean (± s.e.) per metric, one colour a metric, the truth's seed
+    ceiling as a dashed line of the metric's colour; 0 is where a ranking that knows nothing lands."""
+    from utils.io import atomic_write
+
+    methods = list(dict.fromkeys(m for m, k, _ in per_query if k != "cost"))
+    kinds = [k for k in KINDS if any(kk == k and any(v == v for v in vals)
+                                     for (_, kk, metric), vals in per_query.items() if metric == "LOO")]
+    _, probe, font = canvas(1, 1)
+    label_w = 20 + max(int(probe.textlength(m, font=font)) for m in methods)
+    row_h, panel_w, top = 16 + 5 * len(metrics), 300, 40
+    height = top + row_h * len(methods) + 30 + 18 * len(metrics)
+    img, d, font = canvas(label_w + (panel_w + 30) * len(kinds) + 10, height)
+    X = lambda j, v: label_w + j * (panel_w + 30) + (v + 1) / 2 * panel_w  # noqa: E731  [-1, 1] across a panel
+    bottom = top + row_h * len(methods)
+    for j, kind in enumerate(kinds):
+        d.rectangle([X(j, -1), top - 8, X(j, 1), bottom], outline="black")
+        d.text((X(j, -1), 6), kind, fill="black", font=font)
+        for v in (-1, -0.5, 0, 0.5, 1):
+            d.text((X(j, v) - 8, bottom + 4), f"{v:g}", fill="black", font=font)
+        for y in range(top - 8, bottom, 5):
+            d.line([X(j, 0), y, X(j, 0), y + 2], fill=(150, 150, 150))
+        for c, metric in enumerate(metrics):
+            ceiling = [v for v in ceilings.get((kind, metric), []) if v == v]
+            if ceiling:
+                x = X(j, float(np.mean(ceiling)))
+                for y in range(top - 8, bottom, 8):
+                    d.line([x, y, x, y + 4], fill=COLOURS[c + 1], width=2)
+        for i, m in enumerate(methods):
+            for c, metric in enumerate(metrics):
+                values = [v for v in per_query.get((m, kind, metric), []) if v == v]
+                if not values:
+                    continue
+                mean, se = mean_and_stderr(values)
+                y = top + row_h * i + 6 + 5 * c
+                d.line([X(j, max(mean - se, -1)), y, X(j, min(mean + se, 1)), y], fill=COLOURS[c + 1], width=2)
+                d.ellipse([X(j, mean) - 3, y - 3, X(j, mean) + 3, y + 3], fill=COLOURS[c + 1])
+    for i, m in enumerate(methods):
+        d.text((6, top + row_h * i + 2), m, fill="black", font=font)
+    for c, metric in enumerate(metrics):
+        y = bottom + 24 + 18 * c
+        d.ellipse([label_w, y, label_w + 10, y + 10], fill=COLOURS[c + 1])
+        d.text((label_w + 16, y - 2), f"{dict(METRICS)[metric]} (dashed: the truth's own ceiling, a second training "
+                                      "seed)", fill="black", font=font)
+    atomic_write(path, lambda fh: img.save(fh, format="PNG"))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--no_runs", action="store_true", help="only score runs already finished")
+    p.add_argument("--no_gradient", action="store_true", help="leave out the gradient-similarity baseline's runs")
+    p.add_argument("--bench", default=str(BENCH))
+    p.add_argument("--out", default=None, help="the runs' folder (default results/mini_abc/image_<split>, shared with "
+                                               "the image-level comparison)")
+    p.add_argument("--table_dir", default=str(REPO / "benchmarks" / "results" / "mini_abc"))
+    p.add_argument("--laion_subset_size", type=int, default=N_LAION)
+    p.add_argument("--unlearn_steps", type=int, default=SIZING["unlearn_steps"])
+    p.add_argument("--fisher_dataset_size", type=float, default=TUNED["fisher_dataset_size"])
+    args = p.parse_args()
+    bench = Path(args.bench)
+    root = Path(args.out or REPO / "results" / "mini_abc" / f"image_{args.split}")
+    task_json = with_truth(bench, args.split, root)
+    if not args.no_runs:
+        ensure_runs(task_json, root, load_tasks(task_json), args)
+    per_query, looks, ceilings, stats, labelled = evaluate(args.split, root, bench)
+    md = markdown(args.split, per_query, looks, ceilings, stats, labelled)
+    rows = [{"method": m, "kind": k, "metric": metric, "mean": mean_and_stderr([v for v in vals if v == v])[0]
+             if any(v == v for v in vals) else float("nan"), "n": sum(v == v for v in vals)}
+            for (m, k, metric), vals in per_query.items()]
+    write_table(Path(args.table_dir), f"counterfactual_{args.split}", md, rows)
+    plot(per_query, ceilings, Path(args.table_dir) / f"counterfactual_{args.split}.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

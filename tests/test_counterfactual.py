@@ -1,0 +1,79 @@
+"""Counterfactual ground truth: the scoring functions on hand-computed numbers (utils/counterfactual.py), and the
+builder's counterfactual stage on the tiny mini-AbC (data/mini_abc_build/counterfactual.py)."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from utils import counterfactual as cf
+
+
+def test_spearman_and_kendall_on_hand_computed_orderings():
+    assert cf.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert cf.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1, 2, 3) against (1, 3, 2): 1 - 6 * 2 / (3 * 8) = 0.5
+    assert cf.spearman([0.1, 0.2, 0.3], [5, 9, 7]) == pytest.approx(0.5)
+    assert cf.ranks(np.array([3.0, 1.0, 3.0])).tolist() == [2.5, 1.0, 2.5]  # ties at their mean rank
+    assert np.isnan(cf.spearman([1, 1, 1], [1, 2, 3]))  # a constant side has no ordering
+    # pairs (0,1) agree, (0,2) agree, (1,2) disagree: (1 + 1 - 1) / 3
+    assert cf.kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+
+
+def test_loo_effects_and_their_image_specific_part():
+    loss = {"full@0": np.array([1.0, 2.0, 3.0]), "loo0@0": np.array([1.5, 2.0, 3.3]),
+            "loo1@0": np.array([1.1, 2.4, 3.0])}
+    d = cf.loo_effects(loss, 2)
+    np.testing.assert_allclose(d, [[0.5, 0.1], [0.0, 0.4], [0.3, 0.0]], atol=1e-12)
+    with pytest.raises(KeyError):
+        cf.loo_effects(loss, 2, seed=1)
+    # queries 0 and 1 share a prompt, query 2 has none: its image-specific part is undefined
+    x = cf.image_specific(d, [0, 0, 1])
+    assert x[0].tolist() == pytest.approx([0.5, -0.3]) and x[1].tolist() == pytest.approx([-0.5, 0.3])
+    assert np.isnan(x[2]).all()
+    # explicit peers (the prompt's unselected samples) replace the prompt's others
+    assert cf.image_specific(d, [0, 0, 0], peers=[[2], [], [0, 1]])[0].tolist() == pytest.approx([0.2, 0.1])
+
+
+def test_lds_sums_the_scores_of_each_subset_against_minus_its_loss():
+    scores = np.array([[3.0, 2.0, 1.0, 0.0]])
+    subsets = [[0, 1], [0, 2], [1, 3], [2, 3]]  # summed scores 5, 4, 2, 1
+    exact = np.array([[0.1], [0.2], [0.3], [0.4]])  # the more the subset holds what helps, the lower the loss
+    assert cf.lds(scores, subsets, exact)[0] == pytest.approx(1.0)
+    assert cf.lds(scores, subsets, exact[::-1])[0] == pytest.approx(-1.0)
+    assert cf.lds(scores, subsets, np.array([[0.1], [0.3], [0.2], [0.4]]))[0] == pytest.approx(0.8)
+
+
+def test_per_query_and_across_samples():
+    scores = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    truth = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    assert cf.per_query(scores, truth).tolist() == pytest.approx([1.0, -1.0, 1.0])
+    # one prompt; per exemplar, across the 3 samples: e0 scores (1, 3, 1) vs truth (1, 1, 1): constant truth -> NaN;
+    # with a truth that varies, the scores' order across samples is what counts
+    truth = np.array([[0.1, 0.0, 0.0], [0.3, 0.0, 0.0], [0.2, 0.0, 0.0]])
+    got = cf.across_samples(scores, truth, [7, 7, 7])
+    assert got.tolist() == pytest.approx([cf.spearman([1, 3, 1], [0.1, 0.3, 0.2])] * 3)
+
+
+def test_look_pairs_and_pair_auc():
+    looks = [0, 0, 1, 1]
+    dependence = np.array([0.5, -0.2, 0.1, 0.0])  # prompt 0: samples 0, 1; prompt 1: samples 2, 3
+    pairs = cf.look_pairs(dependence, [0, 0, 1, 1])
+    assert pairs == [(0, 1), (2, 3)]
+    scores = np.array([[2, 2, 1, 1], [1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 2, 2]], dtype=float)
+    # pair 1 right both ways (AUC 1); pair 2 the same scores for both queries: 0.5 whatever they are
+    assert cf.look_pair_auc(scores, looks, pairs).tolist() == pytest.approx([1.0, 0.5])
+    assert cf.within_query_auc([1, 1, 1, 1], [0, 1], [2, 3]) == 0.5
+
+
+def test_between_samples_agreement_and_signal_to_noise():
+    rng = np.random.default_rng(0)
+    prompt_of = [0] * 6 + [1] * 6
+    shared = rng.standard_normal((2, 5)).repeat(6, axis=0)  # each prompt one ordering of 5 exemplars
+    noise = lambda: 0.01 * rng.standard_normal((12, 5))  # noqa: E731
+    e0, e1 = shared + noise(), shared + noise()
+    assert np.nanmean(cf.agreement_between_samples(e0, prompt_of)) > 0.9  # samples of a prompt agree
+    assert cf.signal_to_noise(e0, e1, prompt_of) == pytest.approx(1.0, abs=0.6)  # they differ by noise only
+    specific = shared + rng.standard_normal((12, 5))  # samples differ far beyond the seed noise
+    assert cf.signal_to_noise(specific + noise(), specific + noise(), prompt_of) > 100

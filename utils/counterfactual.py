@@ -1,0 +1,164 @@
+"""Scoring an attribution against counterfactual ground truth: what retraining a customization without an exemplar
+does to a query's loss (docs/counterfactual.md; the truth itself is built by data/mini_abc_build/counterfactual.py).
+
+Notation, per customized model (a *base*): queries q (its synthesized images), exemplars e, L_S(q) the query's
+loss under the customization retrained on the exemplar set S (mean over both flips and T shared (t, noise) draws).
+
+  LOO effect        d(q, e) = L_{all but e}(q) - L_all(q): how much the query needed e (positive: removing e makes
+                    the query less likely)
+  image-specific    x(q) - mean over q's peers q' of x(q'), peers the other samples of q's prompt: what differs
+                    between two images of one prompt of one model
+  LOO Spearman      per query, Spearman over e between a ranking's scores s(q, e) and d(q, e)
+  LDS               per query, Spearman over the random halves S_m between sum_{e in S_m} s(q, e) and -L_{S_m}(q)
+                    (the linear datamodeling score of TRAK / D-TRAK; the minus sign because an exemplar that helps
+                    lowers the loss)
+  look dependence   two-look models: L_{look B alone}(q) - L_{look A alone}(q), how much more q needs look A
+
+A ranking's scores are higher for a candidate it holds more influential (AbU: the loss rise after unlearning q).
+Every function takes plain arrays: [n_queries, n_exemplars] scores and effects, [n_sets, n_queries] losses.
+"""
+from itertools import combinations
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """[n] -> [n] float64 ranks from 1, ties given their mean rank."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    r = np.empty(len(values), dtype=np.float64)
+    r[order] = np.arange(1, len(values) + 1)
+    for v in np.unique(values[np.isfinite(values)]):
+        tied = values == v
+        if tied.sum() > 1:
+            r[tied] = r[tied].mean()
+    return r
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties at their mean rank); NaN when either side is constant or has fewer than 2
+    finite pairs."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b)
+    if keep.sum() < 2:
+        return float("nan")
+    ra, rb = ranks(a[keep]), ranks(b[keep])
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-a over the pairs of positions (ties count 0); NaN for fewer than 2 positions."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2:
+        return float("nan")
+    i, j = np.triu_indices(len(a), 1)
+    return float(np.mean(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])))
+
+
+def loo_effects(loss: Dict[str, np.ndarray], n_exemplar: int, seed: int = 0) -> np.ndarray:
+    """[n_queries, n_exemplars] d(q, e) = L_{loo e}(q) - L_full(q) from the losses of the sets `loo<e>@<seed>` and
+    `full@<seed>` ({set name: [n_queries]}). Raises KeyError naming a set not measured."""
+    full = loss[f"full@{seed}"]
+    return np.stack([loss[f"loo{e}@{seed}"] - full for e in range(n_exemplar)], axis=1)
+
+
+def image_specific(values: np.ndarray, prompt_of: Sequence, peers: Sequence[Sequence[int]] = None) -> np.ndarray:
+    """values [n_queries, ...] minus, for each query, the mean of its peers' values; peers default to the other
+    queries with the same prompt (`prompt_of` [n_queries]). A query without peers gets NaN."""
+    values = np.asarray(values, dtype=np.float64)
+    prompt_of = list(prompt_of)
+    if peers is None:
+        peers = [[j for j, p in enumerate(prompt_of) if p == prompt_of[i] and j != i] for i in range(len(values))]
+    out = np.full_like(values, np.nan)
+    for i, group in enumerate(peers):
+        if len(group):
+            out[i] = values[i] - values[list(group)].mean(axis=0)
+    return out
+
+
+def per_query(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """[n_queries] Spearman over exemplars between each query's scores and truth (both [n_queries, n_exemplars])."""
+    return np.array([spearman(s, t) for s, t in zip(scores, truth)])
+
+
+def lds(scores: np.ndarray, subsets: Sequence[Sequence[int]], subset_loss: np.ndarray) -> np.ndarray:
+    """[n_queries] linear datamodeling score: per query, Spearman over the M subsets between the summed scores of
+    each subset's exemplars and minus the query's loss under the model trained on it. scores [n_queries,
+    n_exemplars], subset_loss [M, n_queries]."""
+    member = np.zeros((len(subsets), scores.shape[1]))
+    for m, s in enumerate(subsets):
+        member[m, list(s)] = 1.0
+    predicted = member @ np.asarray(scores, dtype=np.float64).T  # [M, n_queries]
+    return np.array([spearman(predicted[:, q], -np.asarray(subset_loss)[:, q]) for q in range(scores.shape[0])])
+
+
+def across_samples(scores: np.ndarray, truth: np.ndarray, prompt_of: Sequence) -> np.ndarray:
+    """Per query, the Spearman over its prompt's samples (itself and its peers) between a ranking's score for an
+    exemplar and that exemplar's truth, averaged over the exemplars: does the ranking give an exemplar more weight in
+    the samples that need it more? (Defined for one exemplar too.) The same value for every sample of a prompt."""
+    prompt_of = np.asarray(list(prompt_of))
+    out = np.full(len(scores), np.nan)
+    for p in np.unique(prompt_of):
+        group = np.flatnonzero(prompt_of == p)
+        values = [spearman(scores[group, e], truth[group, e]) for e in range(scores.shape[1])]
+        if np.isfinite(values).any():
+            out[group] = np.nanmean(values)
+    return out
+
+
+def within_query_auc(scores: np.ndarray, matching: Sequence[int], non_matching: Sequence[int]) -> float:
+    """The chance that one query's score of a matching exemplar exceeds that of a non-matching one (ties half)."""
+    a = np.asarray(scores, dtype=np.float64)[list(matching)][:, None]
+    b = np.asarray(scores, dtype=np.float64)[list(non_matching)][None, :]
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def look_pairs(dependence: np.ndarray, prompt_of: Sequence) -> List[tuple]:
+    """Per prompt, (the sample that needs look A most, the one that needs it least) by the look dependence."""
+    prompt_of = np.asarray(list(prompt_of))
+    out = []
+    for p in dict.fromkeys(prompt_of.tolist()):
+        group = np.flatnonzero(prompt_of == p)
+        if len(group) >= 2:
+            out.append((int(group[np.argmax(dependence[group])]), int(group[np.argmin(dependence[group])])))
+    return out
+
+
+def look_pair_auc(scores: np.ndarray, looks: Sequence[int], pairs: Sequence[tuple]) -> np.ndarray:
+    """[n_pairs] for each (A-needing, B-needing) pair of queries: the mean of the first's within-query AUC of look A's
+    exemplars above B's and the second's of B's above A's (0.5 for a ranking that ignores the image)."""
+    a = [e for e, look in enumerate(looks) if look == 0]
+    b = [e for e, look in enumerate(looks) if look == 1]
+    return np.array([0.5 * (within_query_auc(scores[i], a, b) + within_query_auc(scores[j], b, a)) for i, j in pairs])
+
+
+def agreement_between_samples(effects: np.ndarray, prompt_of: Sequence) -> np.ndarray:
+    """[n_queries] mean Kendall tau between a query's LOO ordering and each peer's (same prompt): how alike the
+    truth is for two images of one prompt."""
+    prompt_of = list(prompt_of)
+    out = np.full(len(effects), np.nan)
+    for i in range(len(effects)):
+        taus = [kendall_tau(effects[i], effects[j]) for j, p in enumerate(prompt_of) if p == prompt_of[i] and j != i]
+        if taus:
+            out[i] = float(np.mean(taus))
+    return out
+
+
+def signal_to_noise(effects_0: np.ndarray, effects_1: np.ndarray, prompt_of: Sequence) -> float:
+    """How far the truth's differences between samples of one prompt stand above its training-seed noise: the mean
+    over prompts and exemplars of the variance of d(q, e) across the prompt's samples (seed 0), divided by the seed
+    noise variance var(d_0 - d_1) / 2 pooled over queries. About 1 when the samples differ only by noise."""
+    prompt_of = np.asarray(list(prompt_of))
+    noise = np.var(effects_0 - effects_1, axis=0, ddof=1).mean() / 2
+    between = [np.var(effects_0[prompt_of == p], axis=0, ddof=1).mean() for p in np.unique(prompt_of)
+               if (prompt_of == p).sum() > 1]
+    return float(np.mean(between) / noise) if noise > 0 and between else float("nan")
+
+
+def mean_pairwise(values: Sequence[np.ndarray], fn) -> float:
+    """Mean of fn(a, b) over the pairs of `values` (e.g. Kendall tau between all queries' orderings)."""
+    out = [fn(a, b) for a, b in combinations(values, 2)]
+    return float(np.nanmean(out)) if out else float("nan")
