@@ -12,7 +12,7 @@ PY=${PYTHON:-python}
 if [[ ${BENCH:-mini} == tiny ]]; then
   B=data/tiny_abc
   RES=${RESULTS:-results/tiny}
-  [[ -f $B/abc/sd_fisher.pt ]] || $PY data/build_tiny_abc.py --out $B
+  [[ -f $B/abc/sd_fisher.pt ]] || $PY -m data.build_tiny_abc --out $B
   COMMON=(--sd_version $B/sd-tiny --dataroot $B/abc --task_json $B/tasks.json --result_dir "$RES"
           --laion_subset_size 12)
   # 12 LAION-like images: B = 20 pairs of (candidate, timestep) with T = 5 timesteps, in both stages
@@ -29,7 +29,7 @@ B=data/mini_abc
 RES=${RESULTS:-results/mini_abc/demo}
 TASKS=$B/tasks/demo.json
 # laion_latents.npy, laion_text_embeddings.npy and sd_fisher.pt are derived here on first use (~1 min)
-$PY data/build_mini_abc.py --out $B --stage derive --no_all_weights_fisher
+$PY -m data.build_mini_abc --out $B --stage derive --no_all_weights_fisher
 COMMON=(--sd_version $B/sd-mini --dataroot $B/abc --task_json $TASKS --result_dir "$RES" --laion_subset_size 600)
 $PY compute_training_loss.py "${COMMON[@]}" --batch_size 240 --time_samples 3 "$@"
 # N is the mini-AbC value chosen on the validation split (docs/mini_abc.md); the sizing is the comparison's

@@ -1,6 +1,6 @@
 """Time the CLIs themselves (both stages, exact and two-stage, at each precision) on an SD-shaped benchmark.
 
-    python benchmarks/sd_shaped.py --out /tmp/sd --images 200 && python benchmarks/cli_timing.py --bench /tmp/sd
+    python -m benchmarks.sd_shaped --out /tmp/sd --images 200 && python -m benchmarks.cli_timing --bench /tmp/sd
 
 Every run is a fresh process of compute_training_loss.py or compute_influence.py, as a user runs them. A run
 that finds every output finished measures the fixed cost (imports, loading the model, checks), which is
@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.runner import python_command
 from utils.batch_clock import ENV, steady_rate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def timed_run(script: str, args, batch_times: Path = None) -> float:
         batch_times.unlink(missing_ok=True)
         env[ENV] = str(batch_times)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, str(REPO / script)] + [str(a) for a in args], cwd=REPO,
+    proc = subprocess.run(python_command(script) + [str(a) for a in args], cwd=REPO,
                           capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.exit(f"{script} {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")

@@ -1,9 +1,9 @@
 """Every ranking judged on counterfactual ground truth: what retraining a customization without an exemplar does.
 
-    python benchmarks/counterfactual.py --split val     # benchmarks/results/mini_abc/counterfactual_val.{md,csv,png}
-    python benchmarks/counterfactual.py --split test
+    python -m benchmarks.counterfactual --split val     # benchmarks/results/mini_abc/counterfactual_val.{md,csv,png}
+    python -m benchmarks.counterfactual --split test
 
-Reads the truth the builder measured (python data/build_mini_abc.py --stage counterfactual;
+Reads the truth the builder measured (python -m data.build_mini_abc --stage counterfactual;
 data/mini_abc_build/counterfactual.py) for every customized model of the split that has one, runs (or reuses) the
 rankings over every query of tasks/counterfactual_<split>.json at the image-level comparison's sizing (its results
 folder results/mini_abc/image_<split>, so both share runs): AbU on the paper's schedule, AbU with the stopping rule,
@@ -24,7 +24,7 @@ import numpy as np
 from benchmarks.runner import (BENCH, COLOURS, REPO, SIZING, TUNED, abu_flags, canvas, common_flags, derive_arrays,
                                run, stage1, timed, tuned_sizing, write_table)
 from data.mini_abc_build.counterfactual import OUT_DIR, load_truth
-from data.mini_abc_build.image_level import IMAGE_TEST_CASES, ImageLevelConfig
+from data.mini_abc_build.image_level import ImageLevelConfig
 from utils import counterfactual as cf
 from utils.evaluation import load_result, score_queries
 from utils.io import load_json, save_json
@@ -56,7 +56,7 @@ def slug(name: str) -> str:
 def with_truth(bench: Path, split: str, out: Path) -> Path:
     """<out>/counterfactual_tasks.json: the queries of tasks/counterfactual_<split>.json whose model has a measured
     leave-one-out truth (a build in progress has some models only): the ones worth running."""
-    plan = load_json(bench / OUT_DIR / "plan.json", "counterfactual plan (python data/build_mini_abc.py --stage "
+    plan = load_json(bench / OUT_DIR / "plan.json", "counterfactual plan (python -m data.build_mini_abc --stage "
                                                     "counterfactual)")
     ready = {q["path"] for b in plan["bases"] if b["split"] == split and b["name"] in measured_bases(bench, plan)
              for q in b["queries"]}
@@ -292,7 +292,7 @@ def proxy_positions(base: Base) -> np.ndarray:
 
 # ------------------------------------------------------------------ the table
 def evaluate(split: str, root: Path, bench: Path = BENCH):
-    plan = load_json(bench / OUT_DIR / "plan.json", "counterfactual plan (python data/build_mini_abc.py --stage "
+    plan = load_json(bench / OUT_DIR / "plan.json", "counterfactual plan (python -m data.build_mini_abc --stage "
                                                     "counterfactual)")
     tasks = load_tasks(bench / "tasks" / f"counterfactual_{split}.json")
     by_path = {t.synth_image_path: t for t in tasks}

@@ -43,13 +43,13 @@ fi
 
 if [[ -z "${SKIP_TRACKING:-}" ]]; then
 echo "== 2. loss-tracking benchmark, SD v1.4 UNet (random weights)"
-PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 benchmarks/loss_tracking.py --model sd14 --device cuda ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/benchmark_sd14.txt"
+PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m benchmarks.loss_tracking --model sd14 --device cuda ${BENCH_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/benchmark_sd14.txt"
 fi
 
 if [[ -z "${SKIP_AGREEMENT:-}" ]]; then
 echo "== 3. precision agreement on mini-AbC (val), CUDA"
-python3 data/build_mini_abc.py --out data/mini_abc --stage derive --no_all_weights_fisher > "$OUT/derive.log" 2>&1
-python3 benchmarks/precision_agreement.py --split val --precisions bf16,fp16 --device cuda > "$OUT/agreement.log" 2>&1
+python3 -m data.build_mini_abc --out data/mini_abc --stage derive --no_all_weights_fisher > "$OUT/derive.log" 2>&1
+python3 -m benchmarks.precision_agreement --split val --precisions bf16,fp16 --device cuda > "$OUT/agreement.log" 2>&1
 echo "precision_agreement.py: exit $?"; tail -8 "$OUT/agreement.log"
 cp results/mini_abc/val/precision/agreement.md "$OUT/agreement_cuda_val.md" 2>/dev/null
 fi
@@ -57,8 +57,8 @@ fi
 if [[ -z "${SKIP_CLI:-}" ]]; then
 echo "== 4. the CLIs on a random SD v1.4-shaped model"
 SD=/tmp/sd_shaped
-python3 benchmarks/sd_shaped.py --out $SD --images ${CLI_IMAGES:-200} > "$OUT/sd_shaped.log" 2>&1 || { echo "sd_shaped.py failed"; tail -20 "$OUT/sd_shaped.log"; }
-python3 benchmarks/cli_timing.py --bench $SD --images ${CLI_IMAGES:-200} --unlearn_steps ${CLI_STEPS:-5} \
+python3 -m benchmarks.sd_shaped --out $SD --images ${CLI_IMAGES:-200} > "$OUT/sd_shaped.log" 2>&1 || { echo "sd_shaped.py failed"; tail -20 "$OUT/sd_shaped.log"; }
+python3 -m benchmarks.cli_timing --bench $SD --images ${CLI_IMAGES:-200} --unlearn_steps ${CLI_STEPS:-5} \
   --rescore_top ${CLI_RESCORE:-10} \
   --runs "${CLI_RUNS:-1:bf16,2:bf16:exact,2:bf16:recommended,1:bf16 + compile,2:bf16 + compile:exact,2:bf16 + compile:recommended}" \
   2>&1 | tee "$OUT/cli_timing.md"

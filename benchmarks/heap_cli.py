@@ -1,7 +1,7 @@
 """Wall, user and system seconds of stage 2 through the CLI under each heap policy (utils/host_memory.py), on two
 model sizes, each run a fresh process as a user runs it.
 
-    python benchmarks/heap_cli.py          # about 10 minutes on 2 cores; writes benchmarks/results/heap_cli_cpu.md
+    python -m benchmarks.heap_cli          # about 10 minutes on 2 cores; writes benchmarks/results/heap_cli_cpu.md
 
 Fixtures: `attn16`, a random SD-shaped pipeline with cross-attention at 16 x 16 latents, 12 LAION-like candidates,
 3 exemplars and 2 queries (benchmarks/sd_shaped.py --scale attn16), stage 2 at --precision fp32
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.runner import REPO, SIZING, TUNED, derive_arrays
+from benchmarks.runner import REPO, SIZING, TUNED, derive_arrays, python_command
 
 POLICIES = ("heap+trim", "trim", "1MiB", "glibc")
 
@@ -57,7 +57,7 @@ def fixtures(work: Path) -> dict:
 def run(cmd, env=None) -> dict:
     """Run a command to its end; {wall, user, sys} seconds of that child alone (os.wait4's resource usage)."""
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable] + [str(c) for c in cmd], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(python_command(cmd[0]) + [str(c) for c in cmd[1:]], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -103,7 +103,7 @@ def main():
                          f"{med['sys'] / med['user']:.1%} | {work_share:.1%} |")
     table = "\n".join(lines) + "\n"
     print(table)
-    Path(args.out).write_text(f"`python benchmarks/heap_cli.py --repeats {args.repeats} --policies {args.policies} "
+    Path(args.out).write_text(f"`python -m benchmarks.heap_cli --repeats {args.repeats} --policies {args.policies} "
                               f"--fixtures '{args.fixtures}'`, "
                               f"this CPU ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}: median of the runs\n\n"
                               + table)

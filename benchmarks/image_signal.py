@@ -1,7 +1,7 @@
 """Where a query's image shows in AbU's loss rises: per timestep and per unlearning step, on mini-AbC's image-level
 test cases (docs/method.md section 11).
 
-    python benchmarks/image_signal.py --split val     # prints the table, writes results/mini_abc/image_signal_val.csv
+    python -m benchmarks.image_signal --split val     # prints the table, writes results/mini_abc/image_signal_val.csv
 
 Each image-level pair is two samples of one prompt whose answers are swapped (q reads as look/style A, q' as B). For
 every pair this unlearns both queries as compute_influence.py does (same flags as the comparison's AbU row), keeps

@@ -5,10 +5,10 @@ projected time of one query at the paper's scale (100K LAION x 2 flips x 10 time
 plus 100 unlearning steps of 10 x 16 forward+backward passes). Weights are random (speed does not
 depend on them), so the sizes are exactly SD v1.4's without downloading it:
 
-    python benchmarks/loss_tracking.py --model sd14 --device cuda     # on a GPU
-    python benchmarks/loss_tracking.py --model mini --device cpu --settings authors,bf16,fp16,bf16-b400
+    python -m benchmarks.loss_tracking --model sd14 --device cuda     # on a GPU
+    python -m benchmarks.loss_tracking --model mini --device cpu --settings authors,bf16,fp16,bf16-b400
                                                                       # the mini-AbC UNet on a CPU
-    python benchmarks/loss_tracking.py --model tiny --device cpu      # anywhere, seconds
+    python -m benchmarks.loss_tracking --model tiny --device cpu      # anywhere, seconds
 
 The settings run `collect_losses` / `unlearn` with their --precision (utils/precision.py); their agreement
 with fp32 on real rankings is measured by benchmarks/precision_agreement.py (losses of a random UNet

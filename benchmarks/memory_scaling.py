@@ -1,6 +1,6 @@
 """Peak memory of loss tracking against the LAION subset size and the batch size, on synthetic arrays.
 
-    python benchmarks/memory_scaling.py       # subsets of 1,000 and 8,000 images, B = 100 and 400
+    python -m benchmarks.memory_scaling       # subsets of 1,000 and 8,000 images, B = 100 and 400
 
 Writes memory-mapped `laion_latents.npy` [2N, 4, 64, 64] and `laion_text_embeddings.npy` [N, 77, 768] of
 SD v1.4's real shapes (random values) into a temporary folder, then in a fresh process per case runs
@@ -13,7 +13,7 @@ memory (the process's own footprint: model, batches, outputs) and the peak file-
 of utils.host_memory.configure_heap: glibc's allocator never trimmed, every buffer on the heap and trimmed every
 16 batches (what both stages do), glibc's thresholds trimmed alike, a fixed mmap threshold. Linux only.
 
-    python benchmarks/memory_scaling.py --sizes 1000,8000,32000,64000 --batch_sizes 100 --allocators trim,heap+trim
+    python -m benchmarks.memory_scaling --sizes 1000,8000,32000,64000 --batch_sizes 100 --allocators trim,heap+trim
 """
 import argparse
 import json
@@ -114,7 +114,8 @@ def main():
             arrays = sum(f.stat().st_size for f in root.iterdir()) / 2**20
             for allocator in args.allocators.split(","):
                 for b in (int(x) for x in args.batch_sizes.split(",")):
-                    out = subprocess.run([sys.executable, __file__, "--child", str(root), str(n), str(b), allocator],
+                    out = subprocess.run([sys.executable, "-m", "benchmarks.memory_scaling", "--child", str(root), str(n), str(b), allocator],
+                                         cwd=REPO,
                                          capture_output=True, text=True, check=True,
                                          env={**os.environ, "TQDM_DISABLE": "1"})
                     r = json.loads(out.stdout.strip().splitlines()[-1])

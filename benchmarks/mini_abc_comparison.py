@@ -1,8 +1,8 @@
 """The paper's comparison on mini-AbC: AbU, its ablations and controls, and baselines, on one split.
 
-    python benchmarks/mini_abc_comparison.py --split test                     # the README's table (about an hour)
-    python benchmarks/mini_abc_comparison.py --split test --with_stop_rule    # + the stopping rule's three rows
-    python benchmarks/mini_abc_comparison.py --split val --methods AbU ...    # tuning (validation only)
+    python -m benchmarks.mini_abc_comparison --split test                     # the README's table (about an hour)
+    python -m benchmarks.mini_abc_comparison --split test --with_stop_rule    # + the stopping rule's three rows
+    python -m benchmarks.mini_abc_comparison --split val --methods AbU ...    # tuning (validation only)
 
 Runs stage 1 once (shared cache), each method into results/mini_abc/<split>/<method>/, scores each with
 utils/evaluation.py (evaluate.py's scorer), and writes comparison.md / comparison.csv (Recall@{5,10,100}, mAP with

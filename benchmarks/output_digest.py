@@ -1,7 +1,7 @@
 """A digest of every output the pipeline writes, to check that a change of the code leaves them byte for byte.
 
-    python benchmarks/output_digest.py --out results/digest/after.json
-    python benchmarks/output_digest.py --compare results/digest/before.json results/digest/after.json
+    python -m benchmarks.output_digest --out results/digest/after.json
+    python -m benchmarks.output_digest --compare results/digest/before.json results/digest/after.json
 
 Runs, from the repository root and with relative paths (so two checkouts write the same recorded paths):
 on the tiny benchmark (data/tiny_abc, built when missing) stage 1; stage 2 exact, with the noise-image control
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.runner import REPO, python_command
 RUNS = Path("results/digest/runs")
 TINY = Path("data/tiny_abc")
 MINI = Path("data/mini_abc")
@@ -26,7 +26,7 @@ SKIP = {"timing.json"}  # wall time, not an output of the method
 
 def sh(*cmd) -> None:
     print("$ " + " ".join(map(str, cmd)), flush=True)
-    subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, check=True)
+    subprocess.run(python_command(cmd[0]) + [str(c) for c in cmd[1:]], cwd=REPO, check=True)
 
 
 def tiny_runs() -> None:

@@ -1,7 +1,7 @@
 """Do the fast precisions give the same attributions as fp32? AbU on mini-AbC at each --precision.
 
-    python benchmarks/precision_agreement.py --split val                     # fp32, bf16, fp16
-    python benchmarks/precision_agreement.py --split test --precisions bf16
+    python -m benchmarks.precision_agreement --split val                     # fp32, bf16, fp16
+    python -m benchmarks.precision_agreement --split test --precisions bf16
 
 Runs stage 1 and stage 2 (the comparison's sizing and tuned settings) once per precision into
 results/mini_abc/<split>/precision/<p>/ (fp32: the comparison's own AbU row and cache, reused when

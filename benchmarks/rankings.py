@@ -1,7 +1,7 @@
 """The rankings of --ranking (utils/ranking.py) on mini-AbC: AbC's four test cases and the image-level ones, one split.
 
-    python benchmarks/rankings.py --split val     # choose (validation only)
-    python benchmarks/rankings.py --split test    # report: benchmarks/results/mini_abc/rankings_test.{md,csv}
+    python -m benchmarks.rankings --split val     # choose (validation only)
+    python -m benchmarks.rankings --split test    # report: benchmarks/results/mini_abc/rankings_test.{md,csv}
 
 Runs (or reuses) the comparison's unlearning rows that the rankings are made of: AbU, its noise-image control, and
 the same two under the stopping rule, on both kinds of test case (benchmarks/mini_abc_comparison.py --cases abc and
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runner import REPO, labelled_task_file, write_table
+from benchmarks.runner import REPO, labelled_task_file, python_command, write_table
 from utils.evaluation import load_result, score_queries
 from utils.metrics import mean_and_stderr, rank_candidates
 from utils.ranking import compose, peers_of, query_parts
@@ -45,8 +45,8 @@ COLUMNS = [("style mAP", "abc", "style", "ap"), ("object mAP", "abc", "object", 
 def ensure_runs(split: str) -> None:
     """The four unlearning rows on both kinds of test case (finished queries are reused)."""
     for cases in ("abc", "image"):
-        cmd = [sys.executable, str(REPO / "benchmarks" / "mini_abc_comparison.py"), "--split", split, "--cases", cases,
-               "--methods", *RUNS]
+        cmd = python_command("benchmarks/mini_abc_comparison.py") + ["--split", split, "--cases", cases,
+                                                                     "--methods", *RUNS]
         if subprocess.run(cmd, cwd=REPO).returncode:
             sys.exit(f"{' '.join(cmd)} failed")
 

@@ -57,10 +57,21 @@ def labelled_task_file(task_json: Path, dataroot: Path, out: Path) -> Path:
     return path
 
 
+def python_command(script, repo: Path = REPO) -> list:
+    """The command that runs one of the repo's scripts with this Python, from the repo root (the cwd it needs): a
+    top-level script by its path, one in a folder as a module (`data/x.py` -> `-m data.x`), because the repo is
+    not installed and `data` or `benchmarks` resolve only from the root (README, "Install")."""
+    path = Path(script)
+    relative = path.relative_to(repo) if path.is_absolute() else path
+    if len(relative.parts) == 1:
+        return [sys.executable, str(repo / relative)]
+    return [sys.executable, "-m", ".".join(relative.with_suffix("").parts)]
+
+
 def run(cmd) -> bool:
-    """Run one of the repo's scripts with this Python; True when it exits 0."""
+    """Run one of the repo's scripts (`cmd[0]`, a path) with this Python from the repo root; True when it exits 0."""
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
-    return subprocess.run([sys.executable] + [str(c) for c in cmd], cwd=REPO).returncode == 0
+    return subprocess.run(python_command(cmd[0]) + [str(c) for c in cmd[1:]], cwd=REPO).returncode == 0
 
 
 def derive_arrays(bench: Path, all_weights_fisher: bool = True) -> None:

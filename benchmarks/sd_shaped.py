@@ -1,8 +1,8 @@
 """An AbC-layout benchmark around a randomly initialized model of Stable Diffusion v1.4's exact shapes.
 
-    python benchmarks/sd_shaped.py --out /tmp/sd_shaped --images 200            # SD v1.4 shapes (GPU timing)
-    python benchmarks/sd_shaped.py --out /tmp/sd_shaped --images 12 --scale tiny  # the same layout, tiny (CPU)
-    python benchmarks/sd_shaped.py --out /tmp/attn16 --images 12 --scale attn16   # tiny, attention at 16 x 16
+    python -m benchmarks.sd_shaped --out /tmp/sd_shaped --images 200            # SD v1.4 shapes (GPU timing)
+    python -m benchmarks.sd_shaped --out /tmp/sd_shaped --images 12 --scale tiny  # the same layout, tiny (CPU)
+    python -m benchmarks.sd_shaped --out /tmp/attn16 --images 12 --scale attn16   # tiny, attention at 16 x 16
 
 Speed does not depend on the weights, so the CLIs themselves (both stages, exact and two-stage, every
 --precision and --compile) can be timed on it where the real SD weights cannot be downloaded: writes

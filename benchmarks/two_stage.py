@@ -1,8 +1,8 @@
 """Two-stage AbU against exact AbU on mini-AbC: cost (forward-equivalents, wall time) and agreement, side by side.
 
-    python benchmarks/two_stage.py --split val     # choose the screen and M (validation only)
-    python benchmarks/two_stage.py --split test    # the table in docs/performance.md
-    python benchmarks/two_stage.py --split val --settings coarse:1:0.5:1:100:2:on-demand --laion_subset_size 1444
+    python -m benchmarks.two_stage --split val     # choose the screen and M (validation only)
+    python -m benchmarks.two_stage --split test    # the table in docs/performance.md
+    python -m benchmarks.two_stage --split val --settings coarse:1:0.5:1:100:2:on-demand --laion_subset_size 1444
 
 A setting is screen:T':M[:flips[:K[:margin]]][:on-demand]: the screen, its timesteps, M (the candidates re-scored,
 as a fraction; with K the cap), the flips screened, --keep_top K and --keep_margin, and --before_losses on-demand

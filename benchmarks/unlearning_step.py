@@ -1,6 +1,6 @@
 """Seconds per unlearning step on the CPU, for each host allocator setting, beside a plain reference loop.
 
-    python benchmarks/unlearning_step.py        # about 3 minutes on 2 cores
+    python -m benchmarks.unlearning_step        # about 3 minutes on 2 cores
 
 The fixture: a randomly initialized UNet with cross-attention at 16 x 16 latents (SD's block layout at a
 tiny width), the authors' unlearning schedule per step (10 micro-batches of 16 copies of one query, fresh
@@ -104,7 +104,7 @@ def main():
         return
     print(f"{'case':<34} {'median s/step':>14} {'min s/step':>11}")
     for case in args.cases.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", case, str(args.steps)], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "benchmarks.unlearning_step", "--child", case, str(args.steps)], cwd=REPO, capture_output=True,
                              text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
         r = json.loads(out.stdout.strip().splitlines()[-1])
         label = "reference loop (authors' recipe)" if case == "reference" else f"unlearn(), allocator {case}"

@@ -2,9 +2,9 @@
 
 Same on-disk layout and formats as AbC, so the repo's scripts run on it unchanged:
 
-    python data/build_mini_abc.py --out data/mini_abc                  # everything (docs/mini_abc.md: time)
-    python data/build_mini_abc.py --out data/mini_abc --stage derive   # only the arrays not committed
-    python data/build_mini_abc.py --out data/mini_abc --device cuda    # train on a GPU (the CPU path is the default)
+    python -m data.build_mini_abc --out data/mini_abc                  # everything (docs/mini_abc.md: time)
+    python -m data.build_mini_abc --out data/mini_abc --stage derive   # only the arrays not committed
+    python -m data.build_mini_abc --out data/mini_abc --device cuda    # train on a GPU (the CPU path is the default)
 
 Design (docs/mini_abc.md):
 * 11 independently designed emoji sets draw the same concepts (data/mini_abc_build/sources.py). Four are
@@ -32,7 +32,6 @@ reads plan.json, so any subset of stages can be rerun.
 """
 import argparse
 import json
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 from data.mini_abc_build import sources
+from data.mini_abc_build.common import (HELDOUT_STYLES, STYLE_PROMPT, STYLE_QUERY, TRAINING_STYLES,
+                                        PipeAsBase, duotone, slug, train_captions)
 from data.mini_abc_build.counterfactual import CounterfactualConfig, CounterfactualStage
 from data.mini_abc_build.customize import CustomizationConfig, customize
 from data.mini_abc_build.image_level import ImageLevelConfig, ImageLevelStage, image_level_report
@@ -56,22 +57,10 @@ from data.mini_abc_build.train_base import BaseModelConfig, train_base_model
 from utils.io import load_json, save_json
 from utils.transforms import to_model_input
 
-# training style set -> the word captions and prompts call it by. Four sets that differ at 32 px (flat colour,
-# glossy 3D, black outlines, black and white): with seven, most of them flat colour sets, a first build's model
-# ignored the style words (docs/mini_abc.md, "What did not work")
-TRAINING_STYLES = {"noto": "google", "fluent-emoji": "glossy", "openmoji": "outline",
-                   "fluent-emoji-high-contrast": "monochrome"}
-# held out of pretraining: the artist-style test case draws its exemplars from these (the last is validation's)
-HELDOUT_STYLES = ("emojione-monotone", "emojione-v1", "noto-v1", "fxemoji")
 CATEGORY_WORDS = {"Objects": "object", "Travel & Places": "place", "Smileys & Emotion": "face",
                   "Food & Drink": "food", "Activities": "activity"}
 CAPTIONS_WITH_STYLE = ("a {name} in the style of {style} art", "a picture of a {name} in the style of {style} art")
 CAPTIONS_PLAIN = ("a {name}", "a picture of a {name}", "a {name}, a {category}")
-STYLE_PROMPT = "a picture in the style of <new1> art"
-# a style model trains on its exemplars captioned with their objects: with the one caption above for all eight, the
-# customization memorized the eight pictures and new objects kept the base model's style (docs/mini_abc.md)
-STYLE_EXEMPLAR_CAPTION = "a picture of a {name} in the style of <new1> art"
-STYLE_QUERY = "a picture of a {obj} in the style of <new1> art"
 OBJECT_QUERIES = ("a picture of a <new1> {category}", "a <new1> {category} in the style of google art",
                   "a <new1> {category} in the style of glossy art")
 DUOTONES = [((40, 20, 90), (250, 200, 60)), ((0, 70, 60), (240, 150, 170)), ((110, 20, 20), (120, 220, 230)),
@@ -111,10 +100,6 @@ class BuildConfig:
     device: str = "cpu"
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
 def display_name(concept) -> str:
     """The everyday name ("red heart", "pizza"), else emoji-datasource's Unicode name."""
     return concept.cldr_name or concept.name
@@ -125,16 +110,6 @@ def usable_concepts(concepts, max_concepts: int = 0):
     styles = list(TRAINING_STYLES) + list(HELDOUT_STYLES)
     kept = [c for c in concepts if c.category in CATEGORY_WORDS and all(s in c.svgs for s in styles)]
     return kept[:max_concepts] if max_concepts else kept
-
-
-def duotone(img: Image.Image, dark, light) -> Image.Image:
-    """Map luminance onto a two-colour ramp, keeping the white background white."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
-    lum = (arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None] / 255.0
-    out = (1 - lum) * np.array(dark, np.float32) + lum * np.array(light, np.float32)
-    background = (arr.min(axis=-1, keepdims=True) > 245)
-    out = np.where(background, 255.0, out)
-    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
 # ---------------------------------------------------------------- the plan (data stage)
@@ -194,14 +169,6 @@ def plan_models(pretrain, heldout, config: BuildConfig, rng: np.random.Generator
             spec["prompts"] = [OBJECT_QUERIES[i % len(OBJECT_QUERIES)].format(category=spec["category"])
                                for i in range(config.queries_per_model)]
     return specs
-
-
-def train_captions(spec, names):
-    """A style model's exemplars each captioned with its object (`names`: plan.json's concept names); an object
-    model's one exemplar with the model's prompt."""
-    if spec["category"] != "art":
-        return spec["train_prompt"]
-    return [STYLE_EXEMPLAR_CAPTION.format(name=names[key]) for key, _, _ in spec["exemplars"]]
 
 
 def gates_report(out: Path) -> str:
@@ -436,7 +403,7 @@ class Builder:
         steps, guidance = self.config.sample_steps, self.config.query_guidance
         plain = sample(pipe, [without_concept_token(p) for p in spec["prompts"]], seed=self.config.seed + 1000 * i,
                        steps=steps, guidance_scale=guidance)
-        apply_customization(_PipeAsBase(pipe), pristine, model_dir)
+        apply_customization(PipeAsBase(pipe), pristine, model_dir)
         queries = sample(pipe, spec["prompts"], seed=self.config.seed + 1000 * i, steps=steps,
                          guidance_scale=guidance)
         pristine.restore()
@@ -495,13 +462,6 @@ class Builder:
             pool = np.array([i for i, r in enumerate(rows) if r["category"] == spec["category"]])
         idx = rng.choice(pool, min(n, len(pool)), replace=False)
         return images[idx], [captions[int(i)] for i in idx]
-
-
-class _PipeAsBase:
-    """The attributes apply_customization needs, taken from a diffusers pipeline."""
-
-    def __init__(self, pipe):
-        self.unet, self.tokenizer, self.text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
 
 
 def derive(out: Path, config: BuildConfig, all_weights_fisher: bool = True, overwrite: bool = False) -> None:

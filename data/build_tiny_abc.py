@@ -3,7 +3,7 @@
 It exercises every file format and code path of the real benchmark in seconds on a CPU; its
 rankings mean nothing (random weights, drawn shapes). Used by the tests and the README's demo:
 
-    python data/build_tiny_abc.py --out data/tiny_abc
+    python -m data.build_tiny_abc --out data/tiny_abc
 
 writes data/tiny_abc/sd-tiny (pass as --sd_version), data/tiny_abc/abc (pass as --dataroot, with
 sd_fisher.pt made by utils.fisher.write_fisher) and data/tiny_abc/tasks.json (pass as --task_json).

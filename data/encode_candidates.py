@@ -1,6 +1,6 @@
 """Encode your own training candidates: a folder of images + a captions file -> the arrays both stages read.
 
-    python data/encode_candidates.py --dataroot data/mine --sd_version CompVis/stable-diffusion-v1-4
+    python -m data.encode_candidates --dataroot data/mine --sd_version CompVis/stable-diffusion-v1-4
 
 reads <dataroot>/laion_subset/images/* (sorted by file name) and <dataroot>/laion_subset/captions.txt (line i
 is the caption of image i), and writes <dataroot>/laion_latents.npy ([2N, 4, 64, 64] for SD v1.4: scaled

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import compute_training_loss
+from benchmarks.runner import python_command
 from data.build_mini_abc import (HELDOUT_STYLES, TRAINING_STYLES, BuildConfig, build, choose_concepts, duotone,
                                  gates_report, usable_concepts)
 from data.mini_abc_build import sources
@@ -142,7 +143,6 @@ def test_comparison_runner_end_to_end(built, tmp_path):
     """benchmarks/mini_abc_comparison.py on the built miniature: AbU, its two controls, three baselines."""
     import csv
     import subprocess
-    import sys
 
     out, _ = built
     repo = Path(__file__).resolve().parent.parent
@@ -150,7 +150,7 @@ def test_comparison_runner_end_to_end(built, tmp_path):
                "gradient similarity (Fisher-whitened, K/V)"]
     flags = ["--bench", str(out), "--split", "val", "--out", str(tmp_path), "--unlearn_steps", "2",
              "--fisher_dataset_size", "1000", "--laion_subset_size", "0", "--methods"] + methods
-    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "mini_abc_comparison.py")] + flags,
+    proc = subprocess.run(python_command("benchmarks/mini_abc_comparison.py", repo) + flags,
                           capture_output=True, text=True, cwd=repo, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
@@ -370,7 +370,6 @@ def test_image_level_comparison_and_evaluate_score_auc(built, tmp_path):
     control, whose two queries of a pair are the same prompt with the same noise, scores a pair-mean AUC of 0.5."""
     import csv
     import subprocess
-    import sys
 
     import evaluate
     from utils.evaluation import load_results, score_queries
@@ -381,7 +380,7 @@ def test_image_level_comparison_and_evaluate_score_auc(built, tmp_path):
     methods = ["AbU", "AbU, noise-image control", "random"]
     flags = ["--bench", str(out), "--split", "val", "--cases", "image", "--out", str(tmp_path), "--unlearn_steps",
              "2", "--fisher_dataset_size", "1000", "--laion_subset_size", "0", "--methods"] + methods
-    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "mini_abc_comparison.py")] + flags,
+    proc = subprocess.run(python_command("benchmarks/mini_abc_comparison.py", repo) + flags,
                           capture_output=True, text=True, cwd=repo, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
@@ -418,7 +417,6 @@ def test_counterfactual_stage_retrains_with_the_builders_recipe_and_resumes(buil
     import csv
     import shutil
     import subprocess
-    import sys
 
     from data.mini_abc_build.counterfactual import CounterfactualConfig, load_truth
     from utils.tasks import image_ground_truth
@@ -466,7 +464,7 @@ def test_counterfactual_stage_retrains_with_the_builders_recipe_and_resumes(buil
     repo = Path(__file__).resolve().parent.parent
     flags = ["--bench", str(copy), "--split", "val", "--out", str(tmp_path / "runs"), "--table_dir", str(tmp_path),
              "--unlearn_steps", "2", "--fisher_dataset_size", "1000", "--laion_subset_size", "0", "--no_gradient"]
-    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "counterfactual.py")] + flags,
+    proc = subprocess.run(python_command("benchmarks/counterfactual.py", repo) + flags,
                           capture_output=True, text=True, cwd=repo, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "counterfactual_val.md").read_text()

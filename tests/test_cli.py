@@ -3,7 +3,6 @@ import json
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import compute_influence
 import compute_training_loss
 import evaluate
 from utils.errors import InputError
+from benchmarks.runner import python_command
 from helpers import STAGE1, paths, stage2_flags
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ def finished(tiny_abc, tmp_path_factory):
 
 
 def run_cli(script, args):
-    return subprocess.run([sys.executable, str(REPO / script)] + args, capture_output=True, text=True, cwd=REPO,
+    return subprocess.run(python_command(script) + args, capture_output=True, text=True, cwd=REPO,
                           timeout=300)
 
 

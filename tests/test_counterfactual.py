@@ -1,9 +1,5 @@
 """Counterfactual ground truth: the scoring functions on hand-computed numbers (utils/counterfactual.py), and the
 builder's counterfactual stage on the tiny mini-AbC (data/mini_abc_build/counterfactual.py)."""
-import json
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 

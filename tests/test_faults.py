@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import compute_influence
 import compute_training_loss
 import utils.io
 from utils.cli import run as run_cli_wrapper
+from benchmarks.runner import python_command
 from helpers import STAGE1, paths, stage2_flags
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ MODEL = "models/imagenet/n01440764_0000"
 
 
 def cli(script, args, env=None, file_size_limit_kib=None, timeout=300):
-    cmd = [sys.executable, str(REPO / script)] + [str(a) for a in args]
+    cmd = python_command(script) + [str(a) for a in args]
     if file_size_limit_kib:  # a real kernel limit on the size of any file the run writes (bash's ulimit -f)
         cmd = ["bash", "-c", f'ulimit -f {file_size_limit_kib}; exec "$@"', "bash"] + cmd
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
@@ -314,7 +314,7 @@ def test_two_processes_on_one_task_file_share_the_work(tiny_copy, tmp_path, scri
     results = tmp_path / "results"
     if script == "compute_influence.py":
         compute_training_loss.main(paths(tiny_copy, results) + STAGE1)
-    cmd = [sys.executable, str(REPO / script)] + paths(tiny_copy, results) + flags
+    cmd = python_command(script) + paths(tiny_copy, results) + flags
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
              for _ in range(2)]

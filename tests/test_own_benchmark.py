@@ -3,13 +3,13 @@ route (candidates -> Fisher -> stage 1 -> stage 2 -> evaluate) as the README sho
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import compute_fisher
+from benchmarks.runner import python_command
 import compute_influence
 import compute_training_loss
 import evaluate
@@ -31,7 +31,7 @@ def fresh_benchmark(tiny_abc, tmp_path) -> Path:
 
 def test_encoding_script_equals_the_builders_arrays(tiny_abc, tmp_path):
     root = fresh_benchmark(tiny_abc, tmp_path)
-    proc = subprocess.run([sys.executable, str(REPO / "data" / "encode_candidates.py"), "--dataroot", str(root),
+    proc = subprocess.run(python_command("data/encode_candidates.py") + ["--dataroot", str(root),
                            "--sd_version", tiny_abc["sd_version"], "--device", "cpu", "--batch_size", "5"],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -135,7 +135,7 @@ def test_own_test_case_end_to_end(tiny_abc, tmp_path):
     root = fresh_benchmark(tiny_abc, tmp_path)
     common = ["--sd_version", tiny_abc["sd_version"], "--dataroot", str(root), "--laion_subset_size", "12",
               "--device", "cpu"]
-    subprocess.run([sys.executable, str(REPO / "data" / "encode_candidates.py")] + common[:4] + ["--device", "cpu"],
+    subprocess.run(python_command("data/encode_candidates.py") + common[:4] + ["--device", "cpu"],
                    check=True, capture_output=True, cwd=REPO, timeout=300)
     compute_fisher.main(common + ["--num_samples", "24", "--batch_size", "8"])
     (root / "json" / "test_mine.json").write_text((root / "json" / "test_unobserved_imagenet.json").read_text())

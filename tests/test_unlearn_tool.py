@@ -4,7 +4,6 @@ import json
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from .customization import apply_customization, check_customized_model, customization_fingerprint

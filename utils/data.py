@@ -37,7 +37,7 @@ def candidate_image_paths(images_dir, required: bool = True) -> List[Path]:
     if broken:  # skipped, it would shift every later row against the arrays; kept, it cannot be read
         raise InputError(f"{images_dir}: {len(broken)} image link(s) point to nothing, e.g. {broken[0].name} -> "
                          f"{os.readlink(broken[0])}; restore the target(s) or remove the link(s), then re-encode "
-                         "the candidates if the folder changed (python data/encode_candidates.py --overwrite)")
+                         "the candidates if the folder changed (python -m data.encode_candidates --overwrite)")
     paths = sorted(p for p in listed if p.is_file())
     if not paths and required:
         raise InputError(f"{images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -52,7 +52,7 @@ def laion_image_paths(dataroot, n_rows: Optional[int] = None) -> List[Path]:
     if n_rows is not None and paths and len(paths) != n_rows:
         raise InputError(f"{Path(dataroot) / LAION_IMAGES} holds {len(paths)} images but the candidate arrays in "
                          f"{dataroot} hold {n_rows}: pictures would label the wrong candidates. Restore the folder, "
-                         f"or re-encode the arrays from it (python data/encode_candidates.py --overwrite)")
+                         f"or re-encode the arrays from it (python -m data.encode_candidates --overwrite)")
     return paths
 
 
@@ -135,7 +135,7 @@ class LaionCandidates:
             if not np.isfinite(values).all():  # one damaged row would make every influence of its batch noise
                 bad = index[~np.isfinite(values.reshape(len(values), -1)).all(axis=1)]
                 raise InputError(f"{self.dataroot / name}: row(s) {bad[:5].tolist()} hold NaN or inf; re-encode the "
-                                 f"candidates (python data/encode_candidates.py --overwrite) or download them again")
+                                 f"candidates (python -m data.encode_candidates --overwrite) or download them again")
         return torch.from_numpy(latents), torch.from_numpy(texts)
 
     def _latent_rows(self, rows: np.ndarray) -> np.ndarray:

@@ -13,13 +13,12 @@ from typing import List, Optional, Tuple, Union, get_args, get_origin, get_type_
 
 import torch
 
-from .unlearning import LAION_400M
-
 from .errors import InputError
 from .losses import LossMeasurement, validate_batch_plan
 from .precision import check_device, resolve_precision
 from .ranking import RANKINGS
 from .screening import SCREENS
+from .unlearning import LAION_400M, STOP_RULES
 from .weights import WEIGHT_SELECTIONS
 
 LINEAR_SELECTIONS = ("cross-attn-kv", "cross-attn")  # only nn.Linear weights and biases
@@ -163,7 +162,7 @@ class StoppingSettings:
                                      "the paper's fixed schedule): rise stops when the query's own loss reaches "
                                      "--stop_target times its loss before; collateral when the mean loss rise of "
                                      "--stop_reference pretraining candidates reaches --stop_target times the "
-                                     "query's rise", choices=["none", "rise", "collateral"])
+                                     "query's rise", choices=["none", *STOP_RULES])
     stop_target: float = setting(2.0, "the stopping rule's target")
     stop_every: int = setting(5, "steps between two checks of the stopping rule")
     stop_reference: int = setting(32, "collateral rule: the first N LAION candidate rows serve as the reference set")

@@ -46,19 +46,26 @@ def save_top_k_figure(out_path, query_path, influence: np.ndarray, rank: np.ndar
     return atomic_write(out_path, lambda f: canvas.save(f, format=fmt))
 
 
-def save_sample_grid(out_path, rows: List[List[Image.Image]], labels: List[str], tile: int = 96) -> Path:
+def image_grid(rows: List[List[Image.Image]], labels: List[str], tile: int = 64, gap: int = 2,
+               font_size: int = 12) -> Image.Image:
     """Rows of images (each scaled to `tile` px, nearest neighbour so small pixels stay visible), each row labelled
-    on its left; an empty slot (None) stays white. Written atomically as PNG."""
-    font = ImageFont.load_default(size=13)
+    on its left, `gap` px apart; an empty slot (None) stays white."""
+    font = ImageFont.load_default(size=font_size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = 10 + max(int(probe.textlength(label, font=font)) for label in labels)
+    label_w = 8 + max(int(probe.textlength(label, font=font)) for label in labels)
     cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (label_w + cols * (tile + 4), len(rows) * (tile + 4)), "white")
+    grid = Image.new("RGB", (label_w + cols * (tile + gap), len(rows) * (tile + gap)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (images, label) in enumerate(zip(rows, labels)):
-        y = r * (tile + 4)
-        draw.text((4, y + tile // 2 - 7), label, fill="black", font=font)
+        y = r * (tile + gap)
+        draw.text((4, y + tile // 2 - font_size // 2), label, fill="black", font=font)
         for c, img in enumerate(images):
             if img is not None:
-                grid.paste(img.convert("RGB").resize((tile, tile), Image.NEAREST), (label_w + c * (tile + 4), y))
+                grid.paste(img.convert("RGB").resize((tile, tile), Image.NEAREST), (label_w + c * (tile + gap), y))
+    return grid
+
+
+def save_sample_grid(out_path, rows: List[List[Image.Image]], labels: List[str], tile: int = 96) -> Path:
+    """image_grid at `tile` px, 4 px apart, written atomically as PNG."""
+    grid = image_grid(rows, labels, tile=tile, gap=4, font_size=13)
     return atomic_write(out_path, lambda f: grid.save(f, format="PNG"))

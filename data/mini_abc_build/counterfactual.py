@@ -36,6 +36,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from data.mini_abc_build.common import PipeAsBase, train_captions
 from data.mini_abc_build.image_level import LOOK_SPLITS, LOOKS, contrast_pairs, ink_colour, look_position
 
 OUT_DIR = "counterfactual"
@@ -107,7 +108,6 @@ def two_look_base(builder, cfg, spec: dict, k: int, attempt: int) -> dict:
 
 def abc_bases(builder, config: CounterfactualConfig) -> List[dict]:
     """The first kept model of each of AbC's test cases in each split, with its recipe, seeds and query prompts."""
-    from data.build_mini_abc import train_captions
 
     plan, gates = builder.plan(), _load(builder.out / "gates_models.json")
     attempts = {}
@@ -211,16 +211,14 @@ class CounterfactualStage:
         """Sample the base's prompts at the builder's seeds from the committed model; keep the samples of the prompts
         that hold a labelled pair (two-look) or all (AbC). Labelled samples keep their committed files (checked
         against the new samples); the others are written under synth/.../seeds/. Returns the queries."""
-        from data.build_mini_abc import _PipeAsBase
         from data.mini_abc_build.sampling import load_pipeline, sample
-        from PIL import Image
         from utils.customization import apply_customization
         from utils.weights import PristineWeights
 
         root, s = self.b.root, base["sampling"]
         pipe = load_pipeline(self.b.sd_dir)
         pristine = PristineWeights(pipe.unet)
-        apply_customization(_PipeAsBase(pipe), pristine, root / base["model_path"])
+        apply_customization(PipeAsBase(pipe), pristine, root / base["model_path"])
         if "seeds" in s:  # one seed each (AbC): sample prompt by prompt
             images = sum((sample(pipe, [p], seed=seed, steps=self.b.config.sample_steps, guidance_scale=s["guidance"])
                           for p, seed in zip(s["prompts"], s["seeds"])), [])

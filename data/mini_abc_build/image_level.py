@@ -30,6 +30,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from data.mini_abc_build.common import STYLE_PROMPT, STYLE_QUERY, TRAINING_STYLES, PipeAsBase, duotone, slug
+
 # (look A's palette, look B's palette) per model: dark and light end of each duotone ramp, hues far apart
 LOOK_PALETTES = [  # one hue a look, so that a look survives the model's blurring at 32 px
     (((110, 0, 0), (255, 170, 170)), ((0, 20, 120), (170, 200, 255))),  # red / blue
@@ -169,7 +171,6 @@ class ImageLevelStage:
     def plan_looks_model(self, family: str, k: int, split: str, plan, rng, attempt: int) -> dict:
         """A two-look model: its exemplars [(concept key, look 0/1)], their captions, its query prompts. An object
         model's concept is the attempt-th of a fixed order of the held-out concepts."""
-        from data.build_mini_abc import STYLE_PROMPT, STYLE_QUERY, slug
 
         cfg, heldout = self.config, plan["heldout_concepts"]
         if family == "style":
@@ -194,7 +195,6 @@ class ImageLevelStage:
 
     def write_exemplars(self, spec, concepts) -> list:
         """The exemplars drawn (noto) in their look's duotone, saved under exemplar/<family>/<model>/; the images."""
-        from data.build_mini_abc import duotone
         from data.mini_abc_build import sources
 
         ex_dir = self.b.root / "exemplar" / spec["family"] / spec["class_id"]
@@ -277,7 +277,6 @@ class ImageLevelStage:
 
         import torch
 
-        from data.build_mini_abc import _PipeAsBase
         from data.mini_abc_build.customize import CustomizationConfig, customize
         from data.mini_abc_build.sampling import sample
         from utils.customization import apply_customization
@@ -299,7 +298,7 @@ class ImageLevelStage:
                   model_dir, CustomizationConfig(**{**recipe, "seed": self.b.config.seed + m + 100 * attempt,
                                                     "device": self.b.config.device}))
         pristine = PristineWeights(pipe.unet)
-        apply_customization(_PipeAsBase(pipe), pristine, model_dir)
+        apply_customization(PipeAsBase(pipe), pristine, model_dir)
         samples = sample(pipe, prompts, seed=self.b.config.seed + 20000 + 1000 * m + 100000 * attempt,
                          steps=self.b.config.sample_steps, guidance_scale=self.config.looks_guidance)
         pristine.restore()
@@ -333,7 +332,6 @@ class ImageLevelStage:
     def pretraining_level(self, split: str, plan, pipe, judge, rows) -> None:
         """Base-model samples of 'a picture of a {concept}' read by the judge's style head; one pair per concept
         whose samples show two styles confidently, until the split has its pairs."""
-        from data.build_mini_abc import TRAINING_STYLES
 
         cfg = self.config
         n_pairs = cfg.pretraining_pairs[split == "test"]
@@ -385,7 +383,6 @@ class ImageLevelStage:
     def add_pretraining_pair(self, key, picked, prompts, samples, rows, queries, plan, split) -> None:
         """Append one pair's two queries (picked: [(sample index, style set)] x 2) with their readings, and its grid
         row: each query beside the pretraining picture of its concept in its style."""
-        from data.build_mini_abc import TRAINING_STYLES
 
         index = {(r["key"], r["style"]): i for i, r in enumerate(rows)}
         pictures = [self.laion_path(index[(key, s)]) for _, s in picked]

@@ -4,7 +4,9 @@ from typing import List, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+
+from utils.visualize import image_grid
 
 
 def load_pipeline(sd_dir):
@@ -32,21 +34,6 @@ def sample(pipe, prompts: Sequence[str], seed: int, steps: int = 50, guidance_sc
         out += pipe(batch, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
                     generator=generators, output_type="pil").images
     return out
-
-
-def image_grid(rows: List[List[Image.Image]], row_labels: List[str], tile: int = 64) -> Image.Image:
-    """Rows of images scaled to `tile` px (nearest neighbour, so 32 px pixels stay visible), labelled left."""
-    font = ImageFont.load_default(size=12)
-    label_w = 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(l, font=font)) for l in row_labels)
-    cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (label_w + cols * (tile + 2), len(rows) * (tile + 2)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (images, label) in enumerate(zip(rows, row_labels)):
-        y = r * (tile + 2)
-        draw.text((4, y + tile // 2 - 6), label, fill="black", font=font)
-        for c, img in enumerate(images):
-            grid.paste(img.convert("RGB").resize((tile, tile), Image.NEAREST), (label_w + c * (tile + 2), y))
-    return grid
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
