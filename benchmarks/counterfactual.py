@@ -53,13 +53,27 @@ def slug(name: str) -> str:
 
 
 # ------------------------------------------------------------------ the runs
-def with_truth(bench: Path, split: str, out: Path) -> Path:
+def first_samples(queries: list, per_prompt: int = 0) -> list:
+    """The plan's queries of one model, only the first `per_prompt` of each prompt (in seed order, so chosen without
+    any label; 0: all): a smaller run that every ranking and the truth share."""
+    seen = {}
+    keep = []
+    for q in queries:
+        seen[q["prompt_index"]] = seen.get(q["prompt_index"], 0) + 1
+        if not per_prompt or seen[q["prompt_index"]] <= per_prompt:
+            keep.append(q)
+    return keep
+
+
+def with_truth(bench: Path, split: str, out: Path, bases=None, per_prompt: int = 0) -> Path:
     """<out>/counterfactual_tasks.json: the queries of tasks/counterfactual_<split>.json whose model has a measured
-    leave-one-out truth (a build in progress has some models only): the ones worth running."""
+    leave-one-out truth (a build in progress has some models only): the ones worth running. `bases` (names) instead
+    chooses the models, truth or not yet (to run while the builder still measures them)."""
     plan = load_json(bench / OUT_DIR / "plan.json", "counterfactual plan (python -m data.build_mini_abc --stage "
                                                     "counterfactual)")
-    ready = {q["path"] for b in plan["bases"] if b["split"] == split and b["name"] in measured_bases(bench, plan)
-             for q in b["queries"]}
+    chosen = set(bases) if bases else measured_bases(bench, plan)
+    ready = {q["path"] for b in plan["bases"] if b["split"] == split and b["name"] in chosen
+             for q in first_samples(b["queries"], per_prompt)}
     entries = json.loads((bench / "tasks" / f"counterfactual_{split}.json").read_text())
     path = out / "counterfactual_tasks.json"
     save_json(path, [e for e in entries if e["synth_image_path"] in ready])
@@ -122,11 +136,17 @@ class Base:
     """One customized model with a counterfactual truth: its queries (in the truth's order), their prompts, labels
     and peers, and the truth's arrays."""
 
-    def __init__(self, spec: dict, tasks_by_path: dict, bench: Path):
+    def __init__(self, spec: dict, tasks_by_path: dict, bench: Path, per_prompt: int = 0):
+        queries = first_samples(spec["queries"], per_prompt)
+        spec = {**spec, "queries": queries}
         self.spec, self.name, self.kind, self.split = spec, spec["name"], spec["kind"], spec["split"]
         self.bench = bench
         self.truth = load_truth(bench, self.name)
-        queries = spec["queries"]
+        if self.truth["queries"] is not None:  # the truth's rows of the kept queries
+            row = {path: i for i, path in enumerate(self.truth["queries"])}
+            keep = np.array([row[q["path"]] for q in queries])
+            for key in ("loss", "bands"):
+                self.truth[key] = {name: values[keep] for name, values in self.truth[key].items()}
         self.tasks = [tasks_by_path[q["path"]] for q in queries]
         self.prompt_of = [q["prompt_index"] for q in queries]
         self.labelled = [q["label"] is not None for q in queries]
@@ -291,12 +311,12 @@ def proxy_positions(base: Base) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ the table
-def evaluate(split: str, root: Path, bench: Path = BENCH):
+def evaluate(split: str, root: Path, bench: Path = BENCH, per_prompt: int = 0):
     plan = load_json(bench / OUT_DIR / "plan.json", "counterfactual plan (python -m data.build_mini_abc --stage "
                                                     "counterfactual)")
     tasks = load_tasks(bench / "tasks" / f"counterfactual_{split}.json")
     by_path = {t.synth_image_path: t for t in tasks}
-    bases = [Base(b, by_path, bench) for b in plan["bases"] if b["split"] == split]
+    bases = [Base(b, by_path, bench, per_prompt) for b in plan["bases"] if b["split"] == split]
     bases = [b for b in bases if b.effects is not None]
     reps = representatives(tasks)
     rows, looks, per_query, labelled = [], {}, {}, {}
@@ -459,6 +479,11 @@ def main():
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--no_runs", action="store_true", help="only score runs already finished")
     p.add_argument("--no_gradient", action="store_true", help="leave out the gradient-similarity baseline's runs")
+    p.add_argument("--bases", nargs="+", help="run these models' queries (names as in the plan, e.g. "
+                                              "looks_style__looks_0) even before their truth is measured")
+    p.add_argument("--samples_per_prompt", type=int, default=0,
+                   help="score (and run) only the first K samples of each prompt, in seed order (0: all); the "
+                        "table's sizing on 2 CPU cores")
     p.add_argument("--bench", default=str(BENCH))
     p.add_argument("--out", default=None, help="the runs' folder (default results/mini_abc/image_<split>, shared with "
                                                "the image-level comparison)")
@@ -469,10 +494,10 @@ def main():
     args = p.parse_args()
     bench = Path(args.bench)
     root = Path(args.out or REPO / "results" / "mini_abc" / f"image_{args.split}")
-    task_json = with_truth(bench, args.split, root)
+    task_json = with_truth(bench, args.split, root, args.bases, args.samples_per_prompt)
     if not args.no_runs:
         ensure_runs(task_json, root, load_tasks(task_json), args)
-    per_query, looks, ceilings, stats, labelled = evaluate(args.split, root, bench)
+    per_query, looks, ceilings, stats, labelled = evaluate(args.split, root, bench, args.samples_per_prompt)
     md = markdown(args.split, per_query, looks, ceilings, stats, labelled)
     rows = [{"method": m, "kind": k, "metric": metric, "mean": mean_and_stderr([v for v in vals if v == v])[0]
              if any(v == v for v in vals) else float("nan"), "n": sum(v == v for v in vals)}
