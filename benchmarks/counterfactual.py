@@ -319,7 +319,7 @@ def evaluate(split: str, root: Path, bench: Path = BENCH, per_prompt: int = 0):
     bases = [Base(b, by_path, bench, per_prompt) for b in plan["bases"] if b["split"] == split]
     bases = [b for b in bases if b.effects is not None]
     reps = representatives(tasks)
-    rows, looks, per_query, labelled = [], {}, {}, {}
+    looks, per_query, labelled = {}, {}, {}
 
     def add(method: str, per_base_scores, cost):
         for base, scores in per_base_scores:
