@@ -432,14 +432,20 @@ def plot(per_query, ceilings, path: Path, metrics=("LOO", "LOO, image-specific",
     ceiling as a dashed line of the metric's colour; 0 is where a ranking that knows nothing lands."""
     from utils.io import atomic_write
 
+    metrics = [m for m in metrics if any(v == v for (_, _, mm), vals in per_query.items() if mm == m for v in vals)]
     methods = list(dict.fromkeys(m for m, k, _ in per_query if k != "cost"))
     kinds = [k for k in KINDS if any(kk == k and any(v == v for v in vals)
                                      for (_, kk, metric), vals in per_query.items() if metric == "LOO")]
+    if not methods or not kinds:  # no model of the split has its leave-one-out truth yet: nothing to draw
+        print(f"no counterfactual truth to plot yet; {path} not written")
+        return
     _, probe, font = canvas(1, 1)
     label_w = 20 + max(int(probe.textlength(m, font=font)) for m in methods)
     row_h, panel_w, top = 16 + 5 * len(metrics), 300, 40
     height = top + row_h * len(methods) + 30 + 18 * len(metrics)
-    img, d, font = canvas(label_w + (panel_w + 30) * len(kinds) + 10, height)
+    legend_w = 40 + max(int(probe.textlength(f"{dict(METRICS)[m]} (dashed: the truth's own ceiling, a second "
+                                                    "training seed)", font=font)) for m in metrics)
+    img, d, font = canvas(max(label_w + (panel_w + 30) * len(kinds) + 10, label_w + legend_w), height)
     X = lambda j, v: label_w + j * (panel_w + 30) + (v + 1) / 2 * panel_w  # noqa: E731  [-1, 1] across a panel
     bottom = top + row_h * len(methods)
     for j, kind in enumerate(kinds):
