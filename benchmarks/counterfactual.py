@@ -504,7 +504,8 @@ def main():
     if not args.no_runs:
         ensure_runs(task_json, root, load_tasks(task_json), args)
     per_query, looks, ceilings, stats, labelled = evaluate(args.split, root, bench, args.samples_per_prompt)
-    md = markdown(args.split, per_query, looks, ceilings, stats, labelled)
+    command = " ".join(["python -m benchmarks.counterfactual"] + [a for a in sys.argv[1:] if a != "--no_runs"])
+    md = f"`{command}`\n\n" + markdown(args.split, per_query, looks, ceilings, stats, labelled)
     rows = [{"method": m, "kind": k, "metric": metric, "mean": mean_and_stderr([v for v in vals if v == v])[0]
              if any(v == v for v in vals) else float("nan"), "n": sum(v == v for v in vals)}
             for (m, k, metric), vals in per_query.items()]
