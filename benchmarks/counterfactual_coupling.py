@@ -11,25 +11,14 @@ a truth whose seed agreement is below its between-sample agreement is mostly tra
 model in both designs (a coupled run that keeps every exemplar is the plain run bit for bit).
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.runner import BENCH
+from data.mini_abc_build.counterfactual import load_truth
 from utils import counterfactual as cf
 from utils.io import load_json
-
-
-def losses(folder: Path) -> dict:
-    """{set name: [n_queries] loss, mean of both flips} of every set measured in `folder`."""
-    out = {}
-    for path in sorted(folder.glob("*.npz")):
-        with np.load(path) as z:
-            record = json.loads(str(z["record"]))
-            n = len(record["queries"])
-            out[record["set"]["name"]] = 0.5 * (z["loss"][:n] + z["loss"][n:])
-    return out
 
 
 def main():
@@ -41,8 +30,8 @@ def main():
     plan = load_json(root / "plan.json", "counterfactual plan (python -m data.build_mini_abc --stage counterfactual)")
     spec = next(b for b in plan["bases"] if b["name"] == args.base)
     prompt_of = [q["prompt_index"] for q in spec["queries"]]
-    coupled = losses(root / "losses" / args.base)
-    designs = {"uncoupled": {**losses(root / "losses_uncoupled" / args.base),
+    coupled = load_truth(args.bench, args.base)["loss"]
+    designs = {"uncoupled": {**load_truth(args.bench, args.base, "losses_uncoupled")["loss"],
                              **{k: v for k, v in coupled.items() if k.startswith("full")}},
                "coupled": coupled}
     both = [e for e in range(len(spec["exemplars"]))

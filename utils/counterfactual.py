@@ -17,7 +17,6 @@ loss under the customization retrained on the exemplar set S (mean over both fli
 A ranking's scores are higher for a candidate it holds more influential (AbU: the loss rise after unlearning q).
 Every function takes plain arrays: [n_queries, n_exemplars] scores and effects, [n_sets, n_queries] losses.
 """
-from itertools import combinations
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -156,9 +155,3 @@ def signal_to_noise(effects_0: np.ndarray, effects_1: np.ndarray, prompt_of: Seq
     between = [np.var(effects_0[prompt_of == p], axis=0, ddof=1).mean() for p in np.unique(prompt_of)
                if (prompt_of == p).sum() > 1]
     return float(np.mean(between) / noise) if noise > 0 and between else float("nan")
-
-
-def mean_pairwise(values: Sequence[np.ndarray], fn) -> float:
-    """Mean of fn(a, b) over the pairs of `values` (e.g. Kendall tau between all queries' orderings)."""
-    out = [fn(a, b) for a, b in combinations(values, 2)]
-    return float(np.nanmean(out)) if out else float("nan")

@@ -423,11 +423,11 @@ class TruthMeasurer:
 
 
 # ------------------------------------------------------------------ reading the truth
-def load_truth(bench: Path, base_name_: str) -> dict:
+def load_truth(bench: Path, base_name_: str, losses: str = "losses") -> dict:
     """One base's measured losses: {"queries": [paths], "sets": {set name: {"members", "seed"}}, "loss": {set name:
     [n_queries] (mean over both flips and the T draws)}, "bands": {set name: [n_queries, bands]}}, for every set
-    measured so far."""
-    folder = Path(bench) / OUT_DIR / "losses" / base_name_
+    measured so far under counterfactual/<losses>/ (losses_uncoupled: the first build's, kept for comparison)."""
+    folder = Path(bench) / OUT_DIR / losses / base_name_
     out = {"queries": None, "sets": {}, "loss": {}, "bands": {}}
     for path in sorted(folder.glob("*.npz")):
         with np.load(path) as z:
