@@ -427,7 +427,7 @@ def test_counterfactual_stage_retrains_with_the_builders_recipe_and_resumes(buil
     labelled_before = json.loads((copy / "tasks" / "image_val.json").read_text())
     config = tiny_config()
     config.counterfactual = CounterfactualConfig(half_subsets=2, time_samples=4, loss_batch_size=8,
-                                                 abc_seeds_per_prompt=2)
+                                                 abc_seeds_per_prompt=2, null_runs=1)
     chosen = ["looks_style__looks_0", "imagenet__" + next(  # a two-look style model and a one-exemplar AbC model
         e["class_id"] for e in json.loads((copy / "abc" / "json" / "test_observed_imagenet.json").read_text())
         if e["split"] == "val")]
@@ -447,7 +447,8 @@ def test_counterfactual_stage_retrains_with_the_builders_recipe_and_resumes(buil
         n = len(base["exemplars"])
         assert {f"loo{e}@0" for e in range(n)} <= set(truth["loss"])
         if base["kind"] == "two-look style":  # 4 exemplars here: looks alone and 2 halves of 2
-            assert {"lookA@0", "lookB@0", "half00@0", "half01@0"} <= set(truth["loss"])
+            assert {"lookA@0", "lookB@0", "half00@0", "half01@0", "null0@0"} <= set(truth["loss"])
+            assert not np.allclose(truth["loss"]["null0@0"], truth["loss"]["full@0"])  # a perturbed run
             assert all(len(s["members"]) == n // 2 for s in base["sets"] if s["name"].startswith("half"))
     # the image-level task file: the labelled queries as before, then every other sample of their prompts
     image_tasks = load_tasks(copy / "tasks" / "image_val.json")

@@ -61,7 +61,7 @@ def test_customization_trains_only_kv_and_the_token_and_saves_the_abc_format(tin
 def test_a_coupled_subset_run_shares_the_full_runs_draws(tiny_abc, tmp_path):
     """customize(keep=...): with every exemplar kept it is the plain run bit for bit; with one left out its batches
     are the full run's except the slots that drew it; with none kept only the prior term trains (exemplar loss NaN)
-    and the K/V still move."""
+    and the K/V still move. customize(resample=...): the null runs."""
     root = Path(tiny_abc["dataroot"])
     exemplar_paths = sorted((root / "laion_subset" / "images").glob("*.png"))[6:9]
     exemplars = load_exemplar_images(exemplar_paths, 32)[:3]
@@ -70,9 +70,10 @@ def test_a_coupled_subset_run_shares_the_full_runs_draws(tiny_abc, tmp_path):
     captions = (root / "laion_subset" / "captions.txt").read_text().splitlines()[:6]
     config = CustomizationConfig(steps=6, batch_size=4, lr=3e-3, token_lr=3e-2)
 
-    def run(keep, name):
+    def run(keep, name, resample=None):
         base = load_base_model(tiny_abc["sd_version"], "cpu")
-        result = customize(base, exemplars, ["<new1> fish"] * 3, prior, captions, tmp_path / name, config, keep=keep)
+        result = customize(base, exemplars, ["<new1> fish"] * 3, prior, captions, tmp_path / name, config, keep=keep,
+                           resample=resample)
         return result, torch.load(tmp_path / name / "pytorch_custom_diffusion_weights.pt")
 
     plain, w_plain = run(None, "plain")
@@ -85,3 +86,8 @@ def test_a_coupled_subset_run_shares_the_full_runs_draws(tiny_abc, tmp_path):
     assert np.isnan(none["losses"]).all() and np.isfinite(none["prior_losses"]).all()
     assert none["prior_losses"][0] == plain["prior_losses"][0]
     assert any(not torch.equal(w_none[k], w_plain[k]) for k in w_plain)
+    # a null run: nothing resampled is the plain run; a share resampled changes the exemplar batches only
+    assert run(None, "null_0", resample=(0.0, 0))[0] == plain
+    null, _ = run(None, "null_half", resample=(0.5, 0))
+    assert null["losses"] != plain["losses"] and null["prior_losses"][0] == plain["prior_losses"][0]
+    assert run(None, "null_half_other", resample=(0.5, 1))[0]["losses"] != null["losses"]  # another stream

@@ -57,11 +57,13 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.mean(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])))
 
 
-def loo_effects(loss: Dict[str, np.ndarray], n_exemplar: int, seed: int = 0) -> np.ndarray:
+def loo_effects(loss: Dict[str, np.ndarray], n_exemplar: int, seed: int = 0, kind: str = "loo") -> np.ndarray:
     """[n_queries, n_exemplars] d(q, e) = L_{loo e}(q) - L_full(q) from the losses of the sets `loo<e>@<seed>` and
-    `full@<seed>` ({set name: [n_queries]}). Raises KeyError naming a set not measured."""
+    `full@<seed>` ({set name: [n_queries]}); `kind="placebo"` reads `placebo<e>@<seed>` instead (the same training
+    perturbed as leaving e out, e kept: what d owes to the perturbation alone). Values may be [n_queries, bands].
+    Raises KeyError naming a set not measured."""
     full = loss[f"full@{seed}"]
-    return np.stack([loss[f"loo{e}@{seed}"] - full for e in range(n_exemplar)], axis=1)
+    return np.stack([loss[f"{kind}{e}@{seed}"] - full for e in range(n_exemplar)], axis=1)
 
 
 def image_specific(values: np.ndarray, prompt_of: Sequence, peers: Sequence[Sequence[int]] = None) -> np.ndarray:

@@ -55,6 +55,7 @@ class CounterfactualConfig:
     bands: int = 8  # timestep bands the losses are also kept per
     loo_second_seed_abc: bool = True  # also LOO under the second seed for AbC models (required for two-look ones)
     coupled: bool = True  # a subset's run shares every random draw with the full set's (customize's `keep`)
+    null_runs: int = 4  # full-set runs with a LOO-sized random share of draws perturbed (customize's `resample`)
 
 
 # the AbC models that get a counterfactual truth: the first kept model of each test case in each split
@@ -143,8 +144,9 @@ def abc_bases(builder, config: CounterfactualConfig) -> List[dict]:
 
 def retrained_sets(base: dict, config: CounterfactualConfig) -> List[dict]:
     """The sets a base is retrained on: [{"name", "members" (exemplar indices), "seed", "tier"}], in build order
-    within a tier. Tier 0: what the LOO truth and its seed ceiling need; 1: the halves; 2: the second seed's LOO of
-    AbC style models (the two-look ones have theirs in tier 0)."""
+    within a tier. Tier 0: what the LOO truth and its seed ceiling need (with the null runs for the two-look
+    models); 1: the halves (and the AbC style models' null runs); 2: the second seed's LOO of AbC style models (the
+    two-look ones have theirs in tier 0)."""
     n, s0 = len(base["exemplars"]), base["seed"]
     s1 = s0 + config.second_seed_offset
     everyone = list(range(n))
@@ -159,6 +161,11 @@ def retrained_sets(base: dict, config: CounterfactualConfig) -> List[dict]:
     if base["looks"] is not None and n > 2:  # two-look style: each look alone (objects: the LOO sets already are)
         sets += [{"name": f"look{LOOKS[side]}@0", "members": [i for i in everyone if base["looks"][i] == side],
                   "seed": s0, "tier": 0} for side in (0, 1)]
+    if n > 2:  # null runs: as many training draws perturbed as a LOO set's, no exemplar's exposure changed
+        # (customize's `resample`): what a LOO effect owes to perturbing the training alone. Two-look models in
+        # tier 0, AbC style models in tier 1
+        sets += [{"name": f"null{m}@0", "members": everyone, "resample": [1 / n, m], "seed": s0,
+                  "tier": 0 if base["looks"] is not None else 1} for m in range(config.null_runs)]
     if n >= 4:  # M distinct halves, none a set already above (a look alone): a repeated set is the same model
         rng, taken = np.random.default_rng(s0 + 777), {tuple(s["members"]) for s in sets}
         halves = []
@@ -193,10 +200,20 @@ class CounterfactualStage:
     # ---- the plan and the queries (once; committed) ----
     def plan(self) -> dict:
         """plan.json: made once (it samples the queries), then read."""
-        path = self.dir / "plan.json"
-        if path.is_file():
-            return _load(path)
         from utils.io import save_json
+
+        path = self.dir / "plan.json"
+        if path.is_file():  # sets added to the design since the plan was made join it; planned ones never change
+            plan = _load(path)
+            added = 0
+            for base in plan["bases"]:
+                known = {s["name"] for s in base["sets"]}
+                new_sets = [s for s in retrained_sets(base, self.config) if s["name"] not in known]
+                base["sets"] += new_sets
+                added += len(new_sets)
+            if added:
+                save_json(path, plan)
+            return plan
 
         bases = two_look_bases(self.b, self.looks) + abc_bases(self.b, self.config)
         for base in bases:
@@ -358,7 +375,8 @@ class CounterfactualStage:
         model = load_base_model(str(self.b.sd_dir), self.b.config.device)
         customize(model, exemplars, [base["captions"][j] for j in chosen], prior_imgs, prior_caps, out,
                   CustomizationConfig(**{**base["recipe"], "seed": s["seed"], "device": self.b.config.device}),
-                  keep=s["members"] if self.config.coupled else None)  # coupled to the full set's run
+                  keep=s["members"] if self.config.coupled else None,  # coupled to the full set's run
+                  resample=tuple(s["resample"]) if "resample" in s else None)
         return out
 
     def pretraining(self):

@@ -9,7 +9,7 @@ the repo's scripts load for a real AbC model.
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +34,8 @@ class CustomizationConfig:
 
 
 def customize(base, exemplars: torch.Tensor, train_prompt, prior_images: torch.Tensor, prior_captions: List[str],
-              out_dir, config: CustomizationConfig = CustomizationConfig(), keep: Optional[Sequence[int]] = None) -> dict:
+              out_dir, config: CustomizationConfig = CustomizationConfig(), keep: Optional[Sequence[int]] = None,
+              resample: Optional[Tuple[float, int]] = None) -> dict:
     """Fine-tune `base` (utils.models.BaseModel, changed in place: restore it afterwards) and save the model.
 
     exemplars / prior_images: [n, 3, R, R] in [-1, 1]. train_prompt: one caption for every exemplar, or a list
@@ -46,6 +47,12 @@ def customize(base, exemplars: torch.Tensor, train_prompt, prior_images: torch.T
     prior batches), except that a batch slot drawing a left-out exemplar draws again among the kept ones from a
     stream of its own; with none kept only the prior-preservation term trains. Each slot is still uniform over the
     kept exemplars, and two such runs differ by the left-out exemplar, not by the training's luck.
+
+    `resample=(share, stream)`: the *null* counterpart of leaving an exemplar out. Each batch slot draws again,
+    with probability `share`, uniformly over the kept exemplars, from a generator seeded by (seed, 2, stream);
+    every exemplar's expected exposure is unchanged, while about as many slots change as leaving one of n out
+    changes when share = 1/n. Its loss change is what a leave-one-out effect owes to perturbing the training alone
+    (docs/counterfactual.md, "Is the truth the exemplar's?").
     """
     unet, text_encoder, tokenizer, scheduler = base.unet, base.text_encoder, base.tokenizer, base.scheduler
     if CONCEPT_TOKEN not in tokenizer.get_vocab():
@@ -99,6 +106,7 @@ def customize(base, exemplars: torch.Tensor, train_prompt, prior_images: torch.T
     kept = np.arange(len(exemplars)) if keep is None else np.asarray(sorted(keep), dtype=np.int64)
     left_out = np.setdiff1d(np.arange(len(exemplars)), kept)
     redraw = np.random.default_rng([config.seed, 1])  # only left-out slots draw from it: the rest stay aligned
+    null = np.random.default_rng([config.seed, 2, resample[1]]) if resample else None
     losses, prior_losses = [], []
     for _ in range(config.steps):
         ex_idx = rng.integers(0, len(ex_latents), config.batch_size)
@@ -106,6 +114,9 @@ def customize(base, exemplars: torch.Tensor, train_prompt, prior_images: torch.T
         out = np.isin(ex_idx, left_out)
         if out.any() and len(kept):
             ex_idx[out] = kept[redraw.integers(0, len(kept), int(out.sum()))]
+        if null is not None and len(kept):
+            again = null.random(len(ex_idx)) < resample[0]
+            ex_idx[again] = kept[null.integers(0, len(kept), int(again.sum()))]
         ex_loss = loss_of(ex_latents[ex_idx], ex_ids[ex_idx], compute=len(kept) > 0)
         pr_loss = loss_of(prior_latents[pr_idx], prior_ids[pr_idx])
         opt.zero_grad(set_to_none=True)

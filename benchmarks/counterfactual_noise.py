@@ -1,0 +1,95 @@
+"""Where the counterfactual truth's noise comes from, and whether it is the exemplar's (docs/counterfactual.md, "Is
+the truth the exemplar's?"): one model's leave-one-out effects read three ways.
+
+    python -m benchmarks.counterfactual_noise                      # looks_style__looks_0 (validation)
+    python -m benchmarks.counterfactual_noise --base looks_style__looks_2
+
+* **draws**: the same trained models, the effects from the even timestep bands against the odd ones (64 of the
+  128 shared (t, noise) draws each): how well the loss loop measures one training's effect.
+* **training seeds**: the effects at the model's seed against the second seed (`@1`, all draws): whether another
+  training run of the same sets gives the same effect.
+* **null runs**: `null<m>@0` is the full set trained with the model's seed and a random 1/n of its exemplar draws
+  drawn again uniformly (data/mini_abc_build/customize.py, `resample`): about as many draws perturbed as leaving
+  one exemplar out perturbs, no exemplar's exposure changed. Its loss change is what perturbing the training does
+  alone. A LOO effect that is the exemplar's stands out from the null runs' spread.
+
+Agreements: per query, Spearman over the exemplars (mean over queries), for the whole effect and its image-specific
+part (minus the mean over the other samples of the query's prompt). Spreads: per query, the standard deviation over
+its exemplars (LOO) or over the null runs, averaged over queries: the spread a ranking's ordering is judged on.
+Seeds needed: by Spearman-Brown, how many training seeds averaged would bring the seed agreement to 0.5 and 0.8.
+Prints markdown; writes nothing.
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.runner import BENCH
+from data.mini_abc_build.counterfactual import load_truth
+from utils import counterfactual as cf
+from utils.io import load_json
+
+
+def agreement(a: np.ndarray, b: np.ndarray, prompt_of, specific: bool) -> float:
+    """Mean over queries of the per-query Spearman between two [n_queries, n_exemplars] effect tables."""
+    if specific:
+        a, b = cf.image_specific(a, prompt_of), cf.image_specific(b, prompt_of)
+    return float(np.nanmean(cf.per_query(a, b)))
+
+
+def seeds_needed(r1: float, target: float) -> float:
+    """Spearman-Brown: training seeds S whose average agrees with another S-seed average at `target`, from the
+    agreement r1 of single seeds (inf when r1 <= 0)."""
+    return target * (1 - r1) / (r1 * (1 - target)) if r1 > 0 else float("inf")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", default=str(BENCH))
+    p.add_argument("--base", default="looks_style__looks_0")
+    args = p.parse_args()
+    plan = load_json(Path(args.bench) / "counterfactual" / "plan.json",
+                     "counterfactual plan (python -m data.build_mini_abc --stage counterfactual)")
+    spec = next(b for b in plan["bases"] if b["name"] == args.base)
+    n, prompt_of = len(spec["exemplars"]), [q["prompt_index"] for q in spec["queries"]]
+    truth = load_truth(args.bench, args.base)
+    loss, bands = truth["loss"], truth["bands"]
+    d = {s: cf.loo_effects(loss, n, s) for s in (0, 1)}
+    by_band = {s: cf.loo_effects(bands, n, s) for s in (0, 1)}  # [n_queries, n_exemplars, bands]
+    even, odd = ({s: by_band[s][..., k::2].mean(axis=-1) for s in (0, 1)} for k in (0, 1))
+    nulls = sorted(k for k in loss if k.startswith("null") and k.endswith("@0"))
+    null = np.stack([loss[k] - loss["full@0"] for k in nulls], axis=1) if nulls else None  # [n_queries, runs]
+
+    print(f"{args.base}: {len(prompt_of)} queries of {len(set(prompt_of))} prompts, {n} exemplars, {len(nulls)} null "
+          f"runs; `python -m benchmarks.counterfactual_noise --base {args.base}`\n")
+    print("| agreement (Spearman over exemplars, mean over queries) | whole effect | image-specific part |")
+    print("|---|---|---|")
+    seeds = {}
+    for name, a, b in (("draws: even vs odd timestep bands, seed 0", even[0], odd[0]),
+                       ("draws: even vs odd timestep bands, seed 1", even[1], odd[1]),
+                       ("training seeds: seed 0 vs seed 1 (all draws)", d[0], d[1])):
+        whole, specific = agreement(a, b, prompt_of, False), agreement(a, b, prompt_of, True)
+        print(f"| {name} | {whole:+.2f} | {specific:+.2f} |")
+        seeds = {"whole": whole, "image-specific": specific}  # the last row's
+
+    print("\n| loss change against full@0 | mean | spread within a query | same, image-specific |")
+    print("|---|---|---|---|")
+    tables = [("leave one out, seed 0", d[0]), ("leave one out, seed 1 (against full@1)", d[1])]
+    if null is not None:
+        tables.append((f"null runs ({len(nulls)})", null))
+    for name, x in tables:
+        spread = np.nanmean(np.std(x, axis=1, ddof=1))
+        specific = np.nanmean(np.std(cf.image_specific(x, prompt_of), axis=1, ddof=1))
+        print(f"| {name} | {np.mean(x):+.4f} | {spread:.4f} | {specific:.4f} |")
+    if null is not None:
+        share = [np.nanmean(np.var(null, axis=1, ddof=1)) / np.nanmean(np.var(d[s], axis=1, ddof=1)) for s in (0, 1)]
+        print(f"\nShare of a query's LOO spread that perturbing the training alone gives (null variance / LOO "
+              f"variance, within queries): {share[0]:.2f} at seed 0, {share[1]:.2f} at seed 1.")
+
+    print("\nTraining seeds to average (Spearman-Brown on the seed agreement above):")
+    for part, r1 in seeds.items():
+        print(f"* {part}: {seeds_needed(r1, 0.5):.1f} seeds for 0.5, {seeds_needed(r1, 0.8):.1f} for 0.8")
+
+
+if __name__ == "__main__":
+    main()
