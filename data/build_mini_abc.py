@@ -28,7 +28,9 @@ Design (docs/mini_abc.md):
 Stages: data (fetch, choose, rasterize; writes plan.json) -> base -> judge (gate 1, base grid) -> models
 (customize, synthesize, gate 2, grids) -> image_level (the test cases whose answer depends on the image:
 data/mini_abc_build/image_level.py) -> derive (the arrays and Fishers not committed). Each later stage
-reads plan.json, so any subset of stages can be rerun.
+reads plan.json, so any subset of stages can be rerun. Two more run only when named: counterfactual (retrained
+customizations, docs/counterfactual.md) and pool (every icon of every set as a 28K-picture candidate pool in
+<out>/pool/, data/mini_abc_build/pool.py).
 """
 import argparse
 import json
@@ -51,6 +53,7 @@ from data.mini_abc_build.counterfactual import CounterfactualConfig, Counterfact
 from data.mini_abc_build.customize import CustomizationConfig, customize
 from data.mini_abc_build.image_level import ImageLevelConfig, ImageLevelStage, image_level_report
 from data.mini_abc_build.judge import JudgeConfig, customization_gate, load_judge, prompt_gate, train_judge
+from data.mini_abc_build.pool import build_pool
 from data.mini_abc_build.sampling import load_pipeline, sample, save_grid
 from data.mini_abc_build.tokenizer import build_clip_tokenizer
 from data.mini_abc_build.train_base import BaseModelConfig, train_base_model
@@ -240,7 +243,7 @@ class Builder:
                 (duotone(img, *palette) if palette else img).save(ex_dir / f"{j:03d}.png")
                 spec["exemplar_paths"].append(f"exemplar/{spec['family']}/{spec['class_id']}/{j:03d}.png")
         styles_used = list(TRAINING_STYLES) + list(HELDOUT_STYLES)
-        sources.write_notice(self.out / "NOTICE", styles_used)
+        sources.write_notice(self.out / "NOTICE", styles_used, pool_only=sources.SETS)  # the pool: every set
         names = {c.key: display_name(c) for c in pretrain + heldout}
         save_json(self.plan_file, {
             "config": asdict(cfg), "training_styles": TRAINING_STYLES, "heldout_styles": list(HELDOUT_STYLES),
@@ -488,8 +491,10 @@ def derive(out: Path, config: BuildConfig, all_weights_fisher: bool = True, over
             seed=config.seed), config.device, overwrite=overwrite)
 
 
-STAGES = ("data", "base", "judge", "models", "image_level", "derive", "counterfactual")
-DEFAULT_STAGES = STAGES[:-1]  # the counterfactual truth only when asked: hours on a CPU (docs/counterfactual.md)
+STAGES = ("data", "base", "judge", "models", "image_level", "derive", "counterfactual", "pool")
+# only when asked: the counterfactual truth (hours on a CPU, docs/counterfactual.md) and the large candidate pool
+# (28K pictures, docs/performance.md)
+DEFAULT_STAGES = STAGES[:-2]
 
 
 def build(out, config: BuildConfig, stages=DEFAULT_STAGES, cache=None, overwrite: bool = False,
@@ -505,10 +510,12 @@ def build(out, config: BuildConfig, stages=DEFAULT_STAGES, cache=None, overwrite
             derive(out, config, all_weights_fisher=all_weights_fisher, overwrite=overwrite)
         elif stage == "counterfactual":
             builder.counterfactual(bases, max_tier)
+        elif stage == "pool":
+            build_pool(out, builder.cache, config.size, builder.sd_dir, config.device)
         else:
             getattr(builder, stage)()
         times[stage] = round(time.time() - t0)
-    if set(stages) - {"derive", "counterfactual"}:
+    if set(stages) - {"derive", "counterfactual", "pool"}:
         log = out / "build_log.json"
         previous = json.loads(log.read_text()) if log.is_file() else {}
         save_json(log, {"config": asdict(config), "seconds": {**previous.get("seconds", {}), **times}})

@@ -390,6 +390,11 @@ def test_write_notice_names_sets_versions_licences(tmp_path):
     assert "derived from this set are likewise licensed under CC BY-SA 4.0" in " ".join(
         text.split())
     assert "fluent" not in text.lower()                  # sets not used are not named
+    write_notice(tmp_path / "NOTICE", ["openmoji", "noto"], pool_only=["noto", "fxemoji"])  # the candidate pool's
+    text = (tmp_path / "NOTICE").read_text(encoding="utf-8")
+    pool = text.index("The candidate pool")
+    assert text.index("Noto Emoji") < text.index("OpenMoji --") < pool < text.index("3. Firefox OS Emoji")
+    assert text.count("Noto Emoji --") == 1              # listed once, with the committed pictures
 
 
 REAL = os.environ.get("MINI_ABC_NPM_CACHE")

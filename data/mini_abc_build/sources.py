@@ -568,9 +568,11 @@ def _set_notice(i: int, style: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_notice(path, styles: Iterable[str]) -> None:
-    """Write the NOTICE naming every style set used, its package, version, licence and authors."""
+def write_notice(path, styles: Iterable[str], pool_only: Iterable[str] = ()) -> None:
+    """Write the NOTICE naming every style set used, its package, version, licence and authors; `pool_only`: sets
+    whose pictures only the opt-in candidate pool holds (data/mini_abc_build/pool.py), in a section of their own."""
     styles = [s for s in SETS if s in set(styles)]
+    extra = [s for s in SETS if s in set(pool_only) and s not in styles]
     name, version = DATASOURCE
     text = (
         "mini-AbC emoji images -- third-party sources and licences\n"
@@ -581,6 +583,9 @@ def write_notice(path, styles: Iterable[str]) -> None:
         "(non-transparent) bounding box, padded to a square with a white margin and resized.\n"
         "No author or source endorses this use.\n\n"
         + "\n".join(_set_notice(i, s) for i, s in enumerate(styles, 1))
+        + ("\nThe candidate pool (`python -m data.build_mini_abc --stage pool`, not committed: pool/) also\n"
+           "holds every icon of the sets above and of these, modified alike:\n\n"
+           + "\n".join(_set_notice(i, s) for i, s in enumerate(extra, len(styles) + 1)) if extra else "")
         + f"\nConcept names and categories: npm package {name}@{version}\n"
         "(https://github.com/iamcal/emoji-data), MIT licence, Copyright (c) 2013 Cal Henderson;\n"
         "only its emoji.json data is used, none of its images.\n"
