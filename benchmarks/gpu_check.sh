@@ -5,9 +5,11 @@
 # (4) the CLIs themselves on a random model of SD v1.4's shapes: both stages, exact and the recommended two-stage
 # setting (no stage 1, one flip screened, keep the top K), bf16 and bf16 + compile, each with its steady-state rate read inside the run after its
 # warm-up batches (benchmarks/cli_timing.py, utils/batch_clock.py); about 8 minutes by the 2026-11-28 H200 figures,
-# not yet run (alone: SKIP_DEMO=1 SKIP_TRACKING=1 SKIP_AGREEMENT=1). SKIP_DEMO, SKIP_TRACKING, SKIP_AGREEMENT, SKIP_CLI
-# skip a part.
-# Carry data/tiny_abc, results/tiny (part 1) and .whl (diffusers wheel); see docs/performance.md.
+# not yet run (alone: SKIP_DEMO=1 SKIP_TRACKING=1 SKIP_AGREEMENT=1); (5) two-stage against exact AbU on mini-AbC's
+# candidate pool at growing sizes up to the whole pool (benchmarks/two_stage_pool.py), each size's table written when it
+# finishes, POOL_SECONDS (default 240) in all. SKIP_DEMO, SKIP_TRACKING, SKIP_AGREEMENT, SKIP_CLI, SKIP_POOL skip a part.
+# Carry data/tiny_abc, results/tiny (part 1), .whl (diffusers wheel) and data/mini_abc/pool/laion_subset (part 5: the
+# pictures `python -m data.build_mini_abc --stage pool` rendered; the machine cannot reach npm); see docs/performance.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -62,4 +64,21 @@ python3 -m benchmarks.cli_timing --bench $SD --images ${CLI_IMAGES:-200} --unlea
   --rescore_top ${CLI_RESCORE:-10} \
   --runs "${CLI_RUNS:-1:bf16,2:bf16:exact,2:bf16:recommended,1:bf16 + compile,2:bf16 + compile:exact,2:bf16 + compile:recommended}" \
   2>&1 | tee "$OUT/cli_timing.md"
+fi
+
+if [[ -z "${SKIP_POOL:-}" ]]; then
+echo "== 5. two-stage against exact AbU as the candidate pool grows (mini-AbC test, 8 queries)"
+P=data/mini_abc/pool
+if [[ -d $P/laion_subset/images ]]; then
+  for link in models synth exemplar json sd_fisher.pt; do [[ -e $P/$link ]] || ln -s ../abc/$link $P/$link; done
+  python3 -m data.build_mini_abc --out data/mini_abc --stage derive --no_all_weights_fisher > "$OUT/pool_derive.log" 2>&1
+  python3 -m data.encode_candidates --dataroot $P --sd_version data/mini_abc/sd-mini --device cuda --batch_size 1024 \
+    > "$OUT/pool_encode.log" 2>&1 || { echo "encoding the pool failed"; tail -5 "$OUT/pool_encode.log"; }
+  timeout "${POOL_SECONDS:-240}" python3 -m benchmarks.two_stage_pool --split test --device cuda \
+    --sizes "${POOL_SIZES:-1444,20000,all}" --results_dir /tmp/pool_runs --out "$OUT" > "$OUT/pool.log" 2>&1
+  echo "two_stage_pool.py: exit $? (124: POOL_SECONDS ran out; the sizes finished are in the table)"
+  cat "$OUT/two_stage_pool_test.md" 2>/dev/null || tail -20 "$OUT/pool.log"
+else
+  echo "no $P/laion_subset: build it here (python -m data.build_mini_abc --out data/mini_abc --stage pool) and carry it"
+fi
 fi

@@ -68,10 +68,31 @@ def python_command(script, repo: Path = REPO) -> list:
     return [sys.executable, "-m", ".".join(relative.with_suffix("").parts)]
 
 
-def run(cmd) -> bool:
-    """Run one of the repo's scripts (`cmd[0]`, a path) with this Python from the repo root; True when it exits 0."""
+def run(cmd, memory_file: Path = None) -> bool:
+    """Run one of the repo's scripts (`cmd[0]`, a path) with this Python from the repo root; True when it exits 0.
+    With `memory_file` (Linux), the child's anonymous resident memory (RssAnon: its own footprint, not the page
+    cache of memory-mapped arrays) is read every 0.1 s and {"peak_anon_MiB", "late_mean_anon_MiB" (the mean of the
+    second half of the samples: whether memory still grows late in the run), "samples"} saved there, merged with a
+    previous run's (the larger of each)."""
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
-    return subprocess.run(python_command(cmd[0]) + [str(c) for c in cmd[1:]], cwd=REPO).returncode == 0
+    proc = subprocess.Popen(python_command(cmd[0]) + [str(c) for c in cmd[1:]], cwd=REPO)
+    samples = []
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            samples += [int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("RssAnon:")]
+        except OSError:
+            pass
+        time.sleep(0.1)
+    if memory_file is not None and samples:
+        late = samples[len(samples) // 2:]
+        figures = {"peak_anon_MiB": round(max(samples)), "late_mean_anon_MiB": round(sum(late) / len(late)),
+                   "samples": len(samples)}
+        if Path(memory_file).is_file():
+            old = json.loads(Path(memory_file).read_text())
+            figures = {k: max(v, old.get(k, 0)) for k, v in figures.items()}
+        save_json(memory_file, figures)
+    return proc.returncode == 0
 
 
 def derive_arrays(bench: Path, all_weights_fisher: bool = True) -> None:
@@ -83,11 +104,12 @@ def derive_arrays(bench: Path, all_weights_fisher: bool = True) -> None:
 
 
 def stage1(task_json: Path, result_dir: Path, sizing, flags) -> tuple:
-    """compute_training_loss.py at the sizing's B and T into result_dir/orig_loss: (ok, seconds), timed and
-    skipped when finished."""
-    return timed(Path(result_dir) / "orig_loss", "settings.json", lambda: run(
+    """compute_training_loss.py at the sizing's B and T into result_dir/orig_loss: (ok, seconds), timed (and its
+    memory in orig_loss/memory.json, see `run`) and skipped when finished."""
+    out = Path(result_dir) / "orig_loss"
+    return timed(out, "settings.json", lambda: run(
         ["compute_training_loss.py", "--task_json", task_json, "--result_dir", result_dir, "--batch_size",
-         str(sizing.batch_size), "--time_samples", str(sizing.time_samples)] + list(flags)))
+         str(sizing.batch_size), "--time_samples", str(sizing.time_samples)] + list(flags), out / "memory.json"))
 
 
 def timed(result_dir: Path, marker: str, fn):

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runner import (BENCH, REPO, abu_flags, common_flags, derive_arrays, run, stage1, timed,
-                               tuned_sizing, write_table)
+from benchmarks.runner import (BENCH, REPO, abu_flags, derive_arrays, run, stage1, timed, tuned_sizing,
+                               write_table)
 from utils.evaluation import load_result, overlap
 from utils.layout import ResultsLayout
 from utils.metrics import query_metrics
@@ -98,29 +98,39 @@ def main():
                         "results/mini_abc/<split>_laion<N>/")
     args = p.parse_args()
     bench = Path(args.bench)
-    task_json = bench / "tasks" / f"{args.split}.json"
-    tasks = load_tasks(task_json)
     sizing = tuned_sizing()
     root = REPO / "results" / "mini_abc" / args.split
     if args.laion_subset_size and args.laion_subset_size != sizing.laion_subset_size:
         sizing.laion_subset_size = args.laion_subset_size
         root = root.with_name(f"{args.split}_laion{args.laion_subset_size}")
-    flags = common_flags(bench, sizing.laion_subset_size) + ["--device", "cpu"]
-    cache = root / "orig_loss"
     derive_arrays(bench, all_weights_fisher=False)
+    settings = SETTINGS if not args.settings else [parse_setting(spec) for spec in args.settings.split(",")]
+    rows, n_candidates, n_queries = compare(bench / "tasks" / f"{args.split}.json", root, bench, bench / "abc",
+                                            sizing, settings)
+    write(root / "two_stage", rows, args.split, n_queries, n_candidates)
+
+
+def compare(task_json: Path, root: Path, bench: Path, dataroot: Path, sizing, settings, device: str = "cpu") -> tuple:
+    """Exact AbU (stage 1 + stage 2) and each two-stage setting on the tasks of `task_json` with candidates from
+    `dataroot`, into `root` (each run skipped when finished, resumed when stopped), compared query by query.
+    Returns (table rows, each with its `result_dir`; LAION candidates per query; queries). Exits when a run fails."""
+    tasks = load_tasks(task_json)
+    flags = ["--sd_version", str(bench / "sd-mini"), "--dataroot", str(dataroot), "--laion_subset_size",
+             str(sizing.laion_subset_size), "--device", device]
+    cache = root / "orig_loss"
     ok1, _ = stage1(task_json, root, sizing, flags)
     exact_dir = root / "abu"
     base = ["compute_influence.py", "--task_json", task_json, "--loss_cache_dir", cache] + abu_flags(sizing) + flags
-    ok2, exact_seconds = timed(exact_dir, "influence.pkl", lambda: ok1 and run(base + ["--result_dir", exact_dir]))
+    ok2, exact_seconds = timed(exact_dir, "influence.pkl",
+                               lambda: ok1 and run(base + ["--result_dir", exact_dir], exact_dir / "memory.json"))
     if not (ok1 and ok2):
         sys.exit("exact AbU failed; see the error above")
-    settings = SETTINGS if not args.settings else [parse_setting(spec) for spec in args.settings.split(",")]
     exact = [load_result(ResultsLayout(exact_dir), t) for t in tasks]
     n_candidates = len(exact[0]["influence"]) - exact[0]["n_exemplar"]
-    rows = [summary_row("exact", exact, exact, exact_seconds, len(tasks), None, n_candidates)]
+    rows = [dict(summary_row("exact", exact, exact, exact_seconds, len(tasks), None, n_candidates),
+                 result_dir=str(exact_dir))]
     for screen, t_screen, fraction, flips, keep, on_demand in settings:
-        name = f"{screen}, T'={t_screen}, M={fraction:.0%}" + (", one flip" if flips == 1 else "") + (
-            f", keep top {keep[0]} (margin {keep[1]:g})" if keep else "") + (", no stage 1" if on_demand else "")
+        name = setting_name(screen, t_screen, fraction, flips, keep, on_demand)
         out = root / "two_stage" / (f"{screen}_t{t_screen}_m{round(fraction * 1000)}" + ("_f1" if flips == 1 else "")
                                     + (f"_k{keep[0]}_z{keep[1]:g}" if keep else "") + ("_od" if on_demand else ""))
         m = max(1, round(fraction * n_candidates))
@@ -128,14 +138,18 @@ def main():
             ["--before_losses", "on-demand"] if on_demand else [])
         ok, seconds = timed(out, "influence.pkl", lambda: run(base + [
             "--result_dir", out, "--mode", "two-stage", "--screen", screen, "--screen_time_samples", str(t_screen),
-            "--rescore_top", str(m), "--screen_flips", str(flips)] + extra))
+            "--rescore_top", str(m), "--screen_flips", str(flips)] + extra, out / "memory.json"))
         if not ok:
             sys.exit(f"{name} failed; see the error above")
         two = [load_result(ResultsLayout(out), t) for t in tasks]
-        rows.append(summary_row(name, exact, two, seconds, len(tasks), (screen, t_screen, flips), n_candidates,
-                                keep[0] if keep else 0, on_demand))
+        rows.append(dict(summary_row(name, exact, two, seconds, len(tasks), (screen, t_screen, flips), n_candidates,
+                                     keep[0] if keep else 0, on_demand), result_dir=str(out)))
+    return rows, n_candidates, len(tasks)
 
-    write(root / "two_stage", rows, args.split, len(tasks), n_candidates)
+
+def setting_name(screen, t_screen, fraction, flips, keep, on_demand) -> str:
+    return (f"{screen}, T'={t_screen}, M={fraction:.0%}" + (", one flip" if flips == 1 else "") +
+            (f", keep top {keep[0]} (margin {keep[1]:g})" if keep else "") + (", no stage 1" if on_demand else ""))
 
 
 def summary_row(name, exact, two, seconds, n_queries, setting, n_candidates, keep_top=0, on_demand=False) -> dict:

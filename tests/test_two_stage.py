@@ -291,3 +291,42 @@ def test_keep_top_says_when_the_cap_or_the_pool_stops_it(tiny_abc, cache, tmp_pa
 def test_without_a_stage_1_cache_two_stage_points_to_on_demand(tiny_abc, tmp_path):
     with pytest.raises(InputError, match="or skip stage 1 with --before_losses on-demand"):
         compute_influence.main(paths(tiny_abc, tmp_path) + STAGE2 + ["--mode", "two-stage"])
+
+
+def test_the_pool_benchmark_measures_each_size_and_resumes(tiny_abc, tmp_path, monkeypatch, capsys):
+    """benchmarks/two_stage_pool.py end to end on the tiny benchmark as a pool of 12: exact and a keep-top setting at
+    two sizes, the table with each CLI run's memory and the fitted growth of what was re-scored; a rerun finds every
+    run finished and writes the same table."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from benchmarks import two_stage_pool
+
+    bench = tmp_path / "bench"
+    (bench / "tasks").mkdir(parents=True)
+    (bench / "sd-mini").symlink_to(Path(tiny_abc["sd_version"]).resolve())
+    (bench / "pool").symlink_to(Path(tiny_abc["dataroot"]).resolve())
+    (bench / "tasks" / "test.json").write_text(Path(tiny_abc["task_json"]).read_text())
+    argv = ["two_stage_pool", "--bench", str(bench), "--sizes", "6,12", "--settings", "coarse:1:0.5:1:2:2:on-demand",
+            "--out", str(tmp_path / "table"), "--results_dir", str(tmp_path / "runs"), "--unlearn_steps", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    two_stage_pool.main()
+    text = (tmp_path / "table" / "two_stage_pool_test.md").read_text()
+    assert text.startswith("`python -m benchmarks.two_stage_pool --split test --sizes 6,12 --settings "
+                           "coarse:1:0.5:1:2:2:on-demand --unlearn_steps 2`")
+    lines = [line for line in text.splitlines() if line.startswith("| 6 |") or line.startswith("| 12 |")]
+    assert len(lines) == 2 * 2 + 2  # (exact, the setting) at each size, then stage 1 at each size
+    exact = [line for line in lines if "| exact |" in line]
+    assert all("| exact | " in line and " | 1.0 | " in line and " | - | " in line and " | +0.0000 | " in line
+               for line in exact)  # exact against itself (top-K overlaps are below 1 here: K is above the pool)
+    assert "re-scored candidates = " in text and "x fewer than exact AbU with its stage 1" in text
+    tasks = json.loads((tmp_path / "runs" / "test_pool" / "tasks.json").read_text())
+    assert {t["test_case"] for t in tasks} == {"test_unobserved_imagenet", "test_artchive"} and len(tasks) == 4
+    memory = json.loads((tmp_path / "runs" / "test_pool" / "n12" / "abu" / "memory.json").read_text())
+    assert memory["peak_anon_MiB"] >= memory["late_mean_anon_MiB"] > 0
+    capsys.readouterr()
+    two_stage_pool.main()  # every run finished: the CLIs find nothing to do, the same table
+    rerun = capsys.readouterr().out
+    assert "$ compute_influence.py" in rerun and "query loss" not in rerun and "mean loss exemplar" not in rerun
+    assert (tmp_path / "table" / "two_stage_pool_test.md").read_text() == text
