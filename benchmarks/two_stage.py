@@ -58,23 +58,35 @@ def agreement(exact: dict, two: dict) -> dict:
             "screen_recall100": len(top_m & set(exact["rank"][:k].tolist())) / k if top_m else 1.0}
 
 
-def projected_abc(screen: str, t_screen: int, flips: int, rescored_fraction: float, on_demand: bool = False) -> float:
+def projected_abc(screen: str, t_screen: int, flips: int, rescored_fraction: float, on_demand: bool = False,
+                  candidates: int = ABC["candidates"]) -> float:
     """Forward-equivalents of one AbC query in this setting (the same formulas compute_influence.py counts), the
     re-scored candidates the same fraction of AbC's as measured here (a union re-scores between M and 2M). With
     `on_demand` (no stage 1), also the losses before: the coarse screen's timesteps of every candidate, shared by a
-    model's 20 queries, and the other timesteps of each re-scored candidate, as if no other query had measured it."""
-    screen_cost = flips * ABC["candidates"] * t_screen * SCREEN_PASSES[screen]
-    rescored = round(rescored_fraction * ABC["candidates"])
+    model's 20 queries, and the other timesteps of each re-scored candidate, as if no other query had measured it.
+    `candidates`: AbC's sizes but this many candidates."""
+    screen_cost = flips * candidates * t_screen * SCREEN_PASSES[screen]
+    rescored = round(rescored_fraction * candidates)
     rescore = 2 * rescored * ABC["time_samples"]
     before = 0.0
     if on_demand:
         coarse = screen in ("coarse", "coarse+caption")
-        before = flips * ABC["candidates"] * t_screen / ABC["queries_per_model"] * coarse + rescored * (
+        before = flips * candidates * t_screen / ABC["queries_per_model"] * coarse + rescored * (
             2 * ABC["time_samples"] - flips * t_screen * coarse)
     return ABC["unlearning"] + 2 * ABC["time_samples"] + screen_cost + rescore + before
 
 
 STAGE1_ABC = 2 * ABC["candidates"] * ABC["time_samples"] / ABC["queries_per_model"]  # stage 1's share of a query
+
+
+def x_fewer_at_abc(setting: tuple, rescored: float, candidates: int = ABC["candidates"]) -> float:
+    """How many times fewer UNet forward-equivalents a query of `setting` (screen, T', flips, on_demand) costs than
+    exact AbU with its stage 1's share, at AbC's sizes with `candidates` candidates, re-scoring `rescored` of them."""
+    screen, t_screen, flips, on_demand = setting
+    exact = ABC["unlearning"] + 2 * ABC["time_samples"] + 2 * candidates * ABC["time_samples"]
+    stage1 = 2 * candidates * ABC["time_samples"] / ABC["queries_per_model"]
+    cost = projected_abc(screen, t_screen, flips, min(rescored, candidates) / candidates, on_demand, candidates)
+    return (exact + stage1) / (cost + (0 if on_demand else stage1))
 
 
 def parse_setting(spec: str) -> tuple:

@@ -330,3 +330,19 @@ def test_the_pool_benchmark_measures_each_size_and_resumes(tiny_abc, tmp_path, m
     rerun = capsys.readouterr().out
     assert "$ compute_influence.py" in rerun and "query loss" not in rerun and "mean loss exemplar" not in rerun
     assert (tmp_path / "table" / "two_stage_pool_test.md").read_text() == text
+
+
+def test_the_abc_projection_and_the_growth_fit_on_hand_computed_numbers():
+    """x_fewer_at_abc: the recommended setting re-scoring 200 of AbC's 100K candidates costs 48,000 (unlearning)
+    + 20 (the query) + 100,000 (one flip screened at one timestep) + 4,000 (re-scoring) + 5,000 + 3,800 (losses before,
+    on demand) = 160,820 forward-equivalents, against exact's 2,048,020 + 100,000 (stage 1's share)."""
+    from benchmarks.two_stage import x_fewer_at_abc
+    from benchmarks.two_stage_pool import power_law
+
+    assert x_fewer_at_abc(("coarse", 1, 1, True), 200) == pytest.approx(2_148_020 / 160_820)
+    # with stage 1 (M = 5% of 10K candidates, two flips): exact 48,020 + 200,000 + 10,000; the setting 48,020 + 20,000
+    # + 2 * 500 * 10 + 10,000
+    assert x_fewer_at_abc(("coarse", 1, 2, False), 500, 10_000) == pytest.approx(258_020 / 88_020)
+    n = np.array([600.0, 1444.0, 20000.0])
+    a, b = power_law(n, 3 * n ** 0.5)
+    assert (a, b) == (pytest.approx(3), pytest.approx(0.5))
