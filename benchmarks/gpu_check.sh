@@ -6,7 +6,7 @@
 # setting (no stage 1, one flip screened, keep the top K), bf16 and bf16 + compile, each with its steady-state rate read inside the run after its
 # warm-up batches (benchmarks/cli_timing.py, utils/batch_clock.py); about 8 minutes by the 2026-11-28 H200 figures,
 # not yet run (alone: SKIP_DEMO=1 SKIP_TRACKING=1 SKIP_AGREEMENT=1); (5) two-stage against exact AbU on mini-AbC's
-# candidate pool at growing sizes up to the whole pool (benchmarks/two_stage_pool.py), each size's table written when it
+# candidate pool at growing sizes up to the whole pool (benchmarks/two_stage_pool.py), the table rewritten after each model it
 # finishes, POOL_SECONDS (default 240) in all. SKIP_DEMO, SKIP_TRACKING, SKIP_AGREEMENT, SKIP_CLI, SKIP_POOL skip a part.
 # Carry data/tiny_abc, results/tiny (part 1), .whl (diffusers wheel) and data/mini_abc/pool/laion_subset (part 5: the
 # pictures `python -m data.build_mini_abc --stage pool` rendered; the machine cannot reach npm); see docs/performance.md.

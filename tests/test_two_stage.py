@@ -293,11 +293,14 @@ def test_without_a_stage_1_cache_two_stage_points_to_on_demand(tiny_abc, tmp_pat
         compute_influence.main(paths(tiny_abc, tmp_path) + STAGE2 + ["--mode", "two-stage"])
 
 
-def test_the_pool_benchmark_measures_each_size_and_resumes(tiny_abc, tmp_path, monkeypatch, capsys):
+def test_the_pool_benchmark_measures_each_size_and_resumes(tiny_abc, tmp_path, monkeypatch, capfd):
     """benchmarks/two_stage_pool.py end to end on the tiny benchmark as a pool of 12: exact and a keep-top setting at
-    two sizes, the table with each CLI run's memory and the fitted growth of what was re-scored; a rerun finds every
-    run finished and writes the same table."""
+    two sizes, one model at a time, the table with each CLI run's memory and the fitted growth of what was re-scored;
+    a rerun reads every finished model's record and runs nothing; a later session (no runs folder) with one record
+    missing measures that model alone and writes the same table. (The CLIs run as child processes: capfd reads
+    their output.)"""
     import json
+    import shutil
     import sys
     from pathlib import Path
 
@@ -318,25 +321,37 @@ def test_the_pool_benchmark_measures_each_size_and_resumes(tiny_abc, tmp_path, m
     lines = [line for line in text.splitlines() if line.startswith("| 6 |") or line.startswith("| 12 |")]
     assert len(lines) == 2 * 2 + 2  # (exact, the setting) at each size, then stage 1 at each size
     exact = [line for line in lines if "| exact |" in line]
-    assert all("| exact | " in line and " | 1.0 | " in line and " | - | " in line and " | +0.0000 | " in line
+    assert all("| exact | 4 | " in line and " | 1.0 | " in line and " | - | " in line and " | +0.0000 | " in line
                for line in exact)  # exact against itself (top-K overlaps are below 1 here: K is above the pool)
+    assert [line.split(" | ")[1] for line in lines[-2:]] == ["2", "2"]  # stage 1: two models at each size
     assert "re-scored candidates = " in text and "x fewer than exact AbU with its stage 1" in text
-    tasks = json.loads((tmp_path / "runs" / "test_pool" / "tasks.json").read_text())
-    assert {t["test_case"] for t in tasks} == {"test_unobserved_imagenet", "test_artchive"} and len(tasks) == 4
-    memory = json.loads((tmp_path / "runs" / "test_pool" / "n12" / "abu" / "memory.json").read_text())
+    assert "Still running" not in text
+    slugs = ["models__artchive__tinyartist", "models__imagenet__n01440764_0000"]
+    records = tmp_path / "table" / "two_stage_pool_test"
+    assert sorted(p.stem for p in (records / "n12").glob("*.json")) == slugs
+    tasks = json.loads((tmp_path / "runs" / "test_pool" / "n12" / slugs[0] / "tasks.json").read_text())
+    assert {t["test_case"] for t in tasks} == {"test_artchive"} and len(tasks) == 2
+    memory = json.loads((tmp_path / "runs" / "test_pool" / "n12" / slugs[0] / "abu" / "memory.json").read_text())
     assert memory["peak_anon_MiB"] >= memory["late_mean_anon_MiB"] > 0
-    capsys.readouterr()
-    two_stage_pool.main()  # every run finished: the CLIs find nothing to do, the same table
-    rerun = capsys.readouterr().out
-    assert "$ compute_influence.py" in rerun and "query loss" not in rerun and "mean loss exemplar" not in rerun
+    capfd.readouterr()
+    two_stage_pool.main()  # every model's record is there: no CLI runs, the same table
+    assert "$ compute_" not in capfd.readouterr().out
     assert (tmp_path / "table" / "two_stage_pool_test.md").read_text() == text
+    shutil.rmtree(tmp_path / "runs")  # a later session: the records were committed, the runs were not
+    (records / "n12" / f"{slugs[1]}.json").unlink()
+    two_stage_pool.main()
+    rerun = capfd.readouterr().out
+    assert "n01440764_0000/samples/00000.png: query loss" in rerun and "tinyartist/samples" not in rerun
+    assert not (tmp_path / "runs" / "test_pool" / "n6").exists()
+    rows = lambda t: [line for line in t.splitlines() if line.startswith("| ")]  # noqa: E731
+    assert len(rows((tmp_path / "table" / "two_stage_pool_test.md").read_text())) == len(rows(text))
 
 
 def test_the_abc_projection_and_the_growth_fit_on_hand_computed_numbers():
     """x_fewer_at_abc: the recommended setting re-scoring 200 of AbC's 100K candidates costs 48,000 (unlearning)
     + 20 (the query) + 100,000 (one flip screened at one timestep) + 4,000 (re-scoring) + 5,000 + 3,800 (losses before,
     on demand) = 160,820 forward-equivalents, against exact's 2,048,020 + 100,000 (stage 1's share)."""
-    from benchmarks.two_stage import x_fewer_at_abc
+    from benchmarks.two_stage_common import x_fewer_at_abc
     from benchmarks.two_stage_pool import power_law
 
     assert x_fewer_at_abc(("coarse", 1, 1, True), 200) == pytest.approx(2_148_020 / 160_820)
