@@ -448,7 +448,8 @@ def test_counterfactual_stage_retrains_with_the_builders_recipe_and_resumes(buil
         assert {f"loo{e}@0" for e in range(n)} <= set(truth["loss"])
         if base["kind"] == "two-look style":  # 4 exemplars here: looks alone and 2 halves of 2
             assert {"lookA@0", "lookB@0", "half00@0", "half01@0", "null0@0"} <= set(truth["loss"])
-            assert not np.allclose(truth["loss"]["null0@0"], truth["loss"]["full@0"])  # a perturbed run
+            null = next(s for s in base["sets"] if s["name"] == "null0@0")  # every exemplar, a 1/n share redrawn
+            assert null["members"] == list(range(n)) and null["resample"] == [1 / n, 0]  # (test_mini_abc_customize)
             assert all(len(s["members"]) == n // 2 for s in base["sets"] if s["name"].startswith("half"))
     # the image-level task file: the labelled queries as before, then every other sample of their prompts
     image_tasks = load_tasks(copy / "tasks" / "image_val.json")
