@@ -156,10 +156,9 @@ class Base:
                                   and j != i and q["label"] is None] for i in range(len(queries))]
         loss = self.truth["loss"]
         self.has = lambda *names: all(n in loss for n in names)  # noqa: E731
-        loo = [f"loo{e}@{s}" for e in range(self.n_exemplar) for s in (0,)]
-        self.effects = cf.loo_effects(loss, self.n_exemplar, 0) if self.has("full@0", *loo) else None
-        loo1 = [f"loo{e}@1" for e in range(self.n_exemplar)]
-        self.effects_1 = cf.loo_effects(loss, self.n_exemplar, 1) if self.has("full@1", *loo1) else None
+        # the truth (even training seeds) and its ceiling's copy (as many odd ones): seed 0 and seed 1 until more
+        # seeds are built (tier 3)
+        self.effects, self.effects_1, self.seeds_per_half = cf.split_seed_effects(loss, self.n_exemplar)
         self.halves = sorted(n for n in loss if n.startswith("half"))
         looks = spec["looks"]
         self.look_sets = None
@@ -263,6 +262,7 @@ def truth_stats(base: Base) -> dict:
             out["Kendall tau, two samples of a prompt"] = float(np.nanmean(
                 cf.agreement_between_samples(base.effects, base.prompt_of)))
     if base.effects is not None and base.effects_1 is not None:
+        out["training seeds averaged, truth and ceiling each"] = base.seeds_per_half
         if base.n_exemplar > 1:
             out["Kendall tau, two training seeds"] = float(np.nanmean(
                 [cf.kendall_tau(x, y) for x, y in zip(base.effects, base.effects_1)]))
@@ -388,7 +388,8 @@ def markdown(split, per_query, looks, ceilings, stats, labelled) -> str:
     kinds = [k for k in KINDS if any(k == kk for _, kk, _ in per_query)]
     lines = [f"Counterfactual truth, mini-AbC {split} split: every ranking's scores of a model's exemplars against "
              "what retraining without each does (mean ± standard error over queries; ceiling: the truth of a second "
-             "training seed scored the same way). Peers of the contrasts: the prompt's samples that no label chose.", ""]
+             "training seed scored the same way; where more seeds are built, the truth averages the even seeds and "
+             "the ceiling as many odd ones). Peers of the contrasts: the prompt's samples that no label chose.", ""]
     for kind in kinds:
         n = len(per_query[(methods[0], kind, "LOO")])
         lines += [f"**{kind}** ({n} queries)", "", "| ranking | " + " | ".join(t for _, t in METRICS) + " | cost |",

@@ -530,9 +530,10 @@ def main(argv=None):
     p.add_argument("--bases", nargs="+", default=None,
                    help="counterfactual: only these customized models (names as in counterfactual/plan.json, "
                         "e.g. looks_style__looks_0)")
-    p.add_argument("--max_tier", type=int, default=2, choices=[0, 1, 2],
+    p.add_argument("--max_tier", type=int, default=2, choices=[0, 1, 2, 3],
                    help="counterfactual: 0 the leave-one-out sets and the second seed, 1 also the random halves, "
-                        "2 also the second seed's leave-one-out of the AbC models")
+                        "2 also the second seed's leave-one-out of the AbC models, 3 also the full and leave-one-out "
+                        "sets at the further training seeds (the seed-averaged truth; hours a model on a CPU)")
     p.add_argument("--device", default="cpu", help="where to train and sample (cpu or cuda)")
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the base model's training steps")
     p.add_argument("--threads", type=int, default=None, help="torch threads")

@@ -32,6 +32,39 @@ def test_loo_effects_and_their_image_specific_part():
     assert cf.image_specific(d, [0, 0, 0], peers=[[2], [], [0, 1]])[0].tolist() == pytest.approx([0.2, 0.1])
 
 
+def test_the_truth_and_its_ceiling_average_the_even_and_the_odd_training_seeds():
+    """One query, two exemplars; seed k's effects are (k, 10 k) plus nothing else, so each half's mean is readable."""
+    loss = {}
+    for k in range(5):  # seeds 0-4 whole; seed 5 has its full run only
+        loss[f"full@{k}"] = np.array([1.0])
+        loss[f"loo0@{k}"], loss[f"loo1@{k}"] = np.array([1.0 + k]), np.array([1.0 + 10 * k])
+    loss["full@5"] = np.array([1.0])
+    assert cf.measured_seeds(loss, 2) == [0, 1, 2, 3, 4]
+    truth, ceiling, half = cf.split_seed_effects(loss, 2)
+    assert half == 2  # seeds 0, 2 against 1, 3 (4 waits for its odd partner)
+    np.testing.assert_allclose(truth, [[1.0, 10.0]])  # mean of seeds 0 and 2
+    np.testing.assert_allclose(ceiling, [[2.0, 20.0]])  # mean of seeds 1 and 3
+    only_two = {k: v for k, v in loss.items() if k.endswith(("@0", "@1"))}
+    truth, ceiling, half = cf.split_seed_effects(only_two, 2)  # the tier-0 truth: seed 0 against seed 1
+    assert half == 1 and truth.tolist() == [[0.0, 0.0]] and ceiling.tolist() == [[1.0, 10.0]]
+    truth, ceiling, half = cf.split_seed_effects({k: v for k, v in loss.items() if k.endswith("@0")}, 2)
+    assert ceiling is None and half == 1 and truth.tolist() == [[0.0, 0.0]]
+    assert cf.split_seed_effects({"full@1": np.array([1.0])}, 0)[0] is None  # no seed 0: no truth
+
+
+def test_the_plan_holds_the_further_training_seeds_in_tier_3_seed_by_seed():
+    from data.mini_abc_build.counterfactual import CounterfactualConfig, retrained_sets
+
+    base = {"exemplars": ["a", "b", "c"], "seed": 7, "kind": "two-look object", "looks": None}
+    sets = retrained_sets(base, CounterfactualConfig(half_subsets=0, null_runs=0, training_seeds=4))
+    tier3 = [s for s in sets if s["tier"] == 3]
+    assert [s["name"] for s in tier3] == ["full@2", "loo0@2", "loo1@2", "loo2@2", "full@3", "loo0@3", "loo1@3",
+                                          "loo2@3"]
+    assert [s["seed"] for s in tier3] == [7 + 2 * 5000] * 4 + [7 + 3 * 5000] * 4  # seed k: s0 + k x the offset
+    assert tier3[1]["members"] == [1, 2] and next(s for s in sets if s["name"] == "full@1")["seed"] == 7 + 5000
+    assert not [s for s in retrained_sets(base, CounterfactualConfig(training_seeds=2)) if s["tier"] == 3]
+
+
 def test_lds_sums_the_scores_of_each_subset_against_minus_its_loss():
     scores = np.array([[3.0, 2.0, 1.0, 0.0]])
     subsets = [[0, 1], [0, 2], [1, 3], [2, 3]]  # summed scores 5, 4, 2, 1

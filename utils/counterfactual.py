@@ -66,6 +66,28 @@ def loo_effects(loss: Dict[str, np.ndarray], n_exemplar: int, seed: int = 0, kin
     return np.stack([loss[f"{kind}{e}@{seed}"] - full for e in range(n_exemplar)], axis=1)
 
 
+def measured_seeds(loss: Dict[str, np.ndarray], n_exemplar: int) -> List[int]:
+    """The training seeds k (0, 1, 2, ...) whose `full@k` and every `loo<e>@k` are measured, ascending."""
+    seeds = sorted({int(name.split("@")[1]) for name in loss if name.startswith("full@")})
+    return [k for k in seeds if all(f"loo{e}@{k}" in loss for e in range(n_exemplar))]
+
+
+def split_seed_effects(loss: Dict[str, np.ndarray], n_exemplar: int) -> tuple:
+    """The LOO truth and its independent copy, each averaged over half the measured training seeds: (truth, ceiling,
+    seeds per half). truth is the mean of d(q, e) over the even seeds (0, 2, 4, ...), ceiling over as many odd seeds
+    (1, 3, ...), [n_queries, n_exemplars] each; a ranking's agreement with the truth is read against the ceiling's,
+    an equally noisy copy (with seeds 0 and 1 only: seed 0 against seed 1). Averaging k seeds multiplies the seed
+    agreement r of one training to k r / (1 + (k - 1) r) (Spearman-Brown; docs/counterfactual.md). (None, None, 0)
+    without seed 0; ceiling None without seed 1."""
+    seeds = measured_seeds(loss, n_exemplar)
+    even, odd = [k for k in seeds if k % 2 == 0], [k for k in seeds if k % 2 == 1]
+    if 0 not in seeds:
+        return None, None, 0
+    half = min(len(even), len(odd)) or 1
+    mean = lambda ks: np.mean([loo_effects(loss, n_exemplar, k) for k in ks], axis=0)  # noqa: E731
+    return mean(even[:half]), mean(odd[:half]) if odd else None, half
+
+
 def image_specific(values: np.ndarray, prompt_of: Sequence, peers: Sequence[Sequence[int]] = None) -> np.ndarray:
     """values [n_queries, ...] minus, for each query, the mean of its peers' values; peers default to the other
     queries with the same prompt (`prompt_of` [n_queries]). A query without peers gets NaN."""

@@ -56,6 +56,7 @@ class CounterfactualConfig:
     loo_second_seed_abc: bool = True  # also LOO under the second seed for AbC models (required for two-look ones)
     coupled: bool = True  # a subset's run shares every random draw with the full set's (customize's `keep`)
     null_runs: int = 4  # full-set runs with a LOO-sized random share of draws perturbed (customize's `resample`)
+    training_seeds: int = 10  # seeds of the full and LOO sets; past the first two they are tier 3 (the averaged truth)
 
 
 # the AbC models that get a counterfactual truth: the first kept model of each test case in each split
@@ -146,7 +147,8 @@ def retrained_sets(base: dict, config: CounterfactualConfig) -> List[dict]:
     """The sets a base is retrained on: [{"name", "members" (exemplar indices), "seed", "tier"}], in build order
     within a tier. Tier 0: what the LOO truth and its seed ceiling need (with the null runs for the two-look
     models); 1: the halves (and the AbC style models' null runs); 2: the second seed's LOO of AbC style models (the
-    two-look ones have theirs in tier 0)."""
+    two-look ones have theirs in tier 0); 3: the full and LOO sets at training seeds 2 .. training_seeds - 1, whose
+    average the truth needs before its image-specific part rises above seed noise (docs/counterfactual.md)."""
     n, s0 = len(base["exemplars"]), base["seed"]
     s1 = s0 + config.second_seed_offset
     everyone = list(range(n))
@@ -177,6 +179,11 @@ def retrained_sets(base: dict, config: CounterfactualConfig) -> List[dict]:
                 taken.add(half)
                 halves.append(half)
         sets += [{"name": f"half{m:02d}@0", "members": list(h), "seed": s0, "tier": 1} for m, h in enumerate(halves)]
+    for k in range(2, config.training_seeds):  # seed by seed, so that a stopped build has whole seeds to average
+        seed = s0 + k * config.second_seed_offset
+        sets += [{"name": f"full@{k}", "members": everyone, "seed": seed, "tier": 3}] + [
+            {"name": f"loo{j}@{k}", "members": [i for i in everyone if i != j], "seed": seed, "tier": 3}
+            for j in everyone]
     return sets
 
 
