@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runner import BENCH, REPO, tuned_sizing, write_table
+from benchmarks.runner import BENCH, REPO, derive_arrays, tuned_sizing, write_table
 from benchmarks.two_stage_common import ABC, compare, parse_setting, setting_name, x_fewer_at_abc
 from utils.data import LaionCandidates
 from utils.io import save_json
@@ -124,6 +124,10 @@ def main():
     if not (pool / "laion_latents.npy").is_file():
         sys.exit(f"error: {pool} has no encoded candidate pool; build it with `python -m data.build_mini_abc "
                  f"--out {bench} --stage pool` (about 30 minutes on 2 cores)")
+    if not (pool / "sd_fisher.pt").exists():  # a fresh clone derives mini-AbC's Fisher, which the pool links to
+        derive_arrays(bench, all_weights_fisher=False)
+        if not (pool / "sd_fisher.pt").is_symlink():  # a pool built before it linked a Fisher not yet derived
+            os.symlink(Path("..") / "abc" / "sd_fisher.pt", pool / "sd_fisher.pt")
     total = LaionCandidates(pool, 1).total
     sizes = sorted({total if x == "all" else int(x) for x in args.sizes.split(",")})
     if sizes[-1] > total:

@@ -60,6 +60,10 @@ def test_the_pool_keeps_mini_abcs_rows_first_and_adds_every_other_icon_once(fake
     digests = {pool_module.pixel_digest(Image.open(p)) for p in images}
     assert len(digests) == len(images)
     assert (pool / "models").is_symlink() and (pool / "models").resolve() == (tmp_path / "abc" / "models").resolve()
+    # the Fisher is derived later (--stage derive): its link is there already, and resolves once it is
+    assert (pool / "sd_fisher.pt").is_symlink() and not (pool / "sd_fisher.pt").exists()
+    (tmp_path / "abc" / "sd_fisher.pt").write_bytes(b"fisher")
+    assert (pool / "sd_fisher.pt").read_bytes() == b"fisher"
     assert "Noto Emoji" in (pool / "NOTICE").read_text()
 
     # a rerun reads the pictures there instead of rendering them, and writes the same files

@@ -140,11 +140,9 @@ def write_pool_pictures(out: Path, icon_sets, concepts, size: int) -> dict:
                  binary=False)
     save_json(pool / "laion_subset" / "sources.json", rows_out)
     sources.write_notice(pool / "NOTICE", icon_sets)
-    for name in LINKED:
+    for name in LINKED:  # sd_fisher.pt may not be derived yet (--stage derive): its link resolves once it is
         link = pool / name
-        if not link.exists() and (root / name).exists():
-            if link.is_symlink():  # a dangling link
-                link.unlink()
+        if not link.is_symlink() and not link.exists():
             os.symlink(Path("..") / "abc" / name, link)
     return {"n_images": len(rows_out), "first_rows": len(src_images),
             "per_style": {s: sum(r["style"] == s for r in rows_out) for s in sources.SETS}, "dropped": dropped}
