@@ -60,7 +60,7 @@ def memory(folder: Path) -> dict:
 
 def measure_unit(tasks: list, out: Path, bench: Path, pool: Path, sizing, settings, device: str) -> dict:
     """One model's queries at one pool size: exact AbU and every setting through the CLIs into `out` (resumable),
-    returned as a record {queries, models, stage1_seconds, stage1_rows, stage1 memory, rows (compare's, each with
+    returned as a record {queries, stage1_seconds, stage1_rows, stage1 memory, rows (compare's, each with
     its CLI run's memory)}."""
     task_json = out / "tasks.json"
     if not task_json.is_file():
