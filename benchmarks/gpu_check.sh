@@ -8,14 +8,21 @@
 # not yet run (alone: SKIP_DEMO=1 SKIP_TRACKING=1 SKIP_AGREEMENT=1); (5) two-stage against exact AbU on mini-AbC's
 # candidate pool at growing sizes up to the whole pool (benchmarks/two_stage_pool.py), the table rewritten after each model it
 # finishes, POOL_SECONDS (default 240) in all. SKIP_DEMO, SKIP_TRACKING, SKIP_AGREEMENT, SKIP_CLI, SKIP_POOL skip a part.
-# Carry data/tiny_abc, results/tiny (part 1), .whl (diffusers wheel) and data/mini_abc/pool/laion_subset (part 5: the
-# pictures `python -m data.build_mini_abc --stage pool` rendered; the machine cannot reach npm); see docs/performance.md.
+# Carry data/tiny_abc, results/tiny (part 1), .whl (diffusers, which the machine lacks: a wheel, or the wheel's contents
+# as a .tar.xz, a third of its size) and, for part 5, .carry (the pool's first rows packed by
+# `python -m benchmarks.carry_pool pack --rows 20000`: the machine cannot reach npm to render them, and the pool's
+# PNGs do not fit in a call's 64 MiB; `bash benchmarks/device_tree.sh slim` makes room, `restore` after). Part 5
+# packs its per-model records into $OUT/two_stage_pool_records.tgz (a call brings back 8 files at most); see
+# docs/performance.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
+fi
+if ls .whl/*.tar.xz >/dev/null 2>&1; then
+  mkdir -p /tmp/site && for t in .whl/*.tar.xz; do tar xJf "$t" -C /tmp/site; done && export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -69,14 +76,16 @@ fi
 if [[ -z "${SKIP_POOL:-}" ]]; then
 echo "== 5. two-stage against exact AbU as the candidate pool grows (mini-AbC test, 8 queries)"
 P=data/mini_abc/pool
+[[ -f .carry/pool/pack.json && ! -d $P/laion_subset/images ]] && python3 -m benchmarks.carry_pool unpack
 if [[ -d $P/laion_subset/images ]]; then
   for link in models synth exemplar json sd_fisher.pt; do [[ -e $P/$link ]] || ln -s ../abc/$link $P/$link; done
-  python3 -m data.build_mini_abc --out data/mini_abc --stage derive --no_all_weights_fisher > "$OUT/pool_derive.log" 2>&1
+  python3 -m data.build_mini_abc --out data/mini_abc --stage derive --no_all_weights_fisher --device cuda > "$OUT/pool_derive.log" 2>&1
   python3 -m data.encode_candidates --dataroot $P --sd_version data/mini_abc/sd-mini --device cuda --batch_size 1024 \
     > "$OUT/pool_encode.log" 2>&1 || { echo "encoding the pool failed"; tail -5 "$OUT/pool_encode.log"; }
   timeout "${POOL_SECONDS:-240}" python3 -m benchmarks.two_stage_pool --split test --device cuda \
     --sizes "${POOL_SIZES:-1444,20000,all}" --results_dir /tmp/pool_runs --out "$OUT" > "$OUT/pool.log" 2>&1
   echo "two_stage_pool.py: exit $? (124: POOL_SECONDS ran out; the sizes finished are in the table)"
+  tar czf "$OUT/two_stage_pool_records.tgz" -C "$OUT" two_stage_pool_test 2>/dev/null && rm -r "$OUT/two_stage_pool_test"
   cat "$OUT/two_stage_pool_test.md" 2>/dev/null || tail -20 "$OUT/pool.log"
 else
   echo "no $P/laion_subset: build it here (python -m data.build_mini_abc --out data/mini_abc --stage pool) and carry it"

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from data.mini_abc_build import pool as pool_module
@@ -91,3 +92,36 @@ def test_an_icon_drawn_by_an_alias_is_not_its_parent(fake_packages):
     rows = plan_rows(icon_sets, concepts, [{"key": "1f449", "style": "noto"}])
     left = [r for r in rows if (r["style"], r["icon"]) == ("noto", "backhand-index-pointing-left")]
     assert len(left) == 1 and left[0]["name"] == "backhand index pointing left" and left[0]["key"] == ""
+
+
+def test_a_packed_pool_unpacks_to_the_same_pixels_and_captions(fake_packages, tmp_path, capsys):
+    """benchmarks/carry_pool.py: what a lent GPU unpacks is the pool's first N rows, pixel for pixel."""
+    from benchmarks import carry_pool
+    from utils.errors import InputError
+
+    icon_sets = sources.read_sets(fake_packages, STYLES)
+    concepts = sources.load_concepts(fake_packages, STYLES, drop_whole_concept=False)
+    here, there = tmp_path / "here", tmp_path / "there"
+    _mini_abc(here, icon_sets, concepts)
+    n = write_pool_pictures(here, icon_sets, concepts, 32)["n_images"]
+    assert n >= 4
+    with pytest.raises(InputError, match=f"pack between 3 and {n}"):
+        carry_pool.pack(here, 2, tmp_path / "pack")  # no row past mini-AbC's own
+    carry_pool.main(["pack", "--bench", str(here), "--carry", str(tmp_path / "pack"), "--rows", str(n - 1)])
+    assert "packed rows 2..%d" % (n - 2) in capsys.readouterr().out
+    _mini_abc(there, icon_sets, concepts)  # the other machine: mini-AbC from the repository, no pool
+    carry_pool.main(["unpack", "--bench", str(there), "--carry", str(tmp_path / "pack")])
+    read = lambda root: [np.asarray(Image.open(p)) for p in sorted((root / "pool/laion_subset/images").glob("*.png"))]  # noqa: E731
+    want, got = read(here)[: n - 1], read(there)
+    assert len(got) == n - 1 and all(np.array_equal(a, b) for a, b in zip(want, got))
+    assert (there / "pool/laion_subset/images/000000.png").read_bytes() == (
+        here / "abc/laion_subset/images/000000.png").read_bytes()  # mini-AbC's own rows byte for byte
+    assert (there / "pool/laion_subset/captions.txt").read_text().splitlines() == (
+        here / "pool/laion_subset/captions.txt").read_text().splitlines()[: n - 1]
+    assert (there / "pool/models").is_symlink()
+    record = json.loads((tmp_path / "pack/pack.json").read_text())
+    record["digest"] = "0" * 16  # a pack whose pixels no longer match is refused before anything is written
+    (tmp_path / "pack/pack.json").write_text(json.dumps(record))
+    with pytest.raises(InputError, match="do not match"):
+        carry_pool.unpack(tmp_path / "elsewhere", tmp_path / "pack")
+    assert not (tmp_path / "elsewhere").exists()
