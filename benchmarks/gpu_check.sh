@@ -12,8 +12,11 @@
 # as a .tar.xz, a third of its size) and, for part 5, .carry (the pool's first rows packed by
 # `python -m benchmarks.carry_pool pack --rows 20000`: the machine cannot reach npm to render them, and the pool's
 # PNGs do not fit in a call's 64 MiB; `bash benchmarks/device_tree.sh slim` makes room, `restore` after). Part 5
-# packs its per-model records into $OUT/two_stage_pool_records.tgz (a call brings back 8 files at most); see
-# docs/performance.md.
+# packs its per-model records into $OUT/two_stage_pool_records.tgz (a call brings back 8 files at most) and starts
+# from those committed in benchmarks/results/h200_pool/ (unpack the tgz there to continue). On one H200 (2026-12-04)
+# a model at N = 20,000 took 3-4 minutes after a minute of deriving and encoding: part 5 alone
+# (SKIP_DEMO=1 SKIP_TRACKING=1 SKIP_AGREEMENT=1 SKIP_CLI=1 POOL_SIZES=20000 POOL_SECONDS=480) finishes 2-3 models a call;
+# see docs/performance.md.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -82,6 +85,8 @@ if [[ -d $P/laion_subset/images ]]; then
   python3 -m data.build_mini_abc --out data/mini_abc --stage derive --no_all_weights_fisher --device cuda > "$OUT/pool_derive.log" 2>&1
   python3 -m data.encode_candidates --dataroot $P --sd_version data/mini_abc/sd-mini --device cuda --batch_size 1024 \
     > "$OUT/pool_encode.log" 2>&1 || { echo "encoding the pool failed"; tail -5 "$OUT/pool_encode.log"; }
+  # a later GPU session continues from the committed records (two_stage_pool.py skips the models they hold)
+  [[ -d benchmarks/results/h200_pool/two_stage_pool_test ]] && cp -r benchmarks/results/h200_pool/two_stage_pool_test "$OUT/"
   timeout "${POOL_SECONDS:-240}" python3 -m benchmarks.two_stage_pool --split test --device cuda \
     --sizes "${POOL_SIZES:-1444,20000,all}" --results_dir /tmp/pool_runs --out "$OUT" > "$OUT/pool.log" 2>&1
   echo "two_stage_pool.py: exit $? (124: POOL_SECONDS ran out; the sizes finished are in the table)"
