@@ -19,13 +19,12 @@ import hashlib
 import io
 import json
 import lzma
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from data.mini_abc_build.pool import LINKED, POOL_DIR
+from data.mini_abc_build.pool import POOL_DIR, link_to_mini_abc
 from utils.cli import run
 from utils.errors import InputError
 from utils.io import atomic_write, save_json
@@ -34,7 +33,7 @@ BENCH = Path("data/mini_abc")
 CARRY = Path(".carry/pool")
 
 
-def pixel_digest(pictures: np.ndarray) -> str:
+def pack_digest(pictures: np.ndarray) -> str:
     """sha256 (first 16 hex digits) of a uint8 array's bytes: what `unpack` checks the pack against."""
     return hashlib.sha256(np.ascontiguousarray(pictures).tobytes()).hexdigest()[:16]
 
@@ -57,7 +56,7 @@ def pack(bench: Path, rows: int, out: Path) -> dict:
     atomic_write(out / "pictures.npy.xz", lambda f: f.write(lzma.compress(buf.getvalue(), preset=9)))
     captions = (bench / POOL_DIR / "laion_subset" / "captions.txt").read_text().splitlines()[:rows]
     atomic_write(out / "captions.txt", lambda f: f.write("\n".join(captions) + "\n"), binary=False)
-    record = {"rows": rows, "first_rows": first, "shape": list(pictures.shape), "digest": pixel_digest(pictures)}
+    record = {"rows": rows, "first_rows": first, "shape": list(pictures.shape), "digest": pack_digest(pictures)}
     save_json(out / "pack.json", record)
     return record
 
@@ -70,7 +69,7 @@ def unpack(bench: Path, src: Path) -> dict:
         raise InputError(f"{src} holds no pack.json: make one with `python -m benchmarks.carry_pool pack`")
     record = json.loads((src / "pack.json").read_text())
     pictures = np.load(io.BytesIO(lzma.decompress((src / "pictures.npy.xz").read_bytes())))
-    if pixel_digest(pictures) != record["digest"]:
+    if pack_digest(pictures) != record["digest"]:
         raise InputError(f"{src / 'pictures.npy.xz'}: the pixels do not match pack.json's digest; pack it again")
     first = sorted((bench / "abc" / "laion_subset" / "images").glob("*.png"))
     if len(first) != record["first_rows"]:
@@ -83,10 +82,7 @@ def unpack(bench: Path, src: Path) -> dict:
     for i, picture in enumerate(pictures, start=len(first)):
         atomic_write(images / f"{i:06d}.png", lambda f: Image.fromarray(picture).save(f, format="PNG"))
     atomic_write(images.parent / "captions.txt", lambda f: f.write((src / "captions.txt").read_text()), binary=False)
-    for name in LINKED:
-        link = bench / POOL_DIR / name
-        if not link.is_symlink() and not link.exists():
-            os.symlink(Path("..") / "abc" / name, link)
+    link_to_mini_abc(bench / POOL_DIR)
     return record
 
 

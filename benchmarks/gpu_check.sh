@@ -81,7 +81,7 @@ echo "== 5. two-stage against exact AbU as the candidate pool grows (mini-AbC te
 P=data/mini_abc/pool
 [[ -f .carry/pool/pack.json && ! -d $P/laion_subset/images ]] && python3 -m benchmarks.carry_pool unpack
 if [[ -d $P/laion_subset/images ]]; then
-  for link in models synth exemplar json sd_fisher.pt; do [[ -e $P/$link ]] || ln -s ../abc/$link $P/$link; done
+  for link in models synth exemplar json sd_fisher.pt; do [[ -e $P/$link || -L $P/$link ]] || ln -s ../abc/$link $P/$link; done
   python3 -m data.build_mini_abc --out data/mini_abc --stage derive --no_all_weights_fisher --device cuda > "$OUT/pool_derive.log" 2>&1
   python3 -m data.encode_candidates --dataroot $P --sd_version data/mini_abc/sd-mini --device cuda --batch_size 1024 \
     > "$OUT/pool_encode.log" 2>&1 || { echo "encoding the pool failed"; tail -5 "$OUT/pool_encode.log"; }

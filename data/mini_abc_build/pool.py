@@ -87,6 +87,15 @@ def plan_rows(icon_sets, concepts, pretraining_rows: List[dict]) -> List[dict]:
     return rows
 
 
+def link_to_mini_abc(pool: Path) -> None:
+    """pool/{models,synth,exemplar,json,sd_fisher.pt} as links to mini-AbC's (pool/../abc), kept where present.
+    sd_fisher.pt may not be derived yet (--stage derive): its link resolves once it is."""
+    for name in LINKED:
+        link = pool / name
+        if not link.is_symlink() and not link.exists():
+            os.symlink(Path("..") / "abc" / name, link)
+
+
 def write_pool_pictures(out: Path, icon_sets, concepts, size: int) -> dict:
     """Render and caption the pool under out/pool (pictures, captions.txt, sources.json, NOTICE, links), from the
     read icon sets and concepts (sources.read_sets / load_concepts). Pictures already there are read, not rendered
@@ -140,10 +149,7 @@ def write_pool_pictures(out: Path, icon_sets, concepts, size: int) -> dict:
                  binary=False)
     save_json(pool / "laion_subset" / "sources.json", rows_out)
     sources.write_notice(pool / "NOTICE", icon_sets)
-    for name in LINKED:  # sd_fisher.pt may not be derived yet (--stage derive): its link resolves once it is
-        link = pool / name
-        if not link.is_symlink() and not link.exists():
-            os.symlink(Path("..") / "abc" / name, link)
+    link_to_mini_abc(pool)
     return {"n_images": len(rows_out), "first_rows": len(src_images),
             "per_style": {s: sum(r["style"] == s for r in rows_out) for s in sources.SETS}, "dropped": dropped}
 
