@@ -16,7 +16,8 @@ the truth the exemplar's?"): one model's leave-one-out effects read three ways.
 Agreements: per query, Spearman over the exemplars (mean over queries), for the whole effect and its image-specific
 part (minus the mean over the other samples of the query's prompt). Spreads: per query, the standard deviation over
 its exemplars (LOO) or over the null runs, averaged over queries: the spread a ranking's ordering is judged on.
-Seeds needed: by Spearman-Brown, how many training seeds averaged would bring the seed agreement to 0.5 and 0.8.
+Seeds needed: by Spearman-Brown, how many training seeds averaged would bring the seed agreement to 0.5 and 0.8;
+where tier 3's further seeds are built, the agreement of k-seed averages measured against that prediction.
 Prints markdown; writes nothing.
 """
 import argparse
@@ -89,6 +90,28 @@ def main():
     print("\nTraining seeds to average (Spearman-Brown on the seed agreement above):")
     for part, r1 in seeds.items():
         print(f"* {part}: {seeds_needed(r1, 0.5):.1f} seeds for 0.5, {seeds_needed(r1, 0.8):.1f} for 0.8")
+    seed_curve(loss, n, prompt_of)
+
+
+def seed_curve(loss, n: int, prompt_of) -> None:
+    """Measured: the LOO truth averaged over k training seeds against another k-seed average (disjoint seeds), next
+    to what the Spearman-Brown step predicts from k = 1 (every pair of single seeds)."""
+    seeds = cf.measured_seeds(loss, n)
+    if len(seeds) < 4:
+        print(f"\n{len(seeds)} training seeds measured (full and every LOO set): the averaged truth's agreement "
+              "needs 4 or more (python -m data.build_mini_abc --stage counterfactual --max_tier 3)")
+        return
+    print(f"\nThe truth averaged over k training seeds, against another k-seed average (seeds {seeds}; up to 64 "
+          "random pairs of disjoint groups, per-query Spearman over exemplars); predicted: Spearman-Brown from k = 1")
+    print("\n| seeds averaged, k | whole: measured | whole: predicted | image-specific: measured | "
+          "image-specific: predicted |")
+    print("|---|---|---|---|---|")
+    r1 = {part: cf.seed_average_agreement(loss, n, 1, p) for part, p in (("whole", None), ("specific", prompt_of))}
+    for k in range(1, len(seeds) // 2 + 1):
+        cells = []
+        for part, p in (("whole", None), ("specific", prompt_of)):
+            cells += [f"{cf.seed_average_agreement(loss, n, k, p):+.2f}", f"{cf.spearman_brown(r1[part], k):+.2f}"]
+        print(f"| {k} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,27 @@ def test_the_truth_and_its_ceiling_average_the_even_and_the_odd_training_seeds()
     assert cf.split_seed_effects({"full@1": np.array([1.0])}, 0)[0] is None  # no seed 0: no truth
 
 
+def test_the_seed_averaged_truth_agreement_against_spearman_brown():
+    """Four seeds, three exemplars: seeds 0 and 1 order them (0, 1, 2), seeds 2 and 3 (0, 2, 1). A second query of
+    the same prompt has no effect at all, so the image-specific parts are +-(the first query's) and agree alike."""
+    order = {0: [0, 1, 2], 1: [0, 1, 2], 2: [0, 2, 1], 3: [0, 2, 1]}
+    loss = {}
+    for k, d in order.items():
+        loss[f"full@{k}"] = np.zeros(2)
+        for e in range(3):
+            loss[f"loo{e}@{k}"] = np.array([d[e], 0.0])
+    # k = 1: pairs (0,1) and (2,3) agree at 1; the other four at 1 - 6 * 2 / 24 = 0.5: mean 2/3
+    # k = 2: {0,1} vs {2,3} at 0.5; {0,2} vs {1,3} and {0,3} vs {1,2} both average to (0, 1.5, 1.5): 1
+    for prompt_of in (None, [0, 0]):
+        whole = lambda k, **kw: cf.seed_average_agreement(  # noqa: E731
+            {n: v[:1] for n, v in loss.items()} if prompt_of is None else loss, 3, k, prompt_of, **kw)
+        assert whole(1) == pytest.approx(2 / 3) and whole(2) == pytest.approx(5 / 6)
+        assert np.isnan(whole(3))  # six seeds needed
+        assert whole(2, splits=2) in (pytest.approx(0.75), pytest.approx(1.0))  # two of the three pairs
+    assert cf.spearman_brown(2 / 3, 2) == pytest.approx(0.8)  # predicted; 5/6 measured
+    assert cf.spearman_brown(0.3, 1) == pytest.approx(0.3)
+
+
 def test_the_plan_holds_the_further_training_seeds_in_tier_3_seed_by_seed():
     from data.mini_abc_build.counterfactual import CounterfactualConfig, retrained_sets
 

@@ -88,6 +88,40 @@ def split_seed_effects(loss: Dict[str, np.ndarray], n_exemplar: int) -> tuple:
     return mean(even[:half]), mean(odd[:half]) if odd else None, half
 
 
+def seed_average_agreement(loss: Dict[str, np.ndarray], n_exemplar: int, k: int, prompt_of: Sequence = None,
+                           splits: int = 64, seed: int = 0) -> float:
+    """How well the LOO truth averaged over k training seeds reproduces: the mean over up to `splits` random pairs of
+    disjoint k-seed groups (of the measured seeds, `measured_seeds`) of the per-query Spearman over exemplars between
+    the two groups' mean effects, averaged over queries. With `prompt_of` [n_queries], both sides are first reduced
+    to their image-specific part (`image_specific`). Every pair of groups is used when there are at most `splits`.
+    This is the measured counterpart of the Spearman-Brown step k r1 / (1 + (k - 1) r1) (`spearman_brown`); NaN
+    when fewer than 2k seeds are measured."""
+    from itertools import combinations
+
+    seeds = measured_seeds(loss, n_exemplar)
+    if k < 1 or len(seeds) < 2 * k:
+        return float("nan")
+    effects = {s: loo_effects(loss, n_exemplar, s) for s in seeds}
+    pairs = [(a, b) for a in combinations(seeds, k) for b in combinations(seeds, k)
+             if a < b and not set(a) & set(b)]
+    if len(pairs) > splits:
+        rng = np.random.default_rng(seed)
+        pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), splits, replace=False))]
+    values = []
+    for a, b in pairs:
+        x, y = (np.mean([effects[s] for s in group], axis=0) for group in (a, b))
+        if prompt_of is not None:
+            x, y = image_specific(x, prompt_of), image_specific(y, prompt_of)
+        values.append(np.nanmean(per_query(x, y)))
+    return float(np.mean(values))
+
+
+def spearman_brown(r1: float, k: float) -> float:
+    """The agreement of two k-fold averages predicted from the agreement r1 of single measurements:
+    k r1 / (1 + (k - 1) r1) (Spearman 1910, Brown 1910; exact for Pearson reliabilities of parallel measures)."""
+    return k * r1 / (1 + (k - 1) * r1)
+
+
 def image_specific(values: np.ndarray, prompt_of: Sequence, peers: Sequence[Sequence[int]] = None) -> np.ndarray:
     """values [n_queries, ...] minus, for each query, the mean of its peers' values; peers default to the other
     queries with the same prompt (`prompt_of` [n_queries]). A query without peers gets NaN."""
