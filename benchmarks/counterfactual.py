@@ -394,7 +394,10 @@ def markdown(split, per_query, looks, ceilings, stats, labelled) -> str:
         n = len(per_query[(methods[0], kind, "LOO")])
         lines += [f"**{kind}** ({n} queries)", "", "| ranking | " + " | ".join(t for _, t in METRICS) + " | cost |",
                   "|---|" + "---|" * (len(METRICS) + 1)]
-        lines.append("| *ceiling: the truth at a second training seed* | " + " | ".join(
+        k = sorted({s.get("training seeds averaged, truth and ceiling each", 1) for s in stats if s["kind"] == kind})
+        at = ("a second training seed" if k == [1] else
+              f"other training seeds ({'/'.join(map(str, k))} averaged, as the truth)")
+        lines.append(f"| *ceiling: the truth at {at}* | " + " | ".join(
             fmt(ceilings.get((kind, k), [])) for k, _ in METRICS) + " | |")
         for m in methods:
             cost = per_query.get((m, "cost", "cost"), [float("nan")])[0]
@@ -444,8 +447,8 @@ def plot(per_query, ceilings, path: Path, metrics=("LOO", "LOO, image-specific",
     label_w = 20 + max(int(probe.textlength(m, font=font)) for m in methods)
     row_h, panel_w, top = 16 + 5 * len(metrics), 300, 40
     height = top + row_h * len(methods) + 30 + 18 * len(metrics)
-    legend_w = 40 + max(int(probe.textlength(f"{dict(METRICS)[m]} (dashed: the truth's own ceiling, a second "
-                                                    "training seed)", font=font)) for m in metrics)
+    legend_w = 40 + max(int(probe.textlength(f"{dict(METRICS)[m]} (dashed: the truth's own ceiling, other "
+                                                    "training seeds)", font=font)) for m in metrics)
     img, d, font = canvas(max(label_w + (panel_w + 30) * len(kinds) + 10, label_w + legend_w), height)
     X = lambda j, v: label_w + j * (panel_w + 30) + (v + 1) / 2 * panel_w  # noqa: E731  [-1, 1] across a panel
     bottom = top + row_h * len(methods)
@@ -476,8 +479,8 @@ def plot(per_query, ceilings, path: Path, metrics=("LOO", "LOO, image-specific",
     for c, metric in enumerate(metrics):
         y = bottom + 24 + 18 * c
         d.ellipse([label_w, y, label_w + 10, y + 10], fill=COLOURS[c + 1])
-        d.text((label_w + 16, y - 2), f"{dict(METRICS)[metric]} (dashed: the truth's own ceiling, a second training "
-                                      "seed)", fill="black", font=font)
+        d.text((label_w + 16, y - 2), f"{dict(METRICS)[metric]} (dashed: the truth's own ceiling, other training "
+                                      "seeds)", fill="black", font=font)
     atomic_write(path, lambda fh: img.save(fh, format="PNG"))
 
 
