@@ -234,6 +234,16 @@ def ceiling_rows(base: Base) -> dict:
             "LDS, image-specific": specific["LDS, image-specific"], "across samples": whole["across samples"]}
 
 
+def look_ceiling(base: Base):
+    """The look-level truth's own noise: per prompt, Spearman across its samples between the look dependence at the
+    model's seed and at the second training seed (None until both seeds' looks alone are measured)."""
+    dependence, second = base.look_dependence(0), base.look_dependence(1)
+    if dependence is None or second is None:
+        return None
+    prompt_of = np.array(base.prompt_of)
+    return [cf.spearman(dependence[prompt_of == p], second[prompt_of == p]) for p in sorted(set(base.prompt_of))]
+
+
 def look_rows(base: Base, scores: np.ndarray) -> dict:
     """Two-look models: per prompt, Spearman across samples between the ranking's A-above-B (within-query AUC of look
     A's exemplars over B's) and the look dependence; per prompt's most-apart pair, the pair AUC."""
@@ -352,6 +362,9 @@ def evaluate(split: str, root: Path, bench: Path = BENCH, per_prompt: int = 0):
         if c is not None:
             for metric, values in c.items():
                 ceilings.setdefault((b.kind, metric), []).extend(values.tolist())
+        look = look_ceiling(b)
+        if look is not None:
+            ceilings.setdefault((b.kind, "look Spearman"), []).extend(look)
     stats = [truth_stats(b) for b in bases]
     return per_query, looks, ceilings, stats, labelled
 
@@ -414,6 +427,9 @@ def markdown(split, per_query, looks, ceilings, stats, labelled) -> str:
                   "| ranking | " + " | ".join(f"{k}: look Spearman | {k}: look pair AUC | {k}: proxy AUC"
                                               for k in look_kinds) + " |",
                   "|---|" + "---|" * (3 * len(look_kinds))]
+        if any((k, "look Spearman") in ceilings for k in look_kinds):
+            cells = sum(([fmt(ceilings.get((k, "look Spearman"), [])), "", ""] for k in look_kinds), [])
+            lines.append("| *ceiling: the look dependence at a second training seed* | " + " | ".join(cells) + " |")
         for m in methods:
             cells = []
             for k in look_kinds:

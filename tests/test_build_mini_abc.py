@@ -448,7 +448,8 @@ def test_counterfactual_stage_retrains_with_the_builders_recipe_and_resumes(buil
         n = len(base["exemplars"])
         assert {f"loo{e}@0" for e in range(n)} <= set(truth["loss"])
         if base["kind"] == "two-look style":  # 4 exemplars here: looks alone and 2 halves of 2
-            assert {"lookA@0", "lookB@0", "half00@0", "half01@0", "null0@0"} <= set(truth["loss"])
+            looks = {"lookA@0", "lookB@0", "lookA@1", "lookB@1"}  # each look alone at both seeds
+            assert looks | {"half00@0", "half01@0", "null0@0"} <= set(truth["loss"])
             null = next(s for s in base["sets"] if s["name"] == "null0@0")  # every exemplar, a 1/n share redrawn
             assert null["members"] == list(range(n)) and null["resample"] == [1 / n, 0]  # (test_mini_abc_customize)
             assert all(len(s["members"]) == n // 2 for s in base["sets"] if s["name"].startswith("half"))
@@ -472,6 +473,7 @@ def test_counterfactual_stage_retrains_with_the_builders_recipe_and_resumes(buil
     assert proc.returncode == 0, proc.stderr[-3000:]
     md = (tmp_path / "counterfactual_val.md").read_text()
     assert "ceiling: the truth at a second training seed" in md and "AbU, stop rule: combined" in md
+    assert "ceiling: the look dependence at a second training seed" in md  # the looks alone at both seeds
     rows = list(csv.DictReader(open(tmp_path / "counterfactual_val.csv")))
     loo = [float(r["mean"]) for r in rows if r["metric"] == "LOO" and r["kind"] == "two-look style"]
     assert loo and all(-1 <= v <= 1 for v in loo if v == v)
