@@ -12,6 +12,8 @@ the truth the exemplar's?"): one model's leave-one-out effects read three ways.
   drawn again uniformly (data/mini_abc_build/customize.py, `resample`): about as many draws perturbed as leaving
   one exemplar out perturbs, no exemplar's exposure changed. Its loss change is what perturbing the training does
   alone. A LOO effect that is the exemplar's stands out from the null runs' spread.
+* **the look-level truth** (two-look models): the dependence on look A (each look alone retrained) at the two
+  seeds, per prompt across its samples.
 
 Agreements: per query, Spearman over the exemplars (mean over queries), for the whole effect and its image-specific
 part (minus the mean over the other samples of the query's prompt). Spreads: per query, the standard deviation over
@@ -65,13 +67,11 @@ def main():
           f"runs; `python -m benchmarks.counterfactual_noise --base {args.base}`\n")
     print("| agreement (Spearman over exemplars, mean over queries) | whole effect | image-specific part |")
     print("|---|---|---|")
-    seeds = {}
     for name, a, b in (("draws: even vs odd timestep bands, seed 0", even[0], odd[0]),
                        ("draws: even vs odd timestep bands, seed 1", even[1], odd[1]),
                        ("training seeds: seed 0 vs seed 1 (all draws)", d[0], d[1])):
         whole, specific = agreement(a, b, prompt_of, False), agreement(a, b, prompt_of, True)
         print(f"| {name} | {whole:+.2f} | {specific:+.2f} |")
-        seeds = {"whole": whole, "image-specific": specific}  # the last row's
 
     print("\n| loss change against full@0 | mean | spread within a query | same, image-specific |")
     print("|---|---|---|---|")
@@ -87,10 +87,29 @@ def main():
         print(f"\nShare of a query's LOO spread that perturbing the training alone gives (null variance / LOO "
               f"variance, within queries): {share[0]:.2f} at seed 0, {share[1]:.2f} at seed 1.")
 
-    print("\nTraining seeds to average (Spearman-Brown on the seed agreement above):")
+    # the single-seed agreement from every pair of the seeds measured (seed 0 against 1 until tier 3 adds more)
+    measured = cf.measured_seeds(loss, n)
+    seeds = {"whole": cf.seed_average_agreement(loss, n, 1),
+             "image-specific": cf.seed_average_agreement(loss, n, 1, prompt_of)}
+    print(f"\nTraining seeds to average (Spearman-Brown on the agreement of single seeds, every pair of the "
+          f"{len(measured)} measured: {seeds['whole']:+.2f} whole, {seeds['image-specific']:+.2f} image-specific):")
     for part, r1 in seeds.items():
         print(f"* {part}: {seeds_needed(r1, 0.5):.1f} seeds for 0.5, {seeds_needed(r1, 0.8):.1f} for 0.8")
     seed_curve(loss, n, prompt_of)
+    look_agreement(loss, prompt_of)
+
+
+def look_agreement(loss, prompt_of) -> None:
+    """The look-level truth (two-look models: L(look B alone) - L(look A alone), four exemplars removed at once)
+    at the model's seed against the second seed: per prompt, Spearman across its samples."""
+    if not all(f"look{x}@{k}" in loss for x in "AB" for k in (0, 1)):
+        return
+    dependence = [loss[f"lookB@{k}"] - loss[f"lookA@{k}"] for k in (0, 1)]
+    prompt_of = np.asarray(prompt_of)
+    per_prompt = [cf.spearman(*(x[prompt_of == p] for x in dependence)) for p in np.unique(prompt_of)]
+    print(f"\nThe look-level truth, seed 0 against seed 1, per prompt across its samples: "
+          f"{', '.join(f'{v:+.2f}' for v in per_prompt)} (mean {np.mean(per_prompt):+.2f}); over all samples "
+          f"{cf.spearman(*dependence):+.2f}")
 
 
 def seed_curve(loss, n: int, prompt_of) -> None:
