@@ -45,6 +45,7 @@ KINDS = ("two-look style", "two-look object", "AbC style", "AbC object")
 METRICS = [("LOO", "LOO Spearman"), ("LOO, image-specific", "LOO Spearman, image-specific"),
            ("LDS", "LDS"), ("LDS, image-specific", "LDS, image-specific"),
            ("across samples", "across a prompt's samples")]
+SEED_ALONE = "LOO at training seed "  # per_query metric names of the per-seed table, the seed appended
 N_LAION = ImageLevelConfig().pretraining_candidates  # the image-level comparison's candidates
 
 
@@ -216,6 +217,9 @@ def score_rows(base: Base, scores: np.ndarray) -> dict:
         out["LOO"] = cf.per_query(scores, base.effects)
         out["LOO, image-specific"] = cf.per_query(scores, base.image_specific(base.effects))
         out["across samples"] = cf.across_samples(scores, base.effects, base.prompt_of)
+    if base.effects is not None:  # each training seed's truth alone: seed 0 trained the queries' own model
+        for seed in cf.measured_seeds(base.truth["loss"], base.n_exemplar):
+            out[f"{SEED_ALONE}{seed}"] = cf.per_query(scores, cf.loo_effects(base.truth["loss"], base.n_exemplar, seed))
     if len(base.halves) >= 2:
         subsets = [base.truth["sets"][h]["members"] for h in base.halves]
         losses = np.stack([base.truth["loss"][h] for h in base.halves])
@@ -417,6 +421,16 @@ def markdown(split, per_query, looks, ceilings, stats, labelled) -> str:
             lines.append(f"| {m} | " + " | ".join(fmt(per_query[(m, kind, k)]) for k, _ in METRICS) +
                          f" | {'' if cost != cost else f'{cost:,.0f}'} |")
         lines.append("")
+        seeds = sorted({int(metric[len(SEED_ALONE):]) for m, k, metric in per_query
+                        if k == kind and metric.startswith(SEED_ALONE)})
+        if len(seeds) > 1:
+            lines += [f"LOO Spearman against each training seed's truth alone ({kind}; seed 0 is the training that "
+                      "made the queries' model, the others retrain the same sets with fresh draws; the table above "
+                      "averages the even seeds):", "", "| ranking | " + " | ".join(f"seed {k}" for k in seeds) + " |",
+                      "|---|" + "---|" * len(seeds)]
+            lines += [f"| {m} | " + " | ".join(fmt(per_query.get((m, kind, f"{SEED_ALONE}{k}"), [])) for k in seeds)
+                      + " |" for m in methods if (m, kind, f"{SEED_ALONE}{seeds[0]}") in per_query]
+            lines.append("")
     look_kinds = [k for k in ("two-look style", "two-look object") if any(kk == k for _, kk, _ in looks)]
     if look_kinds:
         lines += ["Look-level truth (two-look models: a sample's dependence on look A = its loss under the model "
