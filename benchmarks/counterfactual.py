@@ -169,17 +169,13 @@ class Base:
             alone = [tuple(e for e, look in enumerate(looks) if look == side) for side in (0, 1)]
             if all(a in members for a in alone):
                 self.look_sets = [members[a] for a in alone]
+        # the look-level truth (even seeds) and its ceiling's copy (as many odd ones), like the LOO truth's
+        self.looks_truth, self.looks_ceiling, self.look_seeds_per_half = (
+            (None, None, 0) if self.look_sets is None else
+            cf.split_look_dependence(loss, [n.split("@")[0] for n in self.look_sets]))
 
     def image_specific(self, values):
         return cf.image_specific(values, self.prompt_of)
-
-    def look_dependence(self, seed: int = 0):
-        """L(look B alone) - L(look A alone) per query (how much more it needs look A), or None."""
-        if self.look_sets is None:
-            return None
-        a, b = (n.replace("@0", f"@{seed}") for n in self.look_sets)
-        loss = self.truth["loss"]
-        return loss[b] - loss[a] if a in loss and b in loss else None
 
 
 def exemplar_scores(base: Base, root: Path, folder: str, ranking: str, control_folder=None, reps=None) -> tuple:
@@ -239,9 +235,10 @@ def ceiling_rows(base: Base) -> dict:
 
 
 def look_ceiling(base: Base):
-    """The look-level truth's own noise: per prompt, Spearman across its samples between the look dependence at the
-    model's seed and at the second training seed (None until both seeds' looks alone are measured)."""
-    dependence, second = base.look_dependence(0), base.look_dependence(1)
+    """The look-level truth's own noise: per prompt, Spearman across its samples between the look dependence
+    averaged over the even training seeds (the truth) and over as many odd ones (None until the looks alone are
+    measured at seed 1 too)."""
+    dependence, second = base.looks_truth, base.looks_ceiling
     if dependence is None or second is None:
         return None
     prompt_of = np.array(base.prompt_of)
@@ -251,7 +248,7 @@ def look_ceiling(base: Base):
 def look_rows(base: Base, scores: np.ndarray) -> dict:
     """Two-look models: per prompt, Spearman across samples between the ranking's A-above-B (within-query AUC of look
     A's exemplars over B's) and the look dependence; per prompt's most-apart pair, the pair AUC."""
-    dependence = base.look_dependence()
+    dependence = base.looks_truth
     if dependence is None:
         return {}
     looks = base.spec["looks"]
@@ -288,14 +285,15 @@ def truth_stats(base: Base) -> dict:
     if "committed" in loss and "full@0" in loss:
         out["|full@0 - committed| / mean LOO effect"] = float(
             np.abs(loss["full@0"] - loss["committed"]).mean() / max(abs(out.get("mean LOO effect", np.nan)), 1e-12))
-    dependence = base.look_dependence()
+    dependence = base.looks_truth
     if dependence is not None:
-        seed1 = base.look_dependence(1)
+        seed1 = base.looks_ceiling
         out["look dependence > 0"] = float((dependence > 0).mean())
         out["look dependence, spread within prompt / between"] = float(
             np.mean([np.std(dependence[np.array(base.prompt_of) == p]) for p in set(base.prompt_of)])
             / max(np.std(dependence), 1e-12))
         if seed1 is not None:
+            out["look seeds averaged, truth and ceiling each"] = base.look_seeds_per_half
             out["look dependence, Spearman across seeds"] = cf.spearman(dependence, seed1)
         position = proxy_positions(base)
         pro = [cf.spearman(-position[np.array(base.prompt_of) == p], dependence[np.array(base.prompt_of) == p])
@@ -434,16 +432,20 @@ def markdown(split, per_query, looks, ceilings, stats, labelled) -> str:
     look_kinds = [k for k in ("two-look style", "two-look object") if any(kk == k for _, kk, _ in looks)]
     if look_kinds:
         lines += ["Look-level truth (two-look models: a sample's dependence on look A = its loss under the model "
-                  "retrained on look B alone minus under look A alone): per prompt, Spearman across samples between "
-                  "a ranking's A-exemplars-above-B and that dependence; pair AUC on each prompt's two samples most "
-                  "apart on it (0.5: ignores the image). Proxy AUC: the labelled pairs' AUC (their look-position "
-                  "labels), rankings composed with unselected peers.", "",
+                  "retrained on look B alone minus under look A alone, averaged over the even training seeds where "
+                  "more are built): per prompt, Spearman across samples between a ranking's A-exemplars-above-B "
+                  "and that dependence; pair AUC on each prompt's two samples most apart on it (0.5: ignores the "
+                  "image). Proxy AUC: the labelled pairs' AUC (their look-position labels), rankings composed with "
+                  "unselected peers.", "",
                   "| ranking | " + " | ".join(f"{k}: look Spearman | {k}: look pair AUC | {k}: proxy AUC"
                                               for k in look_kinds) + " |",
                   "|---|" + "---|" * (3 * len(look_kinds))]
         if any((k, "look Spearman") in ceilings for k in look_kinds):
             cells = sum(([fmt(ceilings.get((k, "look Spearman"), [])), "", ""] for k in look_kinds), [])
-            lines.append("| *ceiling: the look dependence at a second training seed* | " + " | ".join(cells) + " |")
+            k = sorted({s.get("look seeds averaged, truth and ceiling each", 1) for s in stats
+                        if s["kind"] in look_kinds})
+            at = "a second training seed" if k == [1] else f"other training seeds ({'/'.join(map(str, k))} averaged)"
+            lines.append(f"| *ceiling: the look dependence at {at}* | " + " | ".join(cells) + " |")
         for m in methods:
             cells = []
             for k in look_kinds:

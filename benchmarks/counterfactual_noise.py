@@ -101,15 +101,21 @@ def main():
 
 def look_agreement(loss, prompt_of) -> None:
     """The look-level truth (two-look models: L(look B alone) - L(look A alone), four exemplars removed at once)
-    at the model's seed against the second seed: per prompt, Spearman across its samples."""
-    if not all(f"look{x}@{k}" in loss for x in "AB" for k in (0, 1)):
+    against itself at other seeds: per prompt, Spearman across its samples; k-seed averages where 2k are built."""
+    seeds = cf.look_seeds(loss)
+    if len(seeds) < 2:
         return
+    print(f"\nThe look-level truth against itself at other training seeds (seeds {seeds} of each look alone; per "
+          "prompt, Spearman across its samples, mean over prompts and over pairs of disjoint k-seed groups):\n")
+    print("| seeds averaged, k | measured | Spearman-Brown from k = 1 |")
+    print("|---|---|---|")
+    r1 = cf.look_average_agreement(loss, 1, prompt_of)
+    for k in range(1, len(seeds) // 2 + 1):
+        print(f"| {k} | {cf.look_average_agreement(loss, k, prompt_of):+.2f} | {cf.spearman_brown(r1, k):+.2f} |")
     dependence = [loss[f"lookB@{k}"] - loss[f"lookA@{k}"] for k in (0, 1)]
     prompt_of = np.asarray(prompt_of)
     per_prompt = [cf.spearman(*(x[prompt_of == p] for x in dependence)) for p in np.unique(prompt_of)]
-    print(f"\nThe look-level truth, seed 0 against seed 1, per prompt across its samples: "
-          f"{', '.join(f'{v:+.2f}' for v in per_prompt)} (mean {np.mean(per_prompt):+.2f}); over all samples "
-          f"{cf.spearman(*dependence):+.2f}")
+    print(f"\nSeed 0 against seed 1, per prompt: {', '.join(f'{v:+.2f}' for v in per_prompt)}")
 
 
 def seed_curve(loss, n: int, prompt_of) -> None:

@@ -52,6 +52,22 @@ def test_the_truth_and_its_ceiling_average_the_even_and_the_odd_training_seeds()
     assert cf.split_seed_effects({"full@1": np.array([1.0])}, 0)[0] is None  # no seed 0: no truth
 
 
+def test_the_look_truth_averages_the_even_seeds_and_its_ceiling_the_odd_ones():
+    """Two queries; at seed k look A alone costs query 0 k more than look B alone, query 1 nothing."""
+    loss = {}
+    for k in range(4):
+        loss[f"lookA@{k}"], loss[f"lookB@{k}"] = np.array([1.0, 2.0]), np.array([1.0 + k, 2.0])
+    loss["lookA@4"] = np.array([0.0, 0.0])  # look B at seed 4 not measured: seed 4 is not used
+    assert cf.look_seeds(loss) == [0, 1, 2, 3]
+    truth, ceiling, half = cf.split_look_dependence(loss)
+    assert half == 2 and truth.tolist() == [1.0, 0.0] and ceiling.tolist() == [2.0, 0.0]  # seeds 0, 2 / 1, 3
+    # a two-look object model's looks alone are its LOO sets: look A alone is 'all but exemplar 1'
+    renamed = {n.replace("lookA", "loo1").replace("lookB", "loo0"): v for n, v in loss.items()}
+    assert cf.split_look_dependence(renamed, ("loo1", "loo0"))[0].tolist() == [1.0, 0.0]
+    assert cf.split_look_dependence({k: v for k, v in loss.items() if k.endswith("@0")})[1] is None
+    assert cf.split_look_dependence({"lookA@1": np.zeros(2), "lookB@1": np.zeros(2)})[0] is None
+
+
 def test_the_seed_averaged_truth_agreement_against_spearman_brown():
     """Four seeds, three exemplars: seeds 0 and 1 order them (0, 1, 2), seeds 2 and 3 (0, 2, 1). A second query of
     the same prompt has no effect at all, so the image-specific parts are +-(the first query's) and agree alike."""
@@ -84,6 +100,13 @@ def test_the_plan_holds_the_further_training_seeds_in_tier_3_seed_by_seed():
     assert [s["seed"] for s in tier3] == [7 + 2 * 5000] * 4 + [7 + 3 * 5000] * 4  # seed k: s0 + k x the offset
     assert tier3[1]["members"] == [1, 2] and next(s for s in sets if s["name"] == "full@1")["seed"] == 7 + 5000
     assert not [s for s in retrained_sets(base, CounterfactualConfig(training_seeds=2)) if s["tier"] == 3]
+    # a two-look style model's looks alone at every training seed: seed 0 in tier 0, the others in tier 2
+    style = {"exemplars": list("abcd"), "seed": 7, "kind": "two-look style", "looks": [0, 1, 0, 1]}
+    looks = [s for s in retrained_sets(style, CounterfactualConfig(half_subsets=0, training_seeds=3))
+             if s["name"].startswith("look")]
+    assert [(s["name"], s["members"], s["seed"], s["tier"]) for s in looks] == [
+        ("lookA@0", [0, 2], 7, 0), ("lookB@0", [1, 3], 7, 0), ("lookA@1", [0, 2], 5007, 2),
+        ("lookB@1", [1, 3], 5007, 2), ("lookA@2", [0, 2], 10007, 2), ("lookB@2", [1, 3], 10007, 2)]
 
 
 def test_lds_sums_the_scores_of_each_subset_against_minus_its_loss():

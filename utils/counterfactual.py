@@ -88,6 +88,27 @@ def split_seed_effects(loss: Dict[str, np.ndarray], n_exemplar: int) -> tuple:
     return mean(even[:half]), mean(odd[:half]) if odd else None, half
 
 
+def look_seeds(loss: Dict[str, np.ndarray], alone: Sequence[str] = ("lookA", "lookB")) -> List[int]:
+    """The training seeds k at which both looks alone are measured (sets `<alone[0]>@k` and `<alone[1]>@k`; a
+    two-look object model's looks alone are its LOO sets), ascending."""
+    seeds = sorted({int(name.split("@")[1]) for name in loss if name.startswith(f"{alone[0]}@")})
+    return [k for k in seeds if f"{alone[1]}@{k}" in loss]
+
+
+def split_look_dependence(loss: Dict[str, np.ndarray], alone: Sequence[str] = ("lookA", "lookB")) -> tuple:
+    """The look-level truth and its independent copy, as `split_seed_effects` does for the LOO truth: (truth,
+    ceiling, seeds per half), truth the mean over the even seeds of L_{look B alone}(q) - L_{look A alone}(q) (how
+    much more q needs look A; `alone` names the two sets), ceiling over as many odd seeds, [n_queries] each.
+    (None, None, 0) without seed 0; ceiling None without an odd seed."""
+    seeds = look_seeds(loss, alone)
+    if 0 not in seeds:
+        return None, None, 0
+    even, odd = [k for k in seeds if k % 2 == 0], [k for k in seeds if k % 2 == 1]
+    half = min(len(even), len(odd)) or 1
+    mean = lambda ks: np.mean([loss[f"{alone[1]}@{k}"] - loss[f"{alone[0]}@{k}"] for k in ks], axis=0)  # noqa: E731
+    return mean(even[:half]), mean(odd[:half]) if odd else None, half
+
+
 def seed_average_agreement(loss: Dict[str, np.ndarray], n_exemplar: int, k: int, prompt_of: Sequence = None,
                            splits: int = 64, seed: int = 0) -> float:
     """How well the LOO truth averaged over k training seeds reproduces: the mean over up to `splits` random pairs of
@@ -96,24 +117,42 @@ def seed_average_agreement(loss: Dict[str, np.ndarray], n_exemplar: int, k: int,
     to their image-specific part (`image_specific`). Every pair of groups is used when there are at most `splits`.
     This is the measured counterpart of the Spearman-Brown step k r1 / (1 + (k - 1) r1) (`spearman_brown`); NaN
     when fewer than 2k seeds are measured."""
+    def agree(x, y):
+        if prompt_of is not None:
+            x, y = image_specific(x, prompt_of), image_specific(y, prompt_of)
+        return float(np.nanmean(per_query(x, y)))
+
+    effects = {s: loo_effects(loss, n_exemplar, s) for s in measured_seeds(loss, n_exemplar)}
+    return group_agreement(effects, k, agree, splits, seed)
+
+
+def look_average_agreement(loss: Dict[str, np.ndarray], k: int, prompt_of: Sequence, splits: int = 64,
+                           seed: int = 0) -> float:
+    """The same for the look-level truth (`split_look_dependence`): two disjoint k-seed averages of a query's look
+    dependence, per prompt the Spearman across its samples, averaged over prompts (NaN with fewer than 2k seeds)."""
+    prompt_of = np.asarray(list(prompt_of))
+
+    def agree(x, y):
+        return float(np.nanmean([spearman(x[prompt_of == p], y[prompt_of == p]) for p in np.unique(prompt_of)]))
+
+    dependence = {s: loss[f"lookB@{s}"] - loss[f"lookA@{s}"] for s in look_seeds(loss)}
+    return group_agreement(dependence, k, agree, splits, seed)
+
+
+def group_agreement(values: Dict[int, np.ndarray], k: int, agree, splits: int = 64, seed: int = 0) -> float:
+    """Mean of agree(mean of group a, mean of group b) over up to `splits` random pairs (every pair when fewer) of
+    disjoint k-seed groups of `values` ({training seed: array}); NaN when fewer than 2k seeds."""
     from itertools import combinations
 
-    seeds = measured_seeds(loss, n_exemplar)
+    seeds = sorted(values)
     if k < 1 or len(seeds) < 2 * k:
         return float("nan")
-    effects = {s: loo_effects(loss, n_exemplar, s) for s in seeds}
-    pairs = [(a, b) for a in combinations(seeds, k) for b in combinations(seeds, k)
-             if a < b and not set(a) & set(b)]
+    pairs = [(a, b) for a in combinations(seeds, k) for b in combinations(seeds, k) if a < b and not set(a) & set(b)]
     if len(pairs) > splits:
         rng = np.random.default_rng(seed)
         pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), splits, replace=False))]
-    values = []
-    for a, b in pairs:
-        x, y = (np.mean([effects[s] for s in group], axis=0) for group in (a, b))
-        if prompt_of is not None:
-            x, y = image_specific(x, prompt_of), image_specific(y, prompt_of)
-        values.append(np.nanmean(per_query(x, y)))
-    return float(np.mean(values))
+    return float(np.mean([agree(*(np.mean([values[s] for s in group], axis=0) for group in pair))
+                          for pair in pairs]))
 
 
 def spearman_brown(r1: float, k: float) -> float:

@@ -147,8 +147,8 @@ def retrained_sets(base: dict, config: CounterfactualConfig) -> List[dict]:
     """The sets a base is retrained on: [{"name", "members" (exemplar indices), "seed", "tier"}], in build order
     within a tier. Tier 0: what the LOO truth and its seed ceiling need (with the null runs for the two-look
     models); 1: the halves (and the AbC style models' null runs); 2: the second seed's LOO of AbC style models (the
-    two-look ones have theirs in tier 0) and the two-look style models' looks alone at the second seed (the look
-    truth's ceiling); 3: the full and LOO sets at training seeds 2 .. training_seeds - 1, whose average the truth
+    two-look ones have theirs in tier 0) and the two-look style models' looks alone at every other training seed
+    (the look truth's own noise); 3: the full and LOO sets at training seeds 2 .. training_seeds - 1, whose average the truth
     needs before its image-specific part rises above seed noise (docs/counterfactual.md)."""
     n, s0 = len(base["exemplars"]), base["seed"]
     s1 = s0 + config.second_seed_offset
@@ -163,8 +163,9 @@ def retrained_sets(base: dict, config: CounterfactualConfig) -> List[dict]:
                              "tier": tier})
     if base["looks"] is not None and n > 2:  # two-look style: each look alone (objects: the LOO sets already are)
         alone = [[i for i in everyone if base["looks"][i] == side] for side in (0, 1)]
-        for seed_index, seed, tier in ((0, s0, 0), (SECOND_SEED, s1, 2)):  # tier 2: the look truth's seed ceiling
-            sets += [{"name": f"look{LOOKS[side]}@{seed_index}", "members": alone[side], "seed": seed, "tier": tier}
+        for k in range(config.training_seeds):  # tier 2: the look truth at the other seeds, its own noise (2 a seed)
+            seed = s0 + k * config.second_seed_offset
+            sets += [{"name": f"look{LOOKS[side]}@{k}", "members": alone[side], "seed": seed, "tier": 2 if k else 0}
                      for side in (0, 1)]
     if n > 2:  # null runs: as many training draws perturbed as a LOO set's, no exemplar's exposure changed
         # (customize's `resample`): what a LOO effect owes to perturbing the training alone. Two-look models in
