@@ -213,9 +213,9 @@ def score_rows(base: Base, scores: np.ndarray) -> dict:
         out["LOO"] = cf.per_query(scores, base.effects)
         out["LOO, image-specific"] = cf.per_query(scores, base.image_specific(base.effects))
         out["across samples"] = cf.across_samples(scores, base.effects, base.prompt_of)
-    if base.effects is not None:  # each training seed's truth alone: seed 0 trained the queries' own model
-        for seed in cf.measured_seeds(base.truth["loss"], base.n_exemplar):
-            out[f"{SEED_ALONE}{seed}"] = cf.per_query(scores, cf.loo_effects(base.truth["loss"], base.n_exemplar, seed))
+        for seed in cf.measured_seeds(base.truth["loss"], base.n_exemplar):  # each seed's truth alone: seed 0
+            out[f"{SEED_ALONE}{seed}"] = cf.per_query(  # trained the queries' own model
+                scores, cf.loo_effects(base.truth["loss"], base.n_exemplar, seed))
     if len(base.halves) >= 2:
         subsets = [base.truth["sets"][h]["members"] for h in base.halves]
         losses = np.stack([base.truth["loss"][h] for h in base.halves])
@@ -238,11 +238,9 @@ def look_ceiling(base: Base):
     """The look-level truth's own noise: per prompt, Spearman across its samples between the look dependence
     averaged over the even training seeds (the truth) and over as many odd ones (None until the looks alone are
     measured at seed 1 too)."""
-    dependence, second = base.looks_truth, base.looks_ceiling
-    if dependence is None or second is None:
+    if base.looks_truth is None or base.looks_ceiling is None:
         return None
-    prompt_of = np.array(base.prompt_of)
-    return [cf.spearman(dependence[prompt_of == p], second[prompt_of == p]) for p in sorted(set(base.prompt_of))]
+    return cf.per_prompt_spearman(base.looks_truth, base.looks_ceiling, base.prompt_of)
 
 
 def look_rows(base: Base, scores: np.ndarray) -> dict:
@@ -255,10 +253,7 @@ def look_rows(base: Base, scores: np.ndarray) -> dict:
     a = [e for e, look in enumerate(looks) if look == 0]
     b = [e for e, look in enumerate(looks) if look == 1]
     a_above_b = np.array([cf.within_query_auc(s, a, b) for s in scores])
-    prompts = sorted(set(base.prompt_of))
-    per_prompt = [cf.spearman(a_above_b[np.array(base.prompt_of) == p], dependence[np.array(base.prompt_of) == p])
-                  for p in prompts]
-    return {"look Spearman": per_prompt,
+    return {"look Spearman": cf.per_prompt_spearman(a_above_b, dependence, base.prompt_of),
             "look pair AUC": cf.look_pair_auc(scores, looks, cf.look_pairs(dependence, base.prompt_of)).tolist()}
 
 
@@ -296,9 +291,8 @@ def truth_stats(base: Base) -> dict:
             out["look seeds averaged, truth and ceiling each"] = base.look_seeds_per_half
             out["look dependence, Spearman across seeds"] = cf.spearman(dependence, seed1)
         position = proxy_positions(base)
-        pro = [cf.spearman(-position[np.array(base.prompt_of) == p], dependence[np.array(base.prompt_of) == p])
-               for p in set(base.prompt_of)]
-        out["proxy (look position) vs look dependence, Spearman per prompt"] = float(np.nanmean(pro))
+        out["proxy (look position) vs look dependence, Spearman per prompt"] = float(np.nanmean(
+            cf.per_prompt_spearman(-position, dependence, base.prompt_of)))
         labelled = [(i, j) for i in range(len(base.tasks)) for j in range(len(base.tasks))
                     if base.spec["queries"][i]["label"] == "A" and base.spec["queries"][j]["label"] == "B"
                     and base.spec["queries"][i]["pair"] == base.spec["queries"][j]["pair"]]
@@ -398,6 +392,14 @@ def fmt(values) -> str:
     return f"{m:+.2f} ± {se:.2f}"
 
 
+def ceiling_seeds(stats, key: str, kinds) -> str:
+    """What a ceiling row reads: 'a second training seed', or the other seeds and how many each side averages
+    (`key` of the models' truth_stats, for the models of `kinds`)."""
+    averaged = sorted({s.get(key, 1) for s in stats if s["kind"] in kinds})
+    return ("a second training seed" if averaged == [1] else
+            f"other training seeds ({'/'.join(map(str, averaged))} averaged, as the truth)")
+
+
 def markdown(split, per_query, looks, ceilings, stats, labelled) -> str:
     methods = list(dict.fromkeys(m for m, _, _ in per_query))
     kinds = [k for k in KINDS if any(k == kk for _, kk, _ in per_query)]
@@ -409,9 +411,7 @@ def markdown(split, per_query, looks, ceilings, stats, labelled) -> str:
         n = len(per_query[(methods[0], kind, "LOO")])
         lines += [f"**{kind}** ({n} queries)", "", "| ranking | " + " | ".join(t for _, t in METRICS) + " | cost |",
                   "|---|" + "---|" * (len(METRICS) + 1)]
-        k = sorted({s.get("training seeds averaged, truth and ceiling each", 1) for s in stats if s["kind"] == kind})
-        at = ("a second training seed" if k == [1] else
-              f"other training seeds ({'/'.join(map(str, k))} averaged, as the truth)")
+        at = ceiling_seeds(stats, "training seeds averaged, truth and ceiling each", [kind])
         lines.append(f"| *ceiling: the truth at {at}* | " + " | ".join(
             fmt(ceilings.get((kind, k), [])) for k, _ in METRICS) + " | |")
         for m in methods:
@@ -442,9 +442,7 @@ def markdown(split, per_query, looks, ceilings, stats, labelled) -> str:
                   "|---|" + "---|" * (3 * len(look_kinds))]
         if any((k, "look Spearman") in ceilings for k in look_kinds):
             cells = sum(([fmt(ceilings.get((k, "look Spearman"), [])), "", ""] for k in look_kinds), [])
-            k = sorted({s.get("look seeds averaged, truth and ceiling each", 1) for s in stats
-                        if s["kind"] in look_kinds})
-            at = "a second training seed" if k == [1] else f"other training seeds ({'/'.join(map(str, k))} averaged)"
+            at = ceiling_seeds(stats, "look seeds averaged, truth and ceiling each", look_kinds)
             lines.append(f"| *ceiling: the look dependence at {at}* | " + " | ".join(cells) + " |")
         for m in methods:
             cells = []

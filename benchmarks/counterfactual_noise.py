@@ -112,9 +112,8 @@ def look_agreement(loss, prompt_of) -> None:
     r1 = cf.look_average_agreement(loss, 1, prompt_of)
     for k in range(1, len(seeds) // 2 + 1):
         print(f"| {k} | {cf.look_average_agreement(loss, k, prompt_of):+.2f} | {cf.spearman_brown(r1, k):+.2f} |")
-    dependence = [loss[f"lookB@{k}"] - loss[f"lookA@{k}"] for k in (0, 1)]
-    prompt_of = np.asarray(prompt_of)
-    per_prompt = [cf.spearman(*(x[prompt_of == p] for x in dependence)) for p in np.unique(prompt_of)]
+    dependence = cf.look_dependence(loss)
+    per_prompt = cf.per_prompt_spearman(dependence[0], dependence[1], prompt_of)
     print(f"\nSeed 0 against seed 1, per prompt: {', '.join(f'{v:+.2f}' for v in per_prompt)}")
 
 

@@ -80,11 +80,19 @@ def split_seed_effects(loss: Dict[str, np.ndarray], n_exemplar: int) -> tuple:
     agreement r of one training to k r / (1 + (k - 1) r) (Spearman-Brown; docs/counterfactual.md). (None, None, 0)
     without seed 0; ceiling None without seed 1."""
     seeds = measured_seeds(loss, n_exemplar)
-    even, odd = [k for k in seeds if k % 2 == 0], [k for k in seeds if k % 2 == 1]
-    if 0 not in seeds:
+    if 0 not in seeds:  # before any effect is taken: a truth without seed 0 (or without exemplars) has none
         return None, None, 0
+    return split_seeds({k: loo_effects(loss, n_exemplar, k) for k in seeds})
+
+
+def split_seeds(values: Dict[int, np.ndarray]) -> tuple:
+    """{training seed: array} -> (mean over the even seeds, mean over as many odd ones, seeds per half): the truth
+    and its independent copy. (None, None, 0) without seed 0; the copy None without an odd seed."""
+    if 0 not in values:
+        return None, None, 0
+    even, odd = [k for k in sorted(values) if k % 2 == 0], [k for k in sorted(values) if k % 2 == 1]
     half = min(len(even), len(odd)) or 1
-    mean = lambda ks: np.mean([loo_effects(loss, n_exemplar, k) for k in ks], axis=0)  # noqa: E731
+    mean = lambda ks: np.mean([values[k] for k in ks], axis=0)  # noqa: E731
     return mean(even[:half]), mean(odd[:half]) if odd else None, half
 
 
@@ -100,13 +108,18 @@ def split_look_dependence(loss: Dict[str, np.ndarray], alone: Sequence[str] = ("
     ceiling, seeds per half), truth the mean over the even seeds of L_{look B alone}(q) - L_{look A alone}(q) (how
     much more q needs look A; `alone` names the two sets), ceiling over as many odd seeds, [n_queries] each.
     (None, None, 0) without seed 0; ceiling None without an odd seed."""
-    seeds = look_seeds(loss, alone)
-    if 0 not in seeds:
-        return None, None, 0
-    even, odd = [k for k in seeds if k % 2 == 0], [k for k in seeds if k % 2 == 1]
-    half = min(len(even), len(odd)) or 1
-    mean = lambda ks: np.mean([loss[f"{alone[1]}@{k}"] - loss[f"{alone[0]}@{k}"] for k in ks], axis=0)  # noqa: E731
-    return mean(even[:half]), mean(odd[:half]) if odd else None, half
+    return split_seeds(look_dependence(loss, alone))
+
+
+def look_dependence(loss: Dict[str, np.ndarray], alone: Sequence[str] = ("lookA", "lookB")) -> Dict[int, np.ndarray]:
+    """{training seed k: [n_queries] L_{look B alone}(q) - L_{look A alone}(q)} over `look_seeds`."""
+    return {k: loss[f"{alone[1]}@{k}"] - loss[f"{alone[0]}@{k}"] for k in look_seeds(loss, alone)}
+
+
+def per_prompt_spearman(x: np.ndarray, y: np.ndarray, prompt_of: Sequence) -> List[float]:
+    """Per prompt (in sorted order), the Spearman across its samples between x and y ([n_queries] each)."""
+    prompt_of = np.asarray(list(prompt_of))
+    return [spearman(x[prompt_of == p], y[prompt_of == p]) for p in np.unique(prompt_of)]
 
 
 def seed_average_agreement(loss: Dict[str, np.ndarray], n_exemplar: int, k: int, prompt_of: Sequence = None,
@@ -130,13 +143,10 @@ def look_average_agreement(loss: Dict[str, np.ndarray], k: int, prompt_of: Seque
                            seed: int = 0) -> float:
     """The same for the look-level truth (`split_look_dependence`): two disjoint k-seed averages of a query's look
     dependence, per prompt the Spearman across its samples, averaged over prompts (NaN with fewer than 2k seeds)."""
-    prompt_of = np.asarray(list(prompt_of))
-
     def agree(x, y):
-        return float(np.nanmean([spearman(x[prompt_of == p], y[prompt_of == p]) for p in np.unique(prompt_of)]))
+        return float(np.nanmean(per_prompt_spearman(x, y, prompt_of)))
 
-    dependence = {s: loss[f"lookB@{s}"] - loss[f"lookA@{s}"] for s in look_seeds(loss)}
-    return group_agreement(dependence, k, agree, splits, seed)
+    return group_agreement(look_dependence(loss), k, agree, splits, seed)
 
 
 def group_agreement(values: Dict[int, np.ndarray], k: int, agree, splits: int = 64, seed: int = 0) -> float:
