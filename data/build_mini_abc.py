@@ -379,10 +379,10 @@ class Builder:
         different answer."""
         ImageLevelStage(self, self.config.image_level).run()
 
-    def counterfactual(self, bases=None, max_tier: int = 2) -> None:
+    def counterfactual(self, bases=None, max_tier: int = 2, sets=None) -> None:
         """Counterfactual ground truth (data/mini_abc_build/counterfactual.py): chosen customizations retrained on
         subsets of their exemplars, every query's loss under each. Resumable; opt-in (hours on a CPU)."""
-        CounterfactualStage(self, self.config.counterfactual, self.config.image_level).run(bases, max_tier)
+        CounterfactualStage(self, self.config.counterfactual, self.config.image_level).run(bases, max_tier, sets)
 
     def customize_model(self, spec, i: int, attempt: int, pipe, judge, pretraining, exemplar_captions) -> dict:
         """Train one model (seeded by its index and attempt), sample its queries and, from the base model, the
@@ -498,7 +498,7 @@ DEFAULT_STAGES = STAGES[:-2]
 
 
 def build(out, config: BuildConfig, stages=DEFAULT_STAGES, cache=None, overwrite: bool = False,
-          all_weights_fisher: bool = True, bases=None, max_tier: int = 2):
+          all_weights_fisher: bool = True, bases=None, max_tier: int = 2, sets=None):
     out = Path(out)
     builder = Builder(out, config, Path(cache or REPO / "data" / ".cache"))
     times = {}
@@ -509,7 +509,7 @@ def build(out, config: BuildConfig, stages=DEFAULT_STAGES, cache=None, overwrite
         if stage == "derive":
             derive(out, config, all_weights_fisher=all_weights_fisher, overwrite=overwrite)
         elif stage == "counterfactual":
-            builder.counterfactual(bases, max_tier)
+            builder.counterfactual(bases, max_tier, sets)
         elif stage == "pool":
             build_pool(out, builder.cache, config.size, builder.sd_dir, config.device)
         else:
@@ -534,6 +534,10 @@ def main(argv=None):
                    help="counterfactual: 0 the leave-one-out sets and the second seed, 1 also the random halves, "
                         "2 also the second seed's leave-one-out of the AbC models, 3 also the full and leave-one-out "
                         "sets at the further training seeds (the seed-averaged truth; hours a model on a CPU)")
+    p.add_argument("--sets", nargs="+", default=None,
+                   help="counterfactual: only the sets whose names match these shell patterns (e.g. 'look*@[0-3]' "
+                        "for each look alone at training seeds 0-3, 'full@1' 'loo*@1' for the second seed); within "
+                        "--max_tier")
     p.add_argument("--device", default="cpu", help="where to train and sample (cpu or cuda)")
     p.add_argument("--diffusion_steps", type=int, default=None, help="override the base model's training steps")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -555,8 +559,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         config.base.threads = args.threads
     build(args.out, config, args.stage or DEFAULT_STAGES, overwrite=args.overwrite,
-          all_weights_fisher=not args.no_all_weights_fisher, bases=args.bases, max_tier=args.max_tier)
+          all_weights_fisher=not args.no_all_weights_fisher, bases=args.bases, max_tier=args.max_tier, sets=args.sets)
 
 
 if __name__ == "__main__":
-    main()
+    from utils.cli import run
+
+    run(main)

@@ -109,6 +109,32 @@ def test_the_plan_holds_the_further_training_seeds_in_tier_3_seed_by_seed():
         ("lookB@1", [1, 3], 5007, 2), ("lookA@2", [0, 2], 10007, 2), ("lookB@2", [1, 3], 10007, 2)]
 
 
+def test_the_build_order_chooses_bases_tiers_and_set_patterns():
+    from data.mini_abc_build.counterfactual import CounterfactualConfig, build_order, retrained_sets
+    from utils.errors import InputError
+
+    style = {"name": "s", "split": "test", "exemplars": list("abcd"), "seed": 7, "kind": "two-look style",
+             "looks": [0, 1, 0, 1]}
+    obj = {"name": "o", "split": "val", "exemplars": ["a", "b"], "seed": 3, "kind": "two-look object", "looks": None}
+    config = CounterfactualConfig(half_subsets=0, null_runs=0, training_seeds=4)
+    plan = {"bases": [{**b, "sets": retrained_sets(b, config)} for b in (style, obj)]}
+    names = lambda order: [(b["name"], s["name"]) for b, s in order]  # noqa: E731
+    # committed first, then tier by tier, validation before test
+    assert names(build_order(plan, max_tier=0))[:5] == [("s", "committed"), ("o", "committed"), ("o", "full@0"),
+                                                        ("o", "full@1"), ("o", "loo0@0")]
+    assert names(build_order(plan, ["s"], 2, ["look*@[0-2]"])) == [
+        ("s", "committed"), ("s", "lookA@0"), ("s", "lookB@0"), ("s", "lookA@1"), ("s", "lookB@1"), ("s", "lookA@2"),
+        ("s", "lookB@2")]
+    assert names(build_order(plan, ["o"], 3, ["full@3", "loo1@3"])) == [("o", "committed"), ("o", "full@3"),
+                                                                        ("o", "loo1@3")]
+    with pytest.raises(InputError, match="--bases nope: not in the counterfactual plan; its bases are s, o"):
+        build_order(plan, ["s", "nope"])
+    with pytest.raises(InputError, match=r"--sets look\*@4: matches no set .* up to --max_tier 2"):
+        build_order(plan, ["s"], 2, ["look*@4"])  # 4 training seeds: 0-3
+    with pytest.raises(InputError, match=r"--sets full@3: .*--max_tier 0"):
+        build_order(plan, None, 0, ["full@3"])  # tier 3
+
+
 def test_lds_sums_the_scores_of_each_subset_against_minus_its_loss():
     scores = np.array([[3.0, 2.0, 1.0, 0.0]])
     subsets = [[0, 1], [0, 2], [1, 3], [2, 3]]  # summed scores 5, 4, 2, 1

@@ -198,6 +198,38 @@ def _load(path: Path):
 
 
 # ------------------------------------------------------------------ the stage
+def build_order(plan: dict, bases: Optional[List[str]] = None, max_tier: int = 2,
+                sets: Optional[List[str]] = None) -> List[tuple]:
+    """(base, set) pairs in build order: tier by tier up to `max_tier`, validation before test, bases in plan order,
+    each chosen base's committed model measured first. `bases`: names of plan.json's bases (None: all); `sets`:
+    shell patterns of set names (fnmatch, e.g. "look*@[0-3]"; None: all), to build part of a tier first.
+
+    Raises InputError naming a base that the plan does not hold, or a pattern that matches no set of the chosen
+    bases up to `max_tier` (a typo would otherwise build nothing and say nothing)."""
+    from fnmatch import fnmatch
+
+    from utils.errors import InputError
+
+    known = [b["name"] for b in plan["bases"]]
+    unknown = sorted(set(bases or []) - set(known))
+    if unknown:
+        raise InputError(f"--bases {' '.join(unknown)}: not in the counterfactual plan; its bases are "
+                         f"{', '.join(known)}")
+    chosen = [b for b in plan["bases"] if not bases or b["name"] in bases]
+    wanted = [(b, s) for b in chosen for s in b["sets"] if s["tier"] <= max_tier]
+    for pattern in sets or []:
+        if not any(fnmatch(s["name"], pattern) for _, s in wanted):
+            raise InputError(f"--sets {pattern}: matches no set of the chosen bases up to --max_tier {max_tier} "
+                             "(names as in counterfactual/plan.json, e.g. 'loo*@1' or 'look*@[0-3]'; a higher "
+                             "--max_tier plans more)")
+    order = [(b, {"name": "committed", "members": None, "seed": None, "tier": -1}) for b in chosen]
+    for tier in range(max_tier + 1):
+        for split in ("val", "test"):
+            order += [(b, s) for b in chosen if b["split"] == split for s in b["sets"] if s["tier"] == tier
+                      and (not sets or any(fnmatch(s["name"], pattern) for pattern in sets))]
+    return order
+
+
 class CounterfactualStage:
     """The build stage `counterfactual` (data/build_mini_abc.py --stage counterfactual)."""
 
@@ -330,26 +362,20 @@ class CounterfactualStage:
                 "train_prompt": base["train_prompt"], "category": base["category"]}
 
     # ---- the retrained models ----
-    def work(self, plan: dict, bases: Optional[List[str]] = None, max_tier: int = 2) -> List[tuple]:
-        """(base, set) in build order: tier by tier, validation before test, bases in plan order; the committed
-        model's measurement first."""
-        chosen = [b for b in plan["bases"] if not bases or b["name"] in bases]
-        order = [(b, {"name": "committed", "members": None, "seed": None, "tier": -1}) for b in chosen]
-        for tier in range(max_tier + 1):
-            for split in ("val", "test"):
-                order += [(b, s) for b in chosen if b["split"] == split for s in b["sets"] if s["tier"] == tier]
-        return order
+    def work(self, plan: dict, bases: Optional[List[str]] = None, max_tier: int = 2,
+             sets: Optional[List[str]] = None) -> List[tuple]:
+        return build_order(plan, bases, max_tier, sets)
 
     def loss_file(self, base: dict, set_name: str) -> Path:
         return self.dir / "losses" / base["name"] / f"{set_name}.npz"
 
-    def run(self, bases: Optional[List[str]] = None, max_tier: int = 2) -> None:
+    def run(self, bases: Optional[List[str]] = None, max_tier: int = 2, sets: Optional[List[str]] = None) -> None:
         from tqdm.auto import tqdm
 
         from utils.claims import claim
 
         plan = self.plan()
-        todo = [(b, s) for b, s in self.work(plan, bases, max_tier) if not self.loss_file(b, s["name"]).is_file()]
+        todo = [(b, s) for b, s in self.work(plan, bases, max_tier, sets) if not self.loss_file(b, s["name"]).is_file()]
         print(f"counterfactual: {len(todo)} retrained models to build and measure", flush=True)
         measurer = None
         for base, s in tqdm(todo, desc="counterfactual models", unit="model"):
