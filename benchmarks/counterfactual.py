@@ -82,10 +82,13 @@ def with_truth(bench: Path, split: str, out: Path, bases=None, per_prompt: int =
 
 
 def measured_bases(bench: Path, plan: dict) -> set:
-    """Names of the bases whose full@0 and every loo<e>@0 are measured."""
+    """Names of the bases with a truth at the model's own training seed: full@0 and every loo<e>@0 measured, or (a
+    two-look style model, built look level first with --sets 'look*@...') both looks alone."""
     folder = bench / OUT_DIR / "losses"
-    return {b["name"] for b in plan["bases"] if all((folder / b["name"] / f"{n}.npz").is_file() for n in
-                                                     ["full@0"] + [f"loo{e}@0" for e in range(len(b["exemplars"]))])}
+    measured = lambda b, names: all((folder / b["name"] / f"{n}.npz").is_file() for n in names)  # noqa: E731
+    return {b["name"] for b in plan["bases"]
+            if measured(b, ["full@0"] + [f"loo{e}@0" for e in range(len(b["exemplars"]))])
+            or (b["kind"] == "two-look style" and measured(b, ["lookA@0", "lookB@0"]))}
 
 
 def representatives(tasks) -> dict:
@@ -323,7 +326,7 @@ def evaluate(split: str, root: Path, bench: Path = BENCH, per_prompt: int = 0):
     tasks = load_tasks(bench / "tasks" / f"counterfactual_{split}.json")
     by_path = {t.synth_image_path: t for t in tasks}
     bases = [Base(b, by_path, bench, per_prompt) for b in plan["bases"] if b["split"] == split]
-    bases = [b for b in bases if b.effects is not None]
+    bases = [b for b in bases if b.effects is not None or b.looks_truth is not None]  # LOO, look level or both
     reps = representatives(tasks)
     looks, per_query, labelled = {}, {}, {}
 

@@ -176,3 +176,22 @@ def test_between_samples_agreement_and_signal_to_noise():
     assert cf.signal_to_noise(e0, e1, prompt_of) == pytest.approx(1.0, abs=0.6)  # they differ by noise only
     specific = shared + rng.standard_normal((12, 5))  # samples differ far beyond the seed noise
     assert cf.signal_to_noise(specific + noise(), specific + noise(), prompt_of) > 100
+
+
+def test_a_base_is_scored_once_its_loo_or_its_looks_alone_are_measured(tmp_path):
+    from benchmarks.counterfactual import measured_bases
+
+    plan = {"bases": [{"name": "style", "kind": "two-look style", "exemplars": list("abcd")},
+                      {"name": "abc", "kind": "AbC style", "exemplars": list("ab")}]}
+    folder = tmp_path / "counterfactual" / "losses"
+    touch = lambda base, *names: [(folder / base).mkdir(parents=True, exist_ok=True)] + [  # noqa: E731
+        (folder / base / f"{n}.npz").write_bytes(b"") for n in names]
+    touch("style", "committed", "lookA@0")
+    touch("abc", "full@0", "loo0@0")
+    assert measured_bases(tmp_path, plan) == set()  # one look alone, one leave-one-out set: not yet
+    touch("style", "lookB@0")  # the look level first (--sets 'look*@...')
+    touch("abc", "loo1@0")
+    assert measured_bases(tmp_path, plan) == {"style", "abc"}
+    touch("abc", "lookA@0", "lookB@0")  # an AbC model has no looks alone: only its LOO counts
+    (folder / "abc" / "loo1@0.npz").unlink()
+    assert measured_bases(tmp_path, plan) == {"style"}
