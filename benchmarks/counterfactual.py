@@ -247,16 +247,13 @@ def look_ceiling(base: Base):
 
 
 def look_rows(base: Base, scores: np.ndarray) -> dict:
-    """Two-look models: per prompt, Spearman across samples between the ranking's A-above-B (within-query AUC of look
-    A's exemplars over B's) and the look dependence; per prompt's most-apart pair, the pair AUC."""
+    """Two-look models: per prompt, Spearman across samples between the ranking's preference for look A
+    (utils.counterfactual.look_preference) and the look dependence; per prompt's most-apart pair, the pair AUC."""
     dependence = base.looks_truth
     if dependence is None:
         return {}
     looks = base.spec["looks"]
-    a = [e for e, look in enumerate(looks) if look == 0]
-    b = [e for e, look in enumerate(looks) if look == 1]
-    a_above_b = np.array([cf.within_query_auc(s, a, b) for s in scores])
-    return {"look Spearman": cf.per_prompt_spearman(a_above_b, dependence, base.prompt_of),
+    return {"look Spearman": cf.per_prompt_spearman(cf.look_preference(scores, looks), dependence, base.prompt_of),
             "look pair AUC": cf.look_pair_auc(scores, looks, cf.look_pairs(dependence, base.prompt_of)).tolist()}
 
 

@@ -164,6 +164,10 @@ def test_look_pairs_and_pair_auc():
     # pair 1 right both ways (AUC 1); pair 2 the same scores for both queries: 0.5 whatever they are
     assert cf.look_pair_auc(scores, looks, pairs).tolist() == pytest.approx([1.0, 0.5])
     assert cf.within_query_auc([1, 1, 1, 1], [0, 1], [2, 3]) == 0.5
+    # a ranking's preference for look A: the AUC with looks of several exemplars, the score difference with one each
+    assert cf.look_preference(scores, looks).tolist() == [1.0, 0.0, 0.0, 0.0]
+    two = np.array([[0.3, 0.1], [0.2, 0.5], [0.9, 0.4]])
+    assert cf.look_preference(two, [0, 1]).tolist() == pytest.approx([0.2, -0.3, 0.5])  # the AUC: only 1, 0, 1
 
 
 def test_between_samples_agreement_and_signal_to_noise():

@@ -222,6 +222,20 @@ def within_query_auc(scores: np.ndarray, matching: Sequence[int], non_matching: 
     return float(np.mean((a > b) + 0.5 * (a == b)))
 
 
+def look_preference(scores: np.ndarray, looks: Sequence[int]) -> np.ndarray:
+    """[n_queries] how much a ranking favours look A's exemplars over look B's in each query (`scores`
+    [n_queries, n_exemplars], `looks` [n_exemplars] 0 for A, 1 for B): the within-query AUC of A above B, scale-free
+    across queries. Where each look is one exemplar (a two-look object model) that AUC is only the sign of
+    s_A - s_B, so a prompt whose samples all put the same exemplar first would have no order at all; there it is the
+    difference s_A - s_B itself, in the ranking's units (one model's queries share them)."""
+    a = [e for e, look in enumerate(looks) if look == 0]
+    b = [e for e, look in enumerate(looks) if look == 1]
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(a) == 1 and len(b) == 1:
+        return scores[:, a[0]] - scores[:, b[0]]
+    return np.array([within_query_auc(s, a, b) for s in scores])
+
+
 def look_pairs(dependence: np.ndarray, prompt_of: Sequence) -> List[tuple]:
     """Per prompt, (the sample that needs look A most, the one that needs it least) by the look dependence."""
     prompt_of = np.asarray(list(prompt_of))
