@@ -30,6 +30,7 @@ import numpy as np
 from benchmarks.runner import BENCH
 from data.mini_abc_build.counterfactual import load_truth
 from utils import counterfactual as cf
+from utils.errors import InputError
 from utils.io import load_json
 
 
@@ -53,18 +54,43 @@ def main():
     args = p.parse_args()
     plan = load_json(Path(args.bench) / "counterfactual" / "plan.json",
                      "counterfactual plan (python -m data.build_mini_abc --stage counterfactual)")
-    spec = next(b for b in plan["bases"] if b["name"] == args.base)
+    spec = next((b for b in plan["bases"] if b["name"] == args.base), None)
+    if spec is None:
+        raise InputError(f"--base {args.base}: not in the counterfactual plan; its bases are "
+                         f"{', '.join(b['name'] for b in plan['bases'])}")
     n, prompt_of = len(spec["exemplars"]), [q["prompt_index"] for q in spec["queries"]]
     truth = load_truth(args.bench, args.base)
     loss, bands = truth["loss"], truth["bands"]
+    measured = cf.measured_seeds(loss, n)
+    print(f"{args.base}: {len(prompt_of)} queries of {len(set(prompt_of))} prompts, {n} exemplars; "
+          f"`python -m benchmarks.counterfactual_noise --base {args.base}`\n")
+    if {0, 1} <= set(measured):
+        loo_noise(loss, bands, n, prompt_of)
+    else:
+        print(f"The leave-one-out sets are measured at training seeds {measured or 'none'}: their noise needs seeds 0 "
+              f"and 1 (python -m data.build_mini_abc --stage counterfactual --max_tier 0 --bases {args.base})")
+    look_agreement(loss, prompt_of, look_sets(spec))
+
+
+def look_sets(spec: dict):
+    """The names (without @seed) of the sets that hold look A alone and look B alone, or None (no looks): `lookA`,
+    `lookB` for a two-look style model, a two-look object model's leave-one-out sets (one exemplar a look)."""
+    if spec["looks"] is None:
+        return None
+    names = {tuple(s["members"]): s["name"].split("@")[0] for s in spec["sets"] if s["name"].endswith("@0")}
+    alone = [tuple(e for e, look in enumerate(spec["looks"]) if look == side) for side in (0, 1)]
+    return [names[a] for a in alone] if all(a in names for a in alone) else None
+
+
+def loo_noise(loss, bands, n: int, prompt_of) -> None:
+    """The leave-one-out truth's noise read three ways (draws, training seeds, null runs) and the seeds it needs."""
     d = {s: cf.loo_effects(loss, n, s) for s in (0, 1)}
     by_band = {s: cf.loo_effects(bands, n, s) for s in (0, 1)}  # [n_queries, n_exemplars, bands]
     even, odd = ({s: by_band[s][..., k::2].mean(axis=-1) for s in (0, 1)} for k in (0, 1))
     nulls = sorted(k for k in loss if k.startswith("null") and k.endswith("@0"))
     null = np.stack([loss[k] - loss["full@0"] for k in nulls], axis=1) if nulls else None  # [n_queries, runs]
 
-    print(f"{args.base}: {len(prompt_of)} queries of {len(set(prompt_of))} prompts, {n} exemplars, {len(nulls)} null "
-          f"runs; `python -m benchmarks.counterfactual_noise --base {args.base}`\n")
+    print(f"{len(nulls)} null runs.\n")
     print("| agreement (Spearman over exemplars, mean over queries) | whole effect | image-specific part |")
     print("|---|---|---|")
     for name, a, b in (("draws: even vs odd timestep bands, seed 0", even[0], odd[0]),
@@ -96,23 +122,24 @@ def main():
     for part, r1 in seeds.items():
         print(f"* {part}: {seeds_needed(r1, 0.5):.1f} seeds for 0.5, {seeds_needed(r1, 0.8):.1f} for 0.8")
     seed_curve(loss, n, prompt_of)
-    look_agreement(loss, prompt_of)
 
 
-def look_agreement(loss, prompt_of) -> None:
-    """The look-level truth (two-look models: L(look B alone) - L(look A alone), four exemplars removed at once)
-    against itself at other seeds: per prompt, Spearman across its samples; k-seed averages where 2k are built."""
-    seeds = cf.look_seeds(loss)
+def look_agreement(loss, prompt_of, alone) -> None:
+    """The look-level truth (two-look models: L(look B alone) - L(look A alone), a whole look removed at once; `alone`
+    the two sets' names) against itself at other seeds: per prompt, Spearman across its samples; k-seed averages
+    where 2k are built."""
+    seeds = cf.look_seeds(loss, alone) if alone else []
     if len(seeds) < 2:
         return
     print(f"\nThe look-level truth against itself at other training seeds (seeds {seeds} of each look alone; per "
           "prompt, Spearman across its samples, mean over prompts and over pairs of disjoint k-seed groups):\n")
     print("| seeds averaged, k | measured | Spearman-Brown from k = 1 |")
     print("|---|---|---|")
-    r1 = cf.look_average_agreement(loss, 1, prompt_of)
+    r1 = cf.look_average_agreement(loss, 1, prompt_of, alone=alone)
     for k in range(1, len(seeds) // 2 + 1):
-        print(f"| {k} | {cf.look_average_agreement(loss, k, prompt_of):+.2f} | {cf.spearman_brown(r1, k):+.2f} |")
-    dependence = cf.look_dependence(loss)
+        print(f"| {k} | {cf.look_average_agreement(loss, k, prompt_of, alone=alone):+.2f} | "
+              f"{cf.spearman_brown(r1, k):+.2f} |")
+    dependence = cf.look_dependence(loss, alone)
     per_prompt = cf.per_prompt_spearman(dependence[0], dependence[1], prompt_of)
     print(f"\nSeed 0 against seed 1, per prompt: {', '.join(f'{v:+.2f}' for v in per_prompt)}")
 
@@ -139,4 +166,6 @@ def seed_curve(loss, n: int, prompt_of) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from utils.cli import run
+
+    run(main)

@@ -199,3 +199,19 @@ def test_a_base_is_scored_once_its_loo_or_its_looks_alone_are_measured(tmp_path)
     touch("abc", "lookA@0", "lookB@0")  # an AbC model has no looks alone: only its LOO counts
     (folder / "abc" / "loo1@0.npz").unlink()
     assert measured_bases(tmp_path, plan) == {"style"}
+
+
+def test_the_noise_benchmark_finds_each_models_looks_alone():
+    from benchmarks.counterfactual_noise import look_sets
+    from data.mini_abc_build.counterfactual import CounterfactualConfig, retrained_sets
+
+    config = CounterfactualConfig(half_subsets=0, null_runs=0, training_seeds=2)
+    style = {"exemplars": list("abcd"), "seed": 7, "kind": "two-look style", "looks": [0, 1, 0, 1]}
+    obj = {"exemplars": ["a", "b"], "seed": 3, "kind": "two-look object", "looks": [0, 1]}
+    abc = {"exemplars": list("abc"), "seed": 3, "kind": "AbC style", "looks": None}
+    assert look_sets({**style, "sets": retrained_sets(style, config)}) == ["lookA", "lookB"]
+    assert look_sets({**obj, "sets": retrained_sets(obj, config)}) == ["loo1", "loo0"]  # look A alone: B left out
+    assert look_sets({**abc, "sets": retrained_sets(abc, config)}) is None
+    loss = {"loo1@0": np.array([1.0, 2.0]), "loo0@0": np.array([1.5, 1.0]), "loo1@1": np.array([0.0, 0.0])}
+    assert cf.look_dependence(loss, look_sets({**obj, "sets": retrained_sets(obj, config)})) == {
+        0: pytest.approx([0.5, -1.0])}  # L(look B alone) - L(look A alone), at the seeds both are measured

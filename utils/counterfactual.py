@@ -140,13 +140,14 @@ def seed_average_agreement(loss: Dict[str, np.ndarray], n_exemplar: int, k: int,
 
 
 def look_average_agreement(loss: Dict[str, np.ndarray], k: int, prompt_of: Sequence, splits: int = 64,
-                           seed: int = 0) -> float:
-    """The same for the look-level truth (`split_look_dependence`): two disjoint k-seed averages of a query's look
-    dependence, per prompt the Spearman across its samples, averaged over prompts (NaN with fewer than 2k seeds)."""
+                           seed: int = 0, alone: Sequence[str] = ("lookA", "lookB")) -> float:
+    """The same for the look-level truth (`split_look_dependence`; `alone` names the two looks' sets): two disjoint
+    k-seed averages of a query's look dependence, per prompt the Spearman across its samples, averaged over prompts
+    (NaN with fewer than 2k seeds)."""
     def agree(x, y):
         return float(np.nanmean(per_prompt_spearman(x, y, prompt_of)))
 
-    return group_agreement(look_dependence(loss), k, agree, splits, seed)
+    return group_agreement(look_dependence(loss, alone), k, agree, splits, seed)
 
 
 def group_agreement(values: Dict[int, np.ndarray], k: int, agree, splits: int = 64, seed: int = 0) -> float:
