@@ -23,7 +23,7 @@ import numpy as np
 
 from benchmarks.runner import (BENCH, COLOURS, REPO, SIZING, TUNED, abu_flags, canvas, common_flags, derive_arrays,
                                run, stage1, timed, tuned_sizing, write_table)
-from data.mini_abc_build.counterfactual import OUT_DIR, load_truth
+from data.mini_abc_build.counterfactual import OUT_DIR, load_truth, look_sets
 from data.mini_abc_build.image_level import ImageLevelConfig
 from utils import counterfactual as cf
 from utils.evaluation import load_result, score_queries
@@ -164,18 +164,11 @@ class Base:
         # seeds are built (tier 3)
         self.effects, self.effects_1, self.seeds_per_half = cf.split_seed_effects(loss, self.n_exemplar)
         self.halves = sorted(n for n in loss if n.startswith("half"))
-        looks = spec["looks"]
-        self.look_sets = None
-        if looks is not None:
-            members = {tuple(s["members"]): s["name"] for s in self.truth["sets"].values()
-                       if s["members"] is not None and s["name"].endswith("@0")}
-            alone = [tuple(e for e, look in enumerate(looks) if look == side) for side in (0, 1)]
-            if all(a in members for a in alone):
-                self.look_sets = [members[a] for a in alone]
-        # the look-level truth (even seeds) and its ceiling's copy (as many odd ones), like the LOO truth's
+        # the look-level truth (even seeds) and its ceiling's copy (as many odd ones), like the LOO truth's; None
+        # until both looks alone are measured at seed 0
+        alone = look_sets(spec)
         self.looks_truth, self.looks_ceiling, self.look_seeds_per_half = (
-            (None, None, 0) if self.look_sets is None else
-            cf.split_look_dependence(loss, [n.split("@")[0] for n in self.look_sets]))
+            (None, None, 0) if alone is None else cf.split_look_dependence(loss, alone))
 
     def image_specific(self, values):
         return cf.image_specific(values, self.prompt_of)

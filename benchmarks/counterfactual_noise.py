@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.runner import BENCH
-from data.mini_abc_build.counterfactual import load_truth
+from data.mini_abc_build.counterfactual import load_truth, look_sets
 from utils import counterfactual as cf
 from utils.errors import InputError
 from utils.io import load_json
@@ -70,16 +70,6 @@ def main():
         print(f"The leave-one-out sets are measured at training seeds {measured or 'none'}: their noise needs seeds 0 "
               f"and 1 (python -m data.build_mini_abc --stage counterfactual --max_tier 0 --bases {args.base})")
     look_agreement(loss, prompt_of, look_sets(spec))
-
-
-def look_sets(spec: dict):
-    """The names (without @seed) of the sets that hold look A alone and look B alone, or None (no looks): `lookA`,
-    `lookB` for a two-look style model, a two-look object model's leave-one-out sets (one exemplar a look)."""
-    if spec["looks"] is None:
-        return None
-    names = {tuple(s["members"]): s["name"].split("@")[0] for s in spec["sets"] if s["name"].endswith("@0")}
-    alone = [tuple(e for e, look in enumerate(spec["looks"]) if look == side) for side in (0, 1)]
-    return [names[a] for a in alone] if all(a in names for a in alone) else None
 
 
 def loo_noise(loss, bands, n: int, prompt_of) -> None:

@@ -202,8 +202,7 @@ def test_a_base_is_scored_once_its_loo_or_its_looks_alone_are_measured(tmp_path)
 
 
 def test_the_noise_benchmark_finds_each_models_looks_alone():
-    from benchmarks.counterfactual_noise import look_sets
-    from data.mini_abc_build.counterfactual import CounterfactualConfig, retrained_sets
+    from data.mini_abc_build.counterfactual import CounterfactualConfig, look_sets, retrained_sets
 
     config = CounterfactualConfig(half_subsets=0, null_runs=0, training_seeds=2)
     style = {"exemplars": list("abcd"), "seed": 7, "kind": "two-look style", "looks": [0, 1, 0, 1]}

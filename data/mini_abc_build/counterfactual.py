@@ -198,6 +198,16 @@ def _load(path: Path):
 
 
 # ------------------------------------------------------------------ the stage
+def look_sets(spec: dict):
+    """The names (without @seed) of a plan base's sets that hold look A alone and look B alone, or None (no looks):
+    `lookA`, `lookB` for a two-look style model, a two-look object model's leave-one-out sets (one exemplar a look)."""
+    if spec["looks"] is None:
+        return None
+    names = {tuple(s["members"]): s["name"].split("@")[0] for s in spec["sets"] if s["name"].endswith("@0")}
+    alone = [tuple(e for e, look in enumerate(spec["looks"]) if look == side) for side in (0, 1)]
+    return [names[a] for a in alone] if all(a in names for a in alone) else None
+
+
 def build_order(plan: dict, bases: Optional[List[str]] = None, max_tier: int = 2,
                 sets: Optional[List[str]] = None) -> List[tuple]:
     """(base, set) pairs in build order: tier by tier up to `max_tier`, validation before test, bases in plan order,
