@@ -214,3 +214,16 @@ def test_the_noise_benchmark_finds_each_models_looks_alone():
     loss = {"loo1@0": np.array([1.0, 2.0]), "loo0@0": np.array([1.5, 1.0]), "loo1@1": np.array([0.0, 0.0])}
     assert cf.look_dependence(loss, look_sets({**obj, "sets": retrained_sets(obj, config)})) == {
         0: pytest.approx([0.5, -1.0])}  # L(look B alone) - L(look A alone), at the seeds both are measured
+
+
+def test_the_ideas_probe_contrasts_with_unselected_peers_and_blends_per_exemplar():
+    from types import SimpleNamespace
+
+    from benchmarks.counterfactual_ideas import peer_contrast, z_exemplars
+
+    scores = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [2.0, 2.0, 5.0]])
+    base = SimpleNamespace(unselected_peers=[[1, 2], [2], []])  # query 2 has no unselected peer: kept as it is
+    assert peer_contrast(base, scores).tolist() == [[-1.5, 0.0, 0.0], [1.0, 0.0, -4.0], [2.0, 2.0, 5.0]]
+    z = z_exemplars(np.array([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0]]))
+    assert z[0] == pytest.approx([-1.2247449, 0.0, 1.2247449])  # (x - 2) / sqrt(2/3)
+    assert z[1].tolist() == [0.0, 0.0, 0.0]  # a constant row has no ordering: zeros, not NaN
