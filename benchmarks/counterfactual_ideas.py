@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.counterfactual import (BASELINES, BENCH, CONTROL, N_LAION, REPO, STOP, Base, ceiling_rows,
-                                       exemplar_scores, look_rows, representatives, score_rows, slug)
+                                       exemplar_scores, fmt, look_rows, representatives, score_rows, slug)
 from benchmarks.runner import abu_flags, common_flags, tuned_sizing
 from data.mini_abc_build.counterfactual import OUT_DIR
 from utils.io import atomic_write, load_json, load_npy
 from utils.layout import EXEMPLAR_LOSS, ResultsLayout
-from utils.metrics import fold_flips, mean_and_stderr
+from utils.metrics import fold_flips
 from utils.tasks import load_tasks
 
 SCHEDULES = {"stop rule": STOP, "gentle": ["--stop_rule", "none", "--unlearn_steps", "5", "--unlearn_lr", "0.02"]}
@@ -190,14 +190,6 @@ def evaluate(split: str, root: Path, schedules: list, overwrite: bool):
                 rows.setdefault((base.kind, name, metric), []).extend(np.asarray(values, float).tolist())
             costs.setdefault(name, []).append(cost)
     return rows, {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in costs.items()}
-
-
-def fmt(values) -> str:
-    values = [v for v in values if v == v]
-    if not values:
-        return "–"
-    mean, se = mean_and_stderr(values)
-    return f"{mean:+.2f} ± {se:.2f}"
 
 
 def markdown(split: str, rows: dict, costs: dict) -> str:
