@@ -2,7 +2,7 @@
 
     python -m benchmarks.counterfactual_ideas --split val    # benchmarks/results/mini_abc/counterfactual_ideas_val.md
 
-A probe, not a flag: it scores ideas on the counterfactual table's truth and queries (benchmarks/counterfactual.py,
+A probe, not a flag: it scores ideas on the counterfactual table's truth and queries (benchmarks/counterfactual_scoring.py,
 docs/counterfactual.md) before any of them is worth a flag of compute_influence.py. It reads that table's runs
 (results/mini_abc/image_<split>, made by `python -m benchmarks.counterfactual --split <split>`) and adds:
 
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.counterfactual import (BASELINES, BENCH, CONTROL, N_LAION, REPO, STOP, Base, ceiling_rows,
-                                       exemplar_scores, fmt, look_rows, representatives, score_rows, slug)
-from benchmarks.runner import abu_flags, common_flags, tuned_sizing
+from benchmarks.counterfactual_scoring import (BASELINES, CONTROL, N_LAION, STOP, Base, ceiling_rows,
+                                               exemplar_scores, fmt, look_rows, representatives, score_rows, slug)
+from benchmarks.runner import BENCH, REPO, abu_flags, common_flags, tuned_sizing
 from data.mini_abc_build.counterfactual import OUT_DIR
 from utils.io import atomic_write, load_json, load_npy
 from utils.layout import EXEMPLAR_LOSS, ResultsLayout
