@@ -199,7 +199,7 @@ def markdown(split: str, rows: dict, costs: dict) -> str:
              "prompts). `- peers`: minus the mean over the prompt's unselected samples; `z(s) + l z(its - peers)`: "
              "both standardised over the model's exemplars. Cost: UNet forward-equivalents per query.", ""]
     for kind in kinds:
-        methods = list(dict.fromkeys(m for k, m, _ in rows if k == kind))
+        methods = sorted(dict.fromkeys(m for k, m, _ in rows if k == kind), key=lambda m: m != "*ceiling*")
         lines += [f"**{kind}**", "", "| idea | " + " | ".join(c for _, c in COLUMNS) + " | cost |",
                   "|---" * (len(COLUMNS) + 2) + "|"]
         for m in methods:
