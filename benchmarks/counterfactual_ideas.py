@@ -36,6 +36,7 @@ from data.mini_abc_build.counterfactual import OUT_DIR
 from utils.io import atomic_write, load_json, load_npy
 from utils.layout import EXEMPLAR_LOSS, ResultsLayout
 from utils.metrics import fold_flips
+from utils.ranking import standardize
 from utils.tasks import load_tasks
 
 SCHEDULES = {"stop rule": STOP, "gentle": ["--stop_rule", "none", "--unlearn_steps", "5", "--unlearn_lr", "0.02"]}
@@ -49,8 +50,6 @@ class ExemplarUnlearning:
     """Unlearns each exemplar of a counterfactual base and measures its queries' losses (see the module doc)."""
 
     def __init__(self, schedule: list, time_samples: int):
-        import torch
-
         from utils.models import load_base_model
         from utils.settings import InfluenceSettings, parse_settings
         from utils.unlearning import QueryUnlearner
@@ -65,7 +64,6 @@ class ExemplarUnlearning:
         measurement = self.settings.measurement()
         collect = lambda c, desc, **kw: measurement.collect(self.model.unet, self.model.scheduler, c, desc, **kw)  # noqa
         self.unlearner = QueryUnlearner(self.settings, self.model, self.dataroot, collect, self.pristine)
-        self.torch = torch
 
     def query_losses(self, queries) -> np.ndarray:
         """[n queries] mean loss over both flips and the T draws (the same draws at every call)."""
@@ -79,13 +77,15 @@ class ExemplarUnlearning:
     def effects(self, spec: dict) -> dict:
         """{"before" [n queries], "after" [n exemplars, n queries], "steps" [n exemplars], "forwards" (UNet
         forward-equivalents, backward = 2)} for one base of the counterfactual plan."""
+        import torch
+
         from utils.customization import apply_customization
         from utils.data import ExemplarCandidates, load_exemplar_images
         from utils.encoders import encode_images, encode_prompt
         from utils.tasks import Task
         from utils.weights import restored
 
-        m, torch = self.model, self.torch
+        m = self.model
         apply_customization(m, self.pristine, self.dataroot / spec["model_path"])
         try:
             images = load_exemplar_images([self.dataroot / q["path"] for q in spec["queries"]], m.resolution)
@@ -126,9 +126,9 @@ def relative_rise(base: Base, folder: Path, cache: Path) -> np.ndarray:
     """[n queries, n exemplars]: (after - before) / before per exemplar row, flips folded as the influence folds
     them (utils.metrics.fold_flips), from a run's after-losses and its stage-1 cache."""
     layout = ResultsLayout(folder, cache)
+    before = load_npy(layout.loss_cache(base.tasks[0]) / EXEMPLAR_LOSS, "stage-1 exemplar losses").astype(np.float64)
     out = []
-    for task in base.tasks:
-        before = load_npy(layout.loss_cache(task) / EXEMPLAR_LOSS, "stage-1 exemplar losses").astype(np.float64)
+    for task in base.tasks:  # one model: one stage-1 cache
         after = load_npy(layout.query_dir(task) / EXEMPLAR_LOSS, "exemplar losses after unlearning")
         out.append(fold_flips((after - before) / before)[:base.n_exemplar])
     return np.array(out)
@@ -140,8 +140,9 @@ def peer_contrast(base: Base, scores: np.ndarray) -> np.ndarray:
 
 
 def z_exemplars(scores: np.ndarray) -> np.ndarray:
-    sd = scores.std(axis=1, keepdims=True)
-    return (scores - scores.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+    """[n queries, n exemplars]: each query's scores standardised over the model's exemplars (utils.ranking's
+    standardize, row by row: a constant row becomes zeros)."""
+    return np.array([standardize(row) for row in scores])
 
 
 def ideas(base: Base, root: Path, reps: dict, effects: dict) -> dict:
@@ -162,10 +163,9 @@ def ideas(base: Base, root: Path, reps: dict, effects: dict) -> dict:
         out[f"{name} - peers"] = (peer_contrast(base, s), cost)
     for name in ("AbU (the paper)", "AbU, stop rule"):
         s, cost = out[name]
-        for lam in LAMBDAS:
-            whole = z_exemplars(s)  # and 1e-6 of it again: a tie (two exemplars, lambda 1) goes to the whole ordering
-            out[f"z({name}) + {lam:g} z(its - peers)"] = (
-                (1 + 1e-6) * whole + lam * z_exemplars(peer_contrast(base, s)), cost)
+        whole, image = z_exemplars(s), z_exemplars(peer_contrast(base, s))
+        for lam in LAMBDAS:  # 1e-6 more of the whole: a tie (two exemplars, lambda 1) goes to the whole ordering
+            out[f"z({name}) + {lam:g} z(its - peers)"] = ((1 + 1e-6) * whole + lam * image, cost)
     return out
 
 
@@ -173,8 +173,13 @@ def evaluate(split: str, root: Path, schedules: list, overwrite: bool):
     plan = load_json(BENCH / OUT_DIR / "plan.json", "counterfactual plan")
     tasks = load_tasks(BENCH / "tasks" / f"counterfactual_{split}.json")
     by_path, reps = {t.synth_image_path: t for t in tasks}, representatives(tasks)
-    probes = {}
-    probe = lambda s: probes.setdefault(s, ExemplarUnlearning(SCHEDULES[s], 32))  # noqa: E731
+    probes = {}  # one loaded model per schedule, made on first need (a rerun with every model cached loads none)
+
+    def probe(schedule: str) -> ExemplarUnlearning:
+        if schedule not in probes:
+            probes[schedule] = ExemplarUnlearning(SCHEDULES[schedule], 32)
+        return probes[schedule]
+
     rows, costs = {}, {}
     for spec in (b for b in plan["bases"] if b["split"] == split):
         base = Base(spec, by_path, BENCH)
