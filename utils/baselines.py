@@ -107,32 +107,58 @@ def vae_influence(inputs: BaselineInputs, tasks: List[Task]) -> Dict[str, np.nda
     return out
 
 
-def whitened_unit_gradients(base, names, inv_sqrt_fisher, candidates, settings, desc,
-                            first_batch: int = 0) -> torch.Tensor:
-    """[rows, P]: each candidate row's gradient of its mean loss over the cache's T timesteps w.r.t. the
-    `names` weights, divided by sqrt(F) and scaled to unit length. `candidates` starting at batch
-    `first_batch` of the cache's batch plan get the cache's noise (batch b is seeded with seed + b)."""
+GRADIENT_OUTPUTS = ("loss", "square")  # what a row's gradient is taken of (D-TRAK's loss choices, two of them)
+
+
+def row_output(unet, scheduler, latents, noise, timesteps, text, output: str = "loss") -> torch.Tensor:
+    """[rows]: "loss", each row's diffusion training loss (utils.losses.per_row_loss); "square", the mean square of
+    the UNet's prediction, ||eps_theta(x_t, t)||^2 / d, the output D-TRAK (Zheng et al. 2024) found its gradients
+    attribute best with."""
+    if output == "loss":
+        return per_row_loss(unet, scheduler, latents, noise, timesteps, text)
+    if output == "square":
+        pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text, return_dict=False)[0]
+        return pred.float().pow(2).mean(dim=(1, 2, 3))
+    raise ValueError(f"unknown gradient output {output!r}; one of {GRADIENT_OUTPUTS}")
+
+
+def mean_row_gradients(unet, scheduler, names, candidates, batch_size: int, time_samples: int, seed: int, desc: str,
+                       first_batch: int = 0, output: str = "loss", bands: int = 1) -> torch.Tensor:
+    """[rows, bands, P] float32: each candidate row's gradient of `row_output` w.r.t. the `names` weights (P entries,
+    in `names` order), averaged over the batch plan's T grid timesteps, split into `bands` runs of consecutive
+    timesteps (band 0 the lowest t). The noise is the batch plan's (docs/method.md, section 3): `candidates`
+    starting at batch `first_batch` of a run with this batch size and seed get that run's noise (batch b is seeded
+    with seed + b), so a cache's own draws are reproduced from its settings."""
     out = []
-    params = dict(base.unet.named_parameters())
+    params = dict(unet.named_parameters())
     for n in names:
         params[n].requires_grad_(True)
     try:
-        batches = noised_batches(base.scheduler, candidates, settings["batch_size"], settings["time_samples"],
-                                 settings["seed"] + first_batch, desc=desc)
-        for n, latents, timesteps, text, noise in batches:
-            per_sample = PerSampleLinearGrads(base.unet, names, dtype=torch.float32)
+        for n, latents, timesteps, text, noise in noised_batches(scheduler, candidates, batch_size, time_samples,
+                                                                 seed + first_batch, desc=desc):
+            per_sample = PerSampleLinearGrads(unet, names, dtype=torch.float32)
             with torch.enable_grad():
                 # sum over rows: each row's gradient is then its own; mean over a candidate's T rows below
-                per_row_loss(base.unet, base.scheduler, latents, noise, timesteps, text).sum().backward()
+                row_output(unet, scheduler, latents, noise, timesteps, text, output).sum().backward()
             per_sample.remove()
-            g = per_sample.flat().view(n, settings["time_samples"], -1).mean(1) * inv_sqrt_fisher
-            out.append(torch.nn.functional.normalize(g.double(), dim=1).float())
+            g = per_sample.flat().view(n, time_samples, -1)
+            out.append(torch.stack([b.mean(1) for b in g.tensor_split(bands, dim=1)], dim=1))
             for n_ in names:
                 params[n_].grad = None
     finally:
         for n in names:
             params[n].requires_grad_(False)
     return torch.cat(out)
+
+
+def whitened_unit_gradients(base, names, inv_sqrt_fisher, candidates, settings, desc,
+                            first_batch: int = 0) -> torch.Tensor:
+    """[rows, P]: each candidate row's gradient of its mean loss over the cache's T timesteps w.r.t. the
+    `names` weights, divided by sqrt(F) and scaled to unit length. `candidates` starting at batch
+    `first_batch` of the cache's batch plan get the cache's noise (batch b is seeded with seed + b)."""
+    g = mean_row_gradients(base.unet, base.scheduler, names, candidates, settings["batch_size"],
+                           settings["time_samples"], settings["seed"], desc, first_batch)[:, 0] * inv_sqrt_fisher
+    return torch.nn.functional.normalize(g.double(), dim=1).float()
 
 
 class RowSlice:
