@@ -13,7 +13,7 @@ from utils import counterfactual as cf
 from utils.evaluation import load_result
 from utils.layout import ResultsLayout
 from utils.metrics import mean_and_stderr, rank_candidates
-from utils.ranking import compose, query_parts
+from utils.ranking import RANKINGS as RANKINGS_BY_NAME, compose, query_parts
 
 STOP = ["--stop_rule", TUNED["stop_rule"], "--stop_target", str(TUNED["stop_target"]), "--stop_every",
         str(TUNED["stop_every"])]
@@ -22,7 +22,7 @@ CONTROL = {"AbU": "abu_noise_image_control", "AbU, stop rule": "abu_stop_rule_no
 BASELINES = {"random": "random", "pixel cosine": "pixel", "VAE-latent cosine": "vae",
              "gradient similarity (Fisher-whitened, K/V)": "gradient"}
 RANKINGS = [("influence (the paper)", "influence"), ("control-corrected", "control-corrected"),
-            ("model-contrast", "model-contrast"), ("combined", "combined")]
+            ("model-contrast", "model-contrast"), ("combined", "combined"), ("blended", "blended")]
 KINDS = ("two-look style", "two-look object", "AbC style", "AbC object")
 METRICS = [("LOO", "LOO Spearman"), ("LOO, image-specific", "LOO Spearman, image-specific"),
            ("LDS", "LDS"), ("LDS, image-specific", "LDS, image-specific"),
@@ -111,7 +111,7 @@ def exemplar_scores(base: Base, root: Path, folder: str, ranking: str, control_f
             control = c["influence"]
             sharing = sum(1 for o in base.tasks if o.prompt == t.prompt)
             cost += sum(c.get("forward_equivalents", {}).values()) / sharing
-        peers = base.unselected_peers[i] if ranking in ("model-contrast", "combined") else None
+        peers = base.unselected_peers[i] if RANKINGS_BY_NAME[ranking].needs_peers else None
         parts = query_parts(influences[i], control,
                             None if peers is None else {base.tasks[j].synth_image_path: influences[j] for j in peers})
         score = compose(parts, ranking, r["n_exemplar"])

@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.runner import REPO, labelled_task_file, python_command, write_table
 from utils.evaluation import load_result, score_queries
 from utils.metrics import mean_and_stderr, rank_candidates
-from utils.ranking import compose, peers_of, query_parts
+from utils.ranking import RANKINGS, compose, peers_of, query_parts
 from utils.layout import ResultsLayout
 from utils.tasks import load_tasks
 
@@ -59,7 +59,7 @@ def ranked(root: Path, tasks, run: str, control: str, ranking: str, contrast_wit
     influences = {p: r["influence"] for p, r in results.items()}
     controls = {t.synth_image_path: load_result(layout(control), t) for t in tasks} \
         if ranking == "control-corrected" else {}
-    peers = peers_of(tasks, contrast_with) if ranking in ("model-contrast", "combined") else {}
+    peers = peers_of(tasks, contrast_with) if RANKINGS[ranking].needs_peers else {}
     found, costs = [], []
     for t in tasks:
         p, n = t.synth_image_path, results[t.synth_image_path]["n_exemplar"]

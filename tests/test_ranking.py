@@ -14,7 +14,7 @@ import compute_influence
 from helpers import paths, stage1_cache, stage2_flags
 from utils.errors import InputError
 from utils.metrics import query_metrics, rank_candidates
-from utils.ranking import compose, peers_of, standardize, within_blocks
+from utils.ranking import blended_order, compose, peers_of, standardize, within_blocks
 from utils.tasks import Task
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +64,22 @@ def test_combined_keeps_the_influences_places_and_orders_each_block_by_the_image
     assert not np.array_equal(before, after)
 
 
+def test_blended_keeps_the_influences_places_and_orders_each_block_by_both_parts():
+    # 3 exemplars: influence 3, 2, 1; image part (z(influence) - peers_z) -1, 0, 1 within the block
+    influence = np.array([3.0, 2.0, 1.0, 0.0, 1.0, 2.0])
+    peers_z = standardize(influence) - np.array([-1.0, 0.0, 1.0, 5.0, 6.0, 4.0])
+    parts = {"influence": influence, "peers_z": peers_z}
+    order = blended_order(parts, 3)
+    # z over the block: influence (+1.22, 0, -1.22), image part (-1.22, 0, +1.22): a tie at 0, broken by the influence
+    assert np.allclose(order[:3], [1.224745e-6, 0.0, -1.224745e-6], atol=1e-9)
+    assert np.allclose(order[3:], [-1.224745, 1.224745, 0.0], atol=1e-5)  # z(0, 1, 2) + z(5, 6, 4)
+    score = compose(parts, "blended", 3)
+    assert score[:3].tolist() == [3.0, 2.0, 1.0]  # the tie goes to the influence's own order
+    assert score[3:].tolist() == [0.0, 2.0, 1.0]  # candidate 4 first (+1.22), then 5 (0), then 3
+    image_weight_two = blended_order(parts, 3, image_weight=2.0)
+    assert np.argsort(-image_weight_two[:3]).tolist() == [2, 1, 0]  # more weight on the image: its order
+
+
 # ---- through compute_influence.py on the tiny benchmark ----
 
 @pytest.fixture(scope="module")
@@ -104,10 +120,11 @@ def test_a_query_that_is_its_own_control_ranks_flat(tiny_abc, cache, tmp_path):
         assert sorted(out[q]["rank"][-n:].tolist()) == list(range(n))  # ties go against the exemplars
 
 
-def test_model_contrast_and_combined_recompose_from_their_parts(tiny_abc, cache, separate, tmp_path):
+def test_model_contrast_combined_and_blended_recompose_from_their_parts(tiny_abc, cache, separate, tmp_path):
     abu, _ = separate
     contrast = run(tiny_abc, cache, tmp_path / "contrast", "--ranking", "model-contrast")
     combined = run(tiny_abc, cache, tmp_path / "combined", "--ranking", "combined")
+    blended = run(tiny_abc, cache, tmp_path / "blended", "--ranking", "blended")
     for q, other in (QUERIES, QUERIES[::-1]):
         n = abu[q]["n_exemplar"]
         parts = contrast[q]["parts"]
@@ -120,6 +137,11 @@ def test_model_contrast_and_combined_recompose_from_their_parts(tiny_abc, cache,
         assert query_metrics(combined[q]["rank"], n) == query_metrics(abu[q]["rank"], n)
         order = lambda r: [int(i) for i in r if i < n]
         assert order(combined[q]["rank"]) == order(rank_candidates(contrast[q]["influence"], n))
+        # blended: the same places, the exemplars in the order of z(influence) + z(contrast) over them
+        assert np.array_equal(blended[q]["parts"]["peers_z"], parts["peers_z"])
+        assert np.array_equal(blended[q]["influence"], compose(blended[q]["parts"], "blended", n))
+        assert query_metrics(blended[q]["rank"], n) == query_metrics(abu[q]["rank"], n)
+        assert order(blended[q]["rank"]) == order(rank_candidates(blended_order(blended[q]["parts"], n), n))
 
 
 def cli(args, env=None):

@@ -12,6 +12,9 @@ prompt's part with a reference that shares the prompt but not the image:
   combined           the places the paper's influence gives the exemplars and the pretraining candidates in the
                      ranking (AbC's per-model answer: Recall@K and AP unchanged), filled within each of the two
                      blocks in the order of the model-contrast term (the image's part)
+  blended            combined's places, filled within each block in the order of z(influence) + z(image's part),
+                     both standardised over the block: the query's whole ordering and its image's part in one order
+                     (weight 1, chosen on the counterfactual truth's validation split: docs/counterfactual.md)
 
 z(x) standardises over the candidates, (x - mean) / std: queries unlearned to different extents (a stopping rule
 stops each at its own step) then weigh alike. Every part a ranking is made of is recorded in influence.pkl
@@ -85,6 +88,8 @@ RANKINGS: Dict[str, Ranking] = {
                               lambda parts, n: image_part(parts)),
     "combined": Ranking(False, True, "nothing (the peers are queries of the run)",
                         lambda parts, n: within_blocks(parts["influence"], image_part(parts), n)),
+    "blended": Ranking(False, True, "nothing (the peers are queries of the run)",
+                       lambda parts, n: within_blocks(parts["influence"], blended_order(parts, n), n)),
 }
 
 
@@ -101,6 +106,17 @@ def within_blocks(influence: np.ndarray, order_by: np.ndarray, n_exemplar: int) 
         dealt = np.empty_like(values)
         dealt[order] = values
         out[block] = dealt
+    return out
+
+
+def blended_order(parts: dict, n_exemplar: int, image_weight: float = 1.0) -> np.ndarray:
+    """[n] float64: within each block (exemplars, then pretraining candidates), z(influence) + image_weight *
+    z(image_part), each standardised over the block, so the two weigh alike whatever their spreads; a tie goes to
+    the influence (1e-6 more of it). What `blended` deals the influence's places by."""
+    influence, image = np.asarray(parts["influence"], dtype=np.float64), image_part(parts)
+    out = np.empty_like(influence)
+    for block in (slice(0, n_exemplar), slice(n_exemplar, len(influence))):
+        out[block] = (1 + 1e-6) * standardize(influence[block]) + image_weight * standardize(image[block])
     return out
 
 

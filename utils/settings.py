@@ -190,15 +190,16 @@ class RankingSettings:
                                         "control's under the same prompt (one more unlearning per distinct prompt); "
                                         "model-contrast: minus the mean of the model's other queries' (needs 2+ "
                                         "queries of each model); combined: the exemplars' and pretraining images' "
-                                        "places from the influence, each block ordered by the model-contrast term "
-                                        "(influences standardised per query but for 'influence')",
+                                        "places from the influence, each block ordered by the model-contrast term; "
+                                        "blended: combined's places, each block ordered by z(influence) + z(model-"
+                                        "contrast term) (influences standardised per query but for 'influence')",
                           choices=list(RANKINGS))
-    contrast_with: str = setting("prompt", "model-contrast / combined: the peers subtracted, the model's other "
+    contrast_with: str = setting("prompt", "model-contrast / combined / blended: the peers subtracted, the model's other "
                                            "queries (model) or the other samples of the query's prompt (prompt; the "
                                            "model's other queries when it has none)", choices=["prompt", "model"])
 
     def idle(self) -> Tuple[str, ...]:
-        return ("contrast_with",) if self.ranking in ("influence", "control-corrected") else ()
+        return () if RANKINGS[self.ranking].needs_peers else ("contrast_with",)
 
 
 # ---- compute_baselines.py ----
