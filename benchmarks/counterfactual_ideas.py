@@ -17,10 +17,18 @@ docs/counterfactual.md) before any of them is worth a flag of compute_influence.
   table's runs (their after-losses and stage-1 caches);
 * **peer contrasts of every row**: the score minus its mean over the prompt's samples no label chose;
 * **blends** z(s) + lambda z(s - peers' mean), z over the model's exemplars: a query's whole ordering and its
-  image's part in one score (a tie goes to the whole ordering).
+  image's part in one score (a tie goes to the whole ordering);
+* **the gradient family** at the customized model (GradientIdeas): each exemplar's gradient of its training loss
+  (its own caption, both flips, 64 grid timesteps) and each query's gradient of the loss the truth measures (its
+  latent samples, T, noise and batch plan exactly), w.r.t. the cross-attention K/V weights; scored as g_q . g_j
+  (no preconditioner), g_q . F^-1 g_j (the one-step natural-gradient score, unnormalised), the same on the lower
+  half of the timesteps, at other noise draws, with D-TRAK's squared-output gradients, and TRAK's kernel
+  phi_q^T (Phi^T Phi + lambda I)^-1 phi_j on Fisher-whitened gradients sketched to 2,048 dimensions;
+* **AbU's knobs** (--knobs): the stopping rule's target either side of the tuned 1.5, each a run of
+  compute_influence.py on the table's queries (results/mini_abc/image_<split>/abu_stop_target_*).
 
-The exemplar-unlearning losses are cached per model and schedule under <runs>/exemplar_unlearning/ (atomic,
-reused; --overwrite measures again).
+The exemplar-unlearning losses and the gradient scores are cached per model (and schedule) under
+<runs>/exemplar_unlearning/ (atomic, reused; --overwrite measures again).
 """
 import argparse
 import sys
@@ -31,8 +39,8 @@ import numpy as np
 
 from benchmarks.counterfactual_scoring import (BASELINES, CONTROL, N_LAION, STOP, Base, ceiling_rows,
                                                exemplar_scores, fmt, look_rows, representatives, score_rows, slug)
-from benchmarks.runner import BENCH, REPO, abu_flags, common_flags, tuned_sizing
-from data.mini_abc_build.counterfactual import OUT_DIR
+from benchmarks.runner import BENCH, REPO, TUNED, abu_flags, common_flags, run, timed, tuned_sizing
+from data.mini_abc_build.counterfactual import OUT_DIR, CounterfactualConfig
 from utils.io import atomic_write, load_json, load_npy
 from utils.layout import EXEMPLAR_LOSS, ResultsLayout
 from utils.metrics import fold_flips
@@ -44,6 +52,11 @@ COLUMNS = [("LOO", "LOO"), ("LOO, image-specific", "LOO, image-specific"), ("LDS
            ("LDS, image-specific", "LDS, image-specific"), ("across samples", "across samples"),
            ("look Spearman", "look, per prompt"), ("look pair AUC", "look pair AUC")]
 LAMBDAS = (0.5, 1.0, 2.0)
+# AbU's own knobs, each a run of compute_influence.py on the table's task file, its stage-1 cache and sizing:
+# the stopping rule's target either side of the tuned one (the query's loss rise it stops at)
+KNOBS = {f"AbU, stop target {t:g}": (f"abu_stop_target_{t:g}".replace(".", "_"),
+                                      [f if f != str(TUNED["stop_target"]) else str(t) for f in STOP])
+         for t in (1.25, 2.0)}
 
 
 class ExemplarUnlearning:
@@ -108,6 +121,119 @@ class ExemplarUnlearning:
                 "forwards": forwards + (len(steps) + 1) * n_rows}
 
 
+class GradientIdeas:
+    """The gradient family on the counterfactual's own question (see the module doc): per base, each exemplar's and
+    each query's gradient w.r.t. the cross-attention K/V weights at the customized model, and scores of (query,
+    exemplar) built from them."""
+
+    EXEMPLAR_T = 64  # grid timesteps of an exemplar row's gradient (both flips, its own training caption)
+    PROJECTION = 2048  # TRAK's random projection: rows of a seeded Gaussian sketch of the P K/V weights
+    DAMPING = 0.1  # the kernel's damping, times the mean of its diagonal
+
+    def __init__(self):
+        import torch
+
+        from utils.fisher import load_fisher
+        from utils.models import load_base_model
+        from utils.weights import PristineWeights, select_parameter_names
+
+        self.model = load_base_model(str(BENCH / "sd-mini"), "cpu")
+        self.pristine = PristineWeights(self.model.unet)
+        self.names = select_parameter_names(self.model.unet, "cross-attn-kv")  # what AbU unlearns, Custom Diffusion trains
+        params = dict(self.model.unet.named_parameters())
+        fisher = load_fisher(BENCH / "abc" / "sd_fisher.pt", {n: params[n] for n in self.names})
+        self.inv_fisher = torch.cat([fisher[n].reciprocal().flatten() for n in self.names]).float()
+        self.truth = CounterfactualConfig()
+
+    def gradients(self, candidates, time_samples: int, seed: int, output: str, bands: int = 1):
+        from utils.baselines import mean_row_gradients
+
+        batch = 2 * time_samples  # two rows a batch: a query's or an exemplar's two flips share one
+        g = mean_row_gradients(self.model.unet, self.model.scheduler, self.names, candidates, batch, time_samples,
+                               seed, f"{output} gradients", output=output, bands=bands)
+        n = len(g) // 2
+        return 0.5 * (g[:n] + g[n:])  # [n, bands, P]: the two flips folded, as the truth folds their losses
+
+    def sketch(self, g):
+        """[n, P] -> [n, PROJECTION]: g R with R [P, PROJECTION] seeded Gaussian / sqrt(PROJECTION), made in row
+        blocks (never held whole)."""
+        import torch
+
+        gen, out = torch.Generator().manual_seed(0), 0
+        for s in range(0, g.shape[1], 8192):
+            block = torch.randn(min(8192, g.shape[1] - s), self.PROJECTION, generator=gen) / self.PROJECTION ** 0.5
+            out = out + g[:, s:s + 8192].double() @ block.double()
+        return out
+
+    def kernel_scores(self, q, ex):
+        """[n queries, n exemplars]: TRAK's phi_q^T (Phi^T Phi + lambda I)^-1 phi_j with Phi the exemplars' sketched,
+        Fisher-whitened gradients, by Woodbury: (phi_q Phi^T)(Phi Phi^T + lambda I)^-1."""
+        import torch
+
+        w = self.inv_fisher.sqrt()
+        phi_q, phi = self.sketch(q * w), self.sketch(ex * w)
+        gram = phi @ phi.T
+        damping = self.DAMPING * gram.diagonal().mean()
+        return (phi_q @ phi.T @ torch.linalg.inv(gram + damping * torch.eye(len(gram), dtype=gram.dtype))).numpy()
+
+    def scores(self, spec: dict) -> dict:
+        """{idea: [n queries, n exemplars]} and "forwards" (UNet forward-equivalents of one idea's gradients on the
+        model, backward = 2) for one base of the counterfactual plan. "lower half of t": the query's gradient over the
+        lower half of the truth's grid timesteps (t <= 441 of 0..889), where the signal check found the image."""
+        import torch
+
+        from utils.customization import apply_customization
+        from utils.data import ExemplarCandidates, load_exemplar_images
+        from utils.encoders import encode_images, encode_prompt
+
+        m, truth = self.model, self.truth
+        apply_customization(m, self.pristine, BENCH / "abc" / spec["model_path"])
+        try:
+            text = lambda prompts: torch.cat([encode_prompt(m.tokenizer, m.text_encoder, p).cpu()  # noqa: E731
+                                              for p in prompts])
+            paths = lambda ps: load_exemplar_images([BENCH / "abc" / p for p in ps], m.resolution)  # noqa: E731
+            # the queries exactly as the truth measures them: its latent samples, T, noise seed and batch plan
+            q_latents = encode_images(m.vae, paths([q["path"] for q in spec["queries"]]),
+                                      torch.Generator().manual_seed(truth.latent_seed), batch_size=64)
+            queries = ExemplarCandidates(q_latents, text([q["prompt"] for q in spec["queries"]]))
+            ex_latents = encode_images(m.vae, paths(spec["exemplars"]), torch.Generator().manual_seed(0), batch_size=64)
+            exemplars = ExemplarCandidates(ex_latents, text(spec["captions"]))
+            assert truth.loss_batch_size == 2 * truth.time_samples  # the batch plan `gradients` reproduces
+            q = {"loss": self.gradients(queries, truth.time_samples, truth.loss_seed, "loss", bands=2),
+                 "other draws": self.gradients(queries, truth.time_samples, truth.loss_seed + 1, "loss"),
+                 "square": self.gradients(queries, truth.time_samples, truth.loss_seed + 1, "square")}
+            ex = {o: self.gradients(exemplars, self.EXEMPLAR_T, 0, o)[:, 0] for o in ("loss", "square")}
+        finally:
+            self.pristine.restore()
+        whole, low, f = q["loss"].mean(1), q["loss"][:, 0], self.inv_fisher
+        n_q, n_ex = len(spec["queries"]), len(spec["exemplars"])
+        # one idea's: its query and exemplar gradients (2 flips; a backward is 2 forwards)
+        forwards = 3 * 2 * (n_q * truth.time_samples + n_ex * self.EXEMPLAR_T)
+        return {"gradient dot": (whole @ ex["loss"].T).numpy(),
+                "gradient, Fisher": (whole @ (ex["loss"] * f).T).numpy(),
+                "gradient, Fisher, lower half of t": (low @ (ex["loss"] * f).T).numpy(),
+                "gradient, Fisher, other draws": (q["other draws"][:, 0] @ (ex["loss"] * f).T).numpy(),
+                "gradient, Fisher, square output": (q["square"][:, 0] @ (ex["square"] * f).T).numpy(),
+                "TRAK kernel (Fisher-whitened)": self.kernel_scores(whole, ex["loss"]),
+                "forwards": np.array(forwards)}
+
+
+def cached_gradient_scores(folder: Path, spec: dict, probe, overwrite: bool) -> dict:
+    path = folder / f"{spec['name']}__gradients.npz"
+    if overwrite or not path.is_file():
+        started = time.time()
+        got = probe().scores(spec)
+        atomic_write(path, lambda f: np.savez(f, **{k.replace(' ', '_'): v for k, v in got.items()},
+                                             names=np.array(list(got)),
+                                             queries=np.array([q["path"] for q in spec["queries"]]),
+                                             seconds=time.time() - started))
+        print(f"{spec['name']} (gradients): {time.time() - started:.0f} s -> {path}", flush=True)
+    with np.load(path) as z:
+        if list(z["queries"]) != [q["path"] for q in spec["queries"]]:
+            raise RuntimeError(f"{path} was measured on other queries than the plan's {spec['name']}: pass --overwrite")
+        return {k: z[k.replace(' ', '_')] for k in z["names"]}
+
+
 def cached_effects(folder: Path, spec: dict, schedule: str, probe, overwrite: bool) -> dict:
     path = folder / f"{spec['name']}__{slug(schedule)}.npz"
     if overwrite or not path.is_file():
@@ -120,6 +246,18 @@ def cached_effects(folder: Path, spec: dict, schedule: str, probe, overwrite: bo
         if list(z["queries"]) != [q["path"] for q in spec["queries"]]:
             raise RuntimeError(f"{path} was measured on other queries than the plan's {spec['name']}: pass --overwrite")
         return {k: z[k] for k in ("before", "after", "steps", "forwards")}
+
+
+def knob_runs(root: Path, knobs: list) -> None:
+    """Run (or resume: finished queries are skipped) each chosen knob of KNOBS on the table's queries."""
+    flags = abu_flags(tuned_sizing()) + common_flags(BENCH, N_LAION) + ["--device", "cpu"]
+    for name in knobs:
+        folder, extra = KNOBS[name]
+        cmd = (["compute_influence.py", "--task_json", root / "counterfactual_tasks.json", "--result_dir",
+                root / folder, "--loss_cache_dir", root / "orig_loss"] + flags + extra)
+        ok, _ = timed(root / folder, "influence.pkl", lambda: run(cmd))
+        if not ok:
+            sys.exit(f"{' '.join(map(str, cmd))} failed")
 
 
 def relative_rise(base: Base, folder: Path, cache: Path) -> np.ndarray:
@@ -145,13 +283,17 @@ def z_exemplars(scores: np.ndarray) -> np.ndarray:
     return np.array([standardize(row) for row in scores])
 
 
-def ideas(base: Base, root: Path, reps: dict, effects: dict) -> dict:
+def ideas(base: Base, root: Path, reps: dict, effects: dict, gradients: dict) -> dict:
     """{idea: ([n queries, n exemplars] scores, cost per query in UNet forward-equivalents or NaN)}."""
     runs = {"AbU (the paper)": exemplar_scores(base, root, "abu", "influence"),
             "AbU, stop rule": exemplar_scores(base, root, "abu_stop_rule", "influence"),
             "AbU, stop rule, control-corrected": exemplar_scores(base, root, "abu_stop_rule", "control-corrected",
                                                                  CONTROL["AbU, stop rule"], reps)}
     out = {name: (s, cost) for name, (s, _, cost) in runs.items()}
+    for name, (folder, _) in KNOBS.items():  # the knobs that were run
+        if (root / folder).is_dir():
+            s, _, cost = exemplar_scores(base, root, folder, "influence")
+            out[name] = (s, cost)
     for name, folder in (("AbU (the paper)", "abu"), ("AbU, stop rule", "abu_stop_rule")):
         out[f"{name}, relative rise"] = (relative_rise(base, root / folder, root / "orig_loss"), out[name][1])
     for name in BASELINES:
@@ -159,6 +301,9 @@ def ideas(base: Base, root: Path, reps: dict, effects: dict) -> dict:
             out[name] = (exemplar_scores(base, root, slug(name), "influence")[0], float("nan"))
     for schedule, e in effects.items():
         out[f"exemplar unlearning, {schedule}"] = ((e["after"] - e["before"][None]).T, e["forwards"] / len(base.tasks))
+    for name, scores in gradients.items():
+        if name != "forwards":
+            out[name] = (scores, float(gradients["forwards"]) / len(base.tasks))
     for name, (s, cost) in list(out.items()):
         out[f"{name} - peers"] = (peer_contrast(base, s), cost)
     for name in ("AbU (the paper)", "AbU, stop rule"):
@@ -175,6 +320,11 @@ def evaluate(split: str, root: Path, schedules: list, overwrite: bool):
     by_path, reps = {t.synth_image_path: t for t in tasks}, representatives(tasks)
     probes = {}  # one loaded model per schedule, made on first need (a rerun with every model cached loads none)
 
+    def gradient_probe() -> GradientIdeas:
+        if "gradients" not in probes:
+            probes["gradients"] = GradientIdeas()
+        return probes["gradients"]
+
     def probe(schedule: str) -> ExemplarUnlearning:
         if schedule not in probes:
             probes[schedule] = ExemplarUnlearning(SCHEDULES[schedule], 32)
@@ -186,10 +336,11 @@ def evaluate(split: str, root: Path, schedules: list, overwrite: bool):
         if base.effects is None and base.looks_truth is None:
             continue
         effects = {s: cached_effects(root / "exemplar_unlearning", spec, s, probe, overwrite) for s in schedules}
+        gradients = cached_gradient_scores(root / "exemplar_unlearning", spec, gradient_probe, overwrite)
         ceiling = ceiling_rows(base) or {}
         for metric, values in ceiling.items():
             rows.setdefault((base.kind, "*ceiling*", metric), []).extend(values.tolist())
-        for name, (scores, cost) in ideas(base, root, reps, effects).items():
+        for name, (scores, cost) in ideas(base, root, reps, effects, gradients).items():
             got = {**score_rows(base, scores), **look_rows(base, scores)}
             for metric, values in got.items():
                 rows.setdefault((base.kind, name, metric), []).extend(np.asarray(values, float).tolist())
@@ -219,12 +370,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
-    p.add_argument("--overwrite", action="store_true", help="measure the exemplar unlearning again")
+    p.add_argument("--knobs", nargs="*", default=[], choices=list(KNOBS),
+                   help="AbU knobs to run on the table's queries first (finished queries are reused); a knob "
+                        "run before is scored whether named or not")
+    p.add_argument("--overwrite", action="store_true", help="measure the exemplar unlearning and gradients again")
     p.add_argument("--table_dir", default=str(REPO / "benchmarks" / "results" / "mini_abc"))
     args = p.parse_args()
     root = REPO / "results" / "mini_abc" / f"image_{args.split}"
     if not (root / "abu").is_dir():
         sys.exit(f"error: {root}/abu not found: run `python -m benchmarks.counterfactual --split {args.split}` first")
+    knob_runs(root, args.knobs)
     rows, costs = evaluate(args.split, root, args.schedules, args.overwrite)
     md = markdown(args.split, rows, costs)
     path = Path(args.table_dir) / f"counterfactual_ideas_{args.split}.md"

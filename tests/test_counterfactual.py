@@ -227,3 +227,21 @@ def test_the_ideas_probe_contrasts_with_unselected_peers_and_blends_per_exemplar
     z = z_exemplars(np.array([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0]]))
     assert z[0] == pytest.approx([-1.2247449, 0.0, 1.2247449])  # (x - 2) / sqrt(2/3)
     assert z[1].tolist() == [0.0, 0.0, 0.0]  # a constant row has no ordering: zeros, not NaN
+
+
+def test_the_probes_trak_kernel_is_the_damped_inverse_of_the_exemplars_gram_in_the_sketch():
+    import torch
+
+    from benchmarks.counterfactual_ideas import GradientIdeas
+
+    ideas = object.__new__(GradientIdeas)  # the formula only: no model loaded
+    ideas.PROJECTION, ideas.inv_fisher = 16, torch.full((40,), 4.0)  # whitening: g / sqrt(F) = g * 2
+    gen = torch.Generator().manual_seed(0)
+    q, ex = torch.randn(3, 40, generator=gen), torch.randn(5, 40, generator=gen)
+    got = ideas.kernel_scores(q, ex)
+    phi_q, phi = ideas.sketch(q * 2), ideas.sketch(ex * 2)  # the same seeded sketch at every call
+    gram = phi.T @ phi  # [k, k], the TRAK form: phi_q^T (Phi^T Phi + lambda I)^-1 phi_j
+    damping = GradientIdeas.DAMPING * (phi @ phi.T).diagonal().mean()
+    direct = phi_q @ torch.linalg.inv(gram + damping * torch.eye(16, dtype=gram.dtype)) @ phi.T
+    assert got.shape == (3, 5) and np.allclose(got, direct.numpy(), rtol=1e-8, atol=1e-10)
+    assert np.allclose(ideas.sketch(q).numpy(), phi_q.numpy() / 2)  # linear, seeded: whitening is outside it
