@@ -351,7 +351,10 @@ def evaluate(split: str, root: Path, schedules: list, overwrite: bool):
 
 def markdown(split: str, rows: dict, costs: dict) -> str:
     kinds = list(dict.fromkeys(k for k, _, _ in rows))
-    lines = [f"`python -m benchmarks.counterfactual_ideas --split {split}`", "",
+    knobs = [k for k in KNOBS if any(m == k for _, m, _ in rows)]  # the knob runs found (whether named or not)
+    command = f"python -m benchmarks.counterfactual_ideas --split {split}" + (
+        " --knobs " + " ".join(f'"{k}"' for k in knobs) if knobs else "")
+    lines = [f"`{command}`", "",
              "Ideas for issue 31 on the counterfactual truth (mean ± standard error over queries; look columns over "
              "prompts). `- peers`: minus the mean over the prompt's unselected samples; `z(s) + l z(its - peers)`: "
              "both standardised over the model's exemplars. Cost: UNet forward-equivalents per query.", ""]
