@@ -24,8 +24,10 @@ docs/counterfactual.md) before any of them is worth a flag of compute_influence.
   (no preconditioner), g_q . F^-1 g_j (the one-step natural-gradient score, unnormalised), the same on the lower
   half of the timesteps, at other noise draws, with D-TRAK's squared-output gradients, and TRAK's kernel
   phi_q^T (Phi^T Phi + lambda I)^-1 phi_j on Fisher-whitened gradients sketched to 2,048 dimensions;
-* **AbU's knobs** (--knobs): the stopping rule checked at every step instead of every 5, and its target at x2
-  instead of x1.5, each a run of compute_influence.py on the table's queries (results/mini_abc/image_<split>/).
+* **AbU's knobs** (--knobs): the stopping rule checked at every step instead of every 5, its target at x2 instead
+  of x1.5, and every weight unlearned instead of the cross-attention K/V (its own Fisher, sd_fisher_all.pt of the
+  builder's derive stage), each a run of compute_influence.py on the table's queries
+  (results/mini_abc/image_<split>/).
 
 The exemplar-unlearning losses and the gradient scores are cached per model (and schedule) under
 <runs>/exemplar_unlearning/ (atomic, reused; --overwrite measures again).
@@ -57,7 +59,13 @@ LAMBDAS = (0.5, 1.0, 2.0)
 # (docs/counterfactual.md), so a lower target changes almost nothing: the knobs are how often it checks (every
 # step: it stops at the first step past x1.5) and a higher target (x2: 5, 10 or more steps)
 KNOBS = {"AbU, stop rule checked every step": ("abu_stop_every_1", STOP[:-1] + ["1"]),
-         "AbU, stop target 2": ("abu_stop_target_2", [f if f != str(TUNED["stop_target"]) else "2.0" for f in STOP])}
+         "AbU, stop target 2": ("abu_stop_target_2", [f if f != str(TUNED["stop_target"]) else "2.0" for f in STOP]),
+         # which weights it unlearns: the K/V read only the prompt's tokens (their gradient lies in the span of the
+         # caption's embeddings), every weight also reads the picture; the all-weights Fisher and N of the
+         # comparison's ablation (docs/mini_abc.md)
+         "AbU, all weights, stop rule": ("abu_all_weights_stop_rule", STOP + [
+             "--weight_selection", "all", "--fisher_path", str(BENCH / "abc" / "sd_fisher_all.pt"),
+             "--fisher_dataset_size", str(int(TUNED["all_weights_n"]))])}
 
 
 class ExemplarUnlearning:
@@ -291,8 +299,9 @@ def ideas(base: Base, root: Path, reps: dict, effects: dict, gradients: dict) ->
             "AbU, stop rule, control-corrected": exemplar_scores(base, root, "abu_stop_rule", "control-corrected",
                                                                  CONTROL["AbU, stop rule"], reps)}
     out = {name: (s, cost) for name, (s, _, cost) in runs.items()}
-    for name, (folder, _) in KNOBS.items():  # the knobs that were run
-        if (root / folder).is_dir():
+    for name, (folder, _) in KNOBS.items():  # the knobs that were run, on the bases their runs cover whole
+        layout = ResultsLayout(root / folder, root / "orig_loss")
+        if all(layout.influence_file(t).is_file() for t in base.tasks):
             s, _, cost = exemplar_scores(base, root, folder, "influence")
             out[name] = (s, cost)
     for name, folder in (("AbU (the paper)", "abu"), ("AbU, stop rule", "abu_stop_rule")):
@@ -352,6 +361,8 @@ def evaluate(split: str, root: Path, schedules: list, overwrite: bool):
 def markdown(split: str, rows: dict, costs: dict) -> str:
     kinds = list(dict.fromkeys(k for k, _, _ in rows))
     knobs = [k for k in KNOBS if any(m == k for _, m, _ in rows)]  # the knob runs found (whether named or not)
+    # (a knob run stopped part way is scored on the models whose queries it finished: a kind with none of them
+    # shows "–" in its row)
     command = f"python -m benchmarks.counterfactual_ideas --split {split}" + (
         " --knobs " + " ".join(f'"{k}"' for k in knobs) if knobs else "")
     lines = [f"`{command}`", "",
