@@ -227,34 +227,33 @@ class GradientIdeas:
                 "forwards": np.array(forwards)}
 
 
-def cached_gradient_scores(folder: Path, spec: dict, probe, overwrite: bool) -> dict:
-    path = folder / f"{spec['name']}__gradients.npz"
+def cached_measurement(path: Path, spec: dict, measure, label: str, overwrite: bool) -> dict:
+    """{name: array} that `measure()` returns for one base, saved at `path` with the base's query paths (atomic) and
+    read from there when present; a file measured on other queries than the plan's is refused."""
+    queries = [q["path"] for q in spec["queries"]]
     if overwrite or not path.is_file():
         started = time.time()
-        got = probe().scores(spec)
-        atomic_write(path, lambda f: np.savez(f, **{k.replace(' ', '_'): v for k, v in got.items()},
-                                             names=np.array(list(got)),
-                                             queries=np.array([q["path"] for q in spec["queries"]]),
-                                             seconds=time.time() - started))
-        print(f"{spec['name']} (gradients): {time.time() - started:.0f} s -> {path}", flush=True)
+        got = measure()
+        atomic_write(path, lambda f: np.savez(f, **got, queries=np.array(queries), seconds=time.time() - started))
+        print(f"{spec['name']} ({label}): {time.time() - started:.0f} s -> {path}", flush=True)
     with np.load(path) as z:
-        if list(z["queries"]) != [q["path"] for q in spec["queries"]]:
+        if list(z["queries"]) != queries:
             raise RuntimeError(f"{path} was measured on other queries than the plan's {spec['name']}: pass --overwrite")
-        return {k: z[k.replace(' ', '_')] for k in z["names"]}
+        return {k: z[k] for k in z.files if k not in ("queries", "seconds")}
+
+
+def cached_gradient_scores(folder: Path, spec: dict, probe, overwrite: bool) -> dict:
+    def measure():  # idea names hold spaces: stored under underscored keys, the names beside them
+        got = probe().scores(spec)
+        return {**{k.replace(" ", "_"): v for k, v in got.items()}, "names": np.array(list(got))}
+
+    z = cached_measurement(folder / f"{spec['name']}__gradients.npz", spec, measure, "gradients", overwrite)
+    return {k: z[k.replace(" ", "_")] for k in z["names"]}
 
 
 def cached_effects(folder: Path, spec: dict, schedule: str, probe, overwrite: bool) -> dict:
-    path = folder / f"{spec['name']}__{slug(schedule)}.npz"
-    if overwrite or not path.is_file():
-        started = time.time()
-        got = probe(schedule).effects(spec)
-        atomic_write(path, lambda f: np.savez(f, **got, queries=np.array([q["path"] for q in spec["queries"]]),
-                                             seconds=time.time() - started))
-        print(f"{spec['name']} ({schedule}): {time.time() - started:.0f} s -> {path}", flush=True)
-    with np.load(path) as z:
-        if list(z["queries"]) != [q["path"] for q in spec["queries"]]:
-            raise RuntimeError(f"{path} was measured on other queries than the plan's {spec['name']}: pass --overwrite")
-        return {k: z[k] for k in ("before", "after", "steps", "forwards")}
+    return cached_measurement(folder / f"{spec['name']}__{slug(schedule)}.npz", spec,
+                              lambda: probe(schedule).effects(spec), schedule, overwrite)
 
 
 def knob_runs(root: Path, knobs: list) -> None:
