@@ -1,11 +1,14 @@
-"""Diagonal empirical Fisher of the base model over the LAION candidates, in the `sd_fisher.pt` format.
+"""Empirical Fisher of the base model over the LAION candidates: the diagonal, in the `sd_fisher.pt` format, or
+K-FAC's factors with EK-FAC's eigenvalues (`--kind ekfac`, for unlearn.py / compute_influence.py's
+--preconditioner ekfac and kfac).
 
     python compute_fisher.py --dataroot data/abc     # writes data/abc/sd_fisher.pt and sd_fisher.json
+    python compute_fisher.py --dataroot data/abc --kind ekfac --num_samples 100000  # sd_ekfac.safetensors, .json
 
 The mean squared per-sample gradient of the diffusion loss (one random timestep and fresh noise per
 sample) for the parameters unlearning updates; the paper used 1,000,000 samples over the 100K subset
-(docs/method.md, section 5). Progress is checkpointed to <output>.partial: a killed run resumes there.
-The estimator is utils.fisher.write_fisher.
+(docs/method.md, section 5). EK-FAC (utils.kfac) passes over its samples twice (the factors, then the eigenvalues).
+Progress is checkpointed to <output>.partial: a killed run resumes there. The estimator is utils.fisher.write_fisher.
 """
 import argparse
 from pathlib import Path
@@ -15,6 +18,7 @@ import torch
 from utils.cli import check_dataroot, run
 from utils.data import LaionCandidates
 from utils.fisher import FisherConfig, write_fisher
+from utils.kfac import EKFAC_FILE
 from utils.models import load_base_model
 from utils.precision import check_device
 from utils.weights import WEIGHT_SELECTIONS
@@ -25,7 +29,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataroot", default="data/abc", help="folder with laion_latents.npy and laion_text_embeddings.npy")
     p.add_argument("--sd_version", default="CompVis/stable-diffusion-v1-4", help="base model (Hub id or folder)")
-    p.add_argument("--output", default=None, help="Fisher file to write (default: <dataroot>/sd_fisher.pt)")
+    p.add_argument("--kind", default=d.kind, choices=["diagonal", "ekfac"],
+                   help="the diagonal Fisher, or K-FAC's factors and EK-FAC's eigenvalues (Linear weights only)")
+    p.add_argument("--output", default=None, help="Fisher file to write (default: <dataroot>/sd_fisher.pt, with "
+                                                  f"--kind ekfac <dataroot>/{EKFAC_FILE})")
     p.add_argument("--laion_subset_size", type=int, default=d.laion_subset_size,
                    help="LAION images sampled from (with flips)")
     p.add_argument("--num_samples", type=int, default=d.num_samples, help="per-sample gradients to average")
@@ -43,14 +50,15 @@ def main(argv=None):
     args = parse_args(argv)
     check_device(args.device)
     dataroot = check_dataroot(args.dataroot)
-    output = Path(args.output or dataroot / "sd_fisher.pt")
+    output = Path(args.output or dataroot / ("sd_fisher.pt" if args.kind == "diagonal" else EKFAC_FILE))
     if output.exists() and not args.overwrite:
         print(f"{output} exists; pass --overwrite to recompute")
         return
     laion = LaionCandidates(dataroot, args.laion_subset_size)
     base = load_base_model(args.sd_version, args.device)
     config = FisherConfig(laion_subset_size=args.laion_subset_size, num_samples=args.num_samples,
-                          batch_size=args.batch_size, weight_selection=args.weight_selection, seed=args.seed)
+                          batch_size=args.batch_size, weight_selection=args.weight_selection, seed=args.seed,
+                          kind=args.kind)
     write_fisher(base, laion, output, config, args.device, save_every=args.save_every, overwrite=args.overwrite)
 
 

@@ -107,6 +107,7 @@ def test_built_benchmark_has_the_abc_layout_and_its_design(built):
     assert sum(any(f"style of {w} art" in c for w in style_words) for c in captions) > len(captions) / 2
     assert np.load(root / "laion_latents.npy").shape == (2 * len(captions), 4, 8, 8)
     assert (root / "sd_fisher.pt").is_file() and (root / "sd_fisher_all.pt").is_file()
+    assert (root / "sd_ekfac.safetensors").is_file() and (root / "sd_ekfac.json").is_file()
     assert "CC BY-SA 4.0" in (out / "NOTICE").read_text()
     for spec in plan["models"]:  # exemplars: held-out styles for artchive / observed objects, held-out concepts else
         styles = {style for _, style, _ in spec["exemplars"]}

@@ -169,14 +169,23 @@ def test_stage1_refuses_to_skip_a_cache_made_with_other_settings(finished, tiny_
 
 
 def test_ablation_flags_and_shared_cache(finished, tiny_abc, tmp_path):
-    """--loss_cache_dir shares one stage 1; --preconditioner none and --drop_concept_token change the result."""
+    """--loss_cache_dir shares one stage 1; --preconditioner none / ekfac / kfac and --drop_concept_token change the
+    result."""
+    import compute_fisher
+
     base = paths(tiny_abc, tmp_path / "plain") + STAGE2 + ["--loss_cache_dir", str(finished / "orig_loss")]
     compute_influence.main(base)
     plain = pickle.loads((tmp_path / "plain" / "influence" / QUERIES[0] / "influence.pkl").read_bytes())
     assert np.array_equal(plain["influence"],
                           pickle.loads((finished / "influence" / QUERIES[0] / "influence.pkl").read_bytes())["influence"])
-    for flags in (["--preconditioner", "none", "--unlearn_lr", "0.01"], ["--drop_concept_token"]):
-        out = tmp_path / flags[0]
+    ekfac = tmp_path / "ekfac.safetensors"
+    compute_fisher.main(["--dataroot", tiny_abc["dataroot"], "--sd_version", tiny_abc["sd_version"], "--kind", "ekfac",
+                         "--laion_subset_size", "12", "--num_samples", "24", "--batch_size", "8", "--device", "cpu",
+                         "--output", str(ekfac)])
+    for flags in (["--preconditioner", "none", "--unlearn_lr", "0.01"], ["--drop_concept_token"],
+                  ["--preconditioner", "ekfac", "--fisher_path", str(ekfac)],
+                  ["--preconditioner", "kfac", "--fisher_path", str(ekfac), "--unlearn_lr", "0.001"]):
+        out = tmp_path / "_".join(flags[:2])
         args = [a if a != str(tmp_path / "plain") else str(out) for a in base] + flags
         compute_influence.main(args)
         other = pickle.loads((out / "influence" / QUERIES[0] / "influence.pkl").read_bytes())

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .data import LaionCandidates
 from .errors import InputError
-from .io import damaged, load_json, load_tensors, save_json, save_torch
+from .io import damaged, load_json, load_tensors, save_json, save_safetensors, save_torch
 from .losses import per_row_loss
 from .models import BaseModel
 from .weights import select_parameter_names
@@ -33,6 +33,7 @@ class FisherConfig:
     batch_size: int = 16  # samples per backward pass (Linear-only selections)
     weight_selection: str = "cross-attn-kv"  # the parameters unlearning will update
     seed: int = 0  # seeds the sample order, the timesteps and the noise
+    kind: str = "diagonal"  # "diagonal" (sd_fisher.pt), or "ekfac": K-FAC's factors, EK-FAC's eigenvalues (utils.kfac)
 
 
 def sample_batch(laion: LaionCandidates, order: np.ndarray, start: int, stop: int, seed: int,
@@ -56,36 +57,36 @@ def per_sample_losses(base: BaseModel, latents, text, timesteps, noise, device):
     return per_row_loss(base.unet, base.scheduler, latents, noise, timesteps, text)
 
 
-def estimate_fisher(base: BaseModel, laion: LaionCandidates, names: List[str], num_samples: int, batch_size: int,
-                    seed: int, device, state=None, on_checkpoint: Optional[Callable] = None, save_every: int = 10_000,
-                    per_sample_hooks: bool = True) -> Dict[str, torch.Tensor]:
-    """Mean squared per-sample gradient of each named parameter; `state` resumes from a checkpoint
-    that `on_checkpoint` wrote."""
+def accumulate_over_samples(base: BaseModel, laion: LaionCandidates, names: List[str], num_samples: int,
+                            batch_size: int, seed: int, device, add: Callable, sums: Dict[str, torch.Tensor],
+                            hooks: Optional[Callable] = None, state=None, on_checkpoint: Optional[Callable] = None,
+                            save_every: int = 10_000, desc: str = "Fisher") -> Dict[str, torch.Tensor]:
+    """The sample loop every Fisher estimate shares (the diagonal here, EK-FAC's two passes in utils.kfac).
+
+    Samples 0..num_samples-1 (sample_batch) go through the UNet `batch_size` at a time with gradients on `names`;
+    `hooks(unet)` (a utils.per_sample_grads.PerSampleLinearGrads or subclass; None: one sample per backward, read
+    from the parameters' .grad) is attached for the backward of their summed losses, then `add(sums, hooks, params)`
+    adds the batch into `sums` (float64 tensors, updated in place and returned). `state` ({"done", "sums"}) resumes
+    a checkpoint that `on_checkpoint` wrote every `save_every` samples.
+    """
     params = dict(base.unet.named_parameters())
     for n, p in params.items():
         p.requires_grad_(n in names)
     order = np.random.default_rng(seed).permutation(len(laion))  # each row once per pass; later passes repeat it
-    hooked = per_sample_hooks and PerSampleLinearGrads.covers(base.unet, names)
-    batch = batch_size if hooked else 1
+    batch = batch_size if hooks is not None else 1
     done = 0
-    sums = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
     if state is not None:
-        done, sums = state["done"], {n: state["sums"][n].to(device) for n in names}
-    bar = tqdm(total=num_samples, initial=done, desc="Fisher", unit="sample")
+        done, sums = state["done"], {n: s.to(device) for n, s in state["sums"].items()}
+    bar = tqdm(total=num_samples, initial=done, desc=desc, unit="sample")
     next_save = done + save_every
     while done < num_samples:
         stop = min(done + batch, num_samples)
         inputs = sample_batch(laion, order, done, stop, seed, base.scheduler.config.num_train_timesteps)
-        if hooked:
-            tracker = PerSampleLinearGrads(base.unet, names)
-            per_sample_losses(base, *inputs, device).sum().backward()
+        tracker = hooks(base.unet) if hooks is not None else None
+        per_sample_losses(base, *inputs, device).sum().backward()
+        if tracker is not None:
             tracker.remove()
-            for n in names:
-                sums[n] += tracker.grads[n].pow(2).sum(0)
-        else:
-            per_sample_losses(base, *inputs, device).sum().backward()
-            for n in names:
-                sums[n] += params[n].grad.double().pow(2)
+        add(sums, tracker, params)
         for p in params.values():
             p.grad = None
         bar.update(stop - done)
@@ -96,14 +97,33 @@ def estimate_fisher(base: BaseModel, laion: LaionCandidates, names: List[str], n
     bar.close()
     for p in params.values():
         p.requires_grad_(False)
+    return sums
+
+
+def estimate_fisher(base: BaseModel, laion: LaionCandidates, names: List[str], num_samples: int, batch_size: int,
+                    seed: int, device, state=None, on_checkpoint: Optional[Callable] = None, save_every: int = 10_000,
+                    per_sample_hooks: bool = True) -> Dict[str, torch.Tensor]:
+    """Mean squared per-sample gradient of each named parameter (float32 on the CPU, the parameter's shape);
+    `state` resumes from a checkpoint that `on_checkpoint` wrote."""
+    params = dict(base.unet.named_parameters())
+    hooked = per_sample_hooks and PerSampleLinearGrads.covers(base.unet, names)
+
+    def add(sums, tracker, params):
+        for n in names:  # hooked: [B, *shape] per sample; else one sample's .grad
+            sums[n] += tracker.grads[n].pow(2).sum(0) if tracker is not None else params[n].grad.double().pow(2)
+
+    sums = {n: torch.zeros_like(params[n], dtype=torch.float64, device=device) for n in names}
+    sums = accumulate_over_samples(base, laion, names, num_samples, batch_size, seed, device, add, sums,
+                                   hooks=(lambda unet: PerSampleLinearGrads(unet, names)) if hooked else None,
+                                   state=state, on_checkpoint=on_checkpoint, save_every=save_every)
     return {n: (sums[n] / num_samples).float().cpu() for n in names}
 
 
 def write_fisher(base: BaseModel, laion: LaionCandidates, output, config: FisherConfig, device,
                  save_every: int = 10_000, overwrite: bool = False) -> Path:
-    """Estimate the Fisher and write it to `output` (+ `.json` with its settings), resuming from
-    `output.partial` when a killed run left one made with the same settings. Skips a finished output
-    unless `overwrite`."""
+    """Estimate the Fisher (`config.kind`: the diagonal as a torch file, or EK-FAC as safetensors) and write it to
+    `output` (+ `.json` with its settings), resuming from `output.partial` when a killed run left one made with the
+    same settings. Skips a finished output unless `overwrite`."""
     output = Path(output)
     # what decides the numbers: the settings, the base model and the candidate rows (not where they lie)
     settings = {**asdict(config), "base_model": base.fingerprint, "laion_arrays": laion.fingerprint()}
@@ -129,11 +149,17 @@ def write_fisher(base: BaseModel, laion: LaionCandidates, output, config: Fisher
         if state.get("settings") != settings:
             raise InputError(f"{checkpoint} was made with other settings ({state.get('settings')}); "
                              f"delete it or pass --overwrite")
-        print(f"resuming from {checkpoint} at {state['done']} samples")
-    fisher = estimate_fisher(base, laion, names, config.num_samples, config.batch_size, config.seed, device,
-                             state=state, save_every=save_every,
-                             on_checkpoint=lambda st: save_torch(checkpoint, {**st, "settings": settings}))
-    save_torch(output, fisher)
+        where = f" of pass {state['pass']}" if "pass" in state else ""  # EK-FAC passes over its samples twice
+        print(f"resuming from {checkpoint} at {state['done']} samples{where}")
+    if config.kind == "ekfac":
+        from .kfac import estimate_ekfac  # utils.kfac builds on this module's sample loop
+        estimate, save = estimate_ekfac, save_safetensors
+    else:
+        estimate, save = estimate_fisher, save_torch
+    fisher = estimate(base, laion, names, config.num_samples, config.batch_size, config.seed, device,
+                      state=state, save_every=save_every,
+                      on_checkpoint=lambda st: save_torch(checkpoint, {**st, "settings": settings}))
+    save(output, fisher)
     save_json(output.with_suffix(".json"), settings)
     if checkpoint.exists():
         checkpoint.unlink()
@@ -166,15 +192,20 @@ def load_fisher(path, params: Dict[str, torch.Tensor], floor: Optional[float] = 
         f = table[name]
         if tuple(f.shape) != tuple(p.shape):
             raise InputError(f"{path}: Fisher of {name} has shape {tuple(f.shape)}, the parameter {tuple(p.shape)}")
-        f = f.to(device=device, dtype=torch.float64)
-        if not torch.isfinite(f).all():
-            raise InputError(f"{path}: Fisher of {name} has non-finite entries")
-        if floor is not None:
-            f = f.clamp(min=floor)
-        elif (f <= 0).any():
-            n_bad = int((f <= 0).sum())
-            raise InputError(f"{path}: Fisher of {name} has {n_bad} zero or negative entr(y/ies), and the "
-                             f"update divides by it; pass --fisher_floor (e.g. 1e-12) to clamp them")
-        out[name] = f
+        out[name] = check_fisher_entries(f.to(device=device, dtype=torch.float64), path, f"Fisher of {name}", floor)
     return out
 
+
+def check_fisher_entries(f: torch.Tensor, path, what: str, floor: Optional[float] = None) -> torch.Tensor:
+    """`f` (a Fisher diagonal or eigenvalues) raised to `floor` when given; otherwise InputError for a zero or
+    negative entry, which the update divides by (docs/method.md, pitfall 5). Non-finite entries are always an
+    InputError naming `path` and `what`."""
+    if not torch.isfinite(f).all():
+        raise InputError(f"{path}: {what} has non-finite entries")
+    if floor is not None:
+        return f.clamp(min=floor)
+    if (f <= 0).any():
+        n_bad = int((f <= 0).sum())
+        raise InputError(f"{path}: {what} has {n_bad} zero or negative entr(y/ies), and the "
+                         f"update divides by it; pass --fisher_floor (e.g. 1e-12) to clamp them")
+    return f

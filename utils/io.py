@@ -79,6 +79,13 @@ def save_torch(path, obj) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def save_safetensors(path, tensors) -> Path:
+    """A dict name -> tensor as a safetensors file, written atomically (tensors made contiguous, on the CPU)."""
+    from safetensors.torch import save
+
+    return atomic_write(path, lambda f: f.write(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})))
+
+
 def _check_exists(path: Path, what: str, remedy: str) -> None:
     if not path.is_file():
         raise InputError(f"{what} not found: {path}" + (f"; {remedy}" if remedy else ""))

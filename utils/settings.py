@@ -83,10 +83,10 @@ class CacheSettings:
 class UnlearningSettings:
     """The Fisher-preconditioned ascent (unlearn.py)."""
 
-    fisher_path: Optional[str] = setting(None, "diagonal Fisher file (default: <dataroot>/sd_fisher.pt)",
-                                         compared=False)
-    fisher_floor: Optional[float] = setting(None, "clamp Fisher entries to at least this value (default: zero "
-                                                  "entries are an error)")
+    fisher_path: Optional[str] = setting(None, "Fisher file (default: <dataroot>/sd_fisher.pt; with --preconditioner "
+                                               "ekfac or kfac <dataroot>/sd_ekfac.safetensors)", compared=False)
+    fisher_floor: Optional[float] = setting(None, "clamp Fisher entries (eigenvalues with ekfac / kfac) to at least "
+                                                  "this value (default: zero entries are an error)")
     fisher_dataset_size: int = setting(LAION_400M, "N in the update lr * grad / (F * N): the pretraining-set size "
                                                    "(LAION-400M)")
     weight_selection: str = setting("cross-attn-kv", "which UNet parameters unlearning updates",
@@ -112,8 +112,11 @@ class MeasurementSettings:
 class AblationSettings:
     """The paper's ablations of the update and of the query's prompt."""
 
-    preconditioner: str = setting("fisher", "'none' is the paper's plain-gradient-ascent ablation: "
-                                            "p += lr * grad / accum", choices=["fisher", "none"])
+    preconditioner: str = setting("fisher", "the update's F: the diagonal Fisher (the paper); 'ekfac' / 'kfac' the "
+                                            "Kronecker-factored Fisher of compute_fisher.py --kind ekfac, with "
+                                            "EK-FAC's or K-FAC's eigenvalues (same lr and N); 'none' the paper's "
+                                            "plain-gradient-ascent ablation: p += lr * grad / accum",
+                                  choices=["fisher", "ekfac", "kfac", "none"])
     drop_concept_token: bool = setting(False, "ablation: unlearn the query under its prompt with '<new1>' removed")
 
 

@@ -3,7 +3,8 @@ unlearner that stage 2 (utils/attribution.py) and the unlearn.py tool share: the
 stopping rule, and what unlearning costs.
 
 Each step accumulates the gradient of the query's loss over `grad_accum_steps` micro-batches, then
-moves every selected parameter p UP it: p += lr * grad / (F_p * N) / grad_accum_steps, in float64.
+moves every selected parameter p UP it: p += lr * grad / (F_p * N) / grad_accum_steps, in float64
+(with a Kronecker-factored F, utils.kfac, F^-1 grad is taken in its eigenbasis).
 That is a Newton step of max_theta L(z; theta) - (N / 2) sum F (theta - theta0)^2 (elastic weight
 consolidation): forget z while staying close to the pretrained weights in the Fisher metric.
 Which parameters move is the caller's choice (utils.weights.WEIGHT_SELECTIONS).
@@ -22,6 +23,7 @@ from .data import ExemplarCandidates
 from .encoders import encode_images, encode_prompt
 from .faults import checkpoint
 from .fisher import load_fisher
+from .kfac import EKFAC_FILE, KRONECKER_PRECONDITIONERS, KroneckerEigenFisher, load_kronecker_fisher
 from .losses import check_finite_losses, training_target
 from .precision import FP16_LOSS_SCALE, autocast
 from .transforms import load_image_tensor
@@ -47,11 +49,14 @@ def query_diffusion_loss(unet, scheduler, latents, text, generator: torch.Genera
 @torch.no_grad()
 def fisher_preconditioned_step(params: Dict[str, torch.nn.Parameter], fisher: Dict[str, torch.Tensor],
                                lr: float, dataset_size: int, grad_accum_steps: int) -> None:
-    """p += lr * grad / (F_p * N) / grad_accum_steps, computed in float64, for each parameter with a gradient."""
+    """p += lr * F_p^-1 grad / N / grad_accum_steps, computed in float64, for each parameter with a gradient; F_p
+    is a diagonal (a tensor of p's shape: grad / F_p) or a utils.kfac.KroneckerEigenFisher (its solve)."""
     for name, p in params.items():
         if p.grad is None:
             continue
-        update = lr * p.grad.double() / (fisher[name] * dataset_size) / grad_accum_steps
+        f = fisher[name]
+        solved = f.solve(p.grad) if isinstance(f, KroneckerEigenFisher) else p.grad.double() / f
+        update = lr * solved / dataset_size / grad_accum_steps
         p.add_(update.to(p.dtype))
 
 
@@ -99,8 +104,13 @@ def unlearning_setup(settings, base, dataroot: Path):
     u = settings.unlearning
     names = set(select_parameter_names(base.unet, u.weight_selection))
     params = {n: p for n, p in base.unet.named_parameters() if n in names}
-    if settings.ablation.preconditioner == "none":  # F = 1, N = 1: the step is lr * grad / accum
+    preconditioner = settings.ablation.preconditioner
+    if preconditioner == "none":  # F = 1, N = 1: the step is lr * grad / accum
         return params, {n: torch.ones_like(p, dtype=torch.float64) for n, p in params.items()}, 1
+    if preconditioner in KRONECKER_PRECONDITIONERS:
+        fisher = load_kronecker_fisher(u.fisher_path or dataroot / EKFAC_FILE, params, preconditioner,
+                                       u.fisher_floor, settings.execution.device)
+        return params, fisher, u.fisher_dataset_size
     fisher = load_fisher(u.fisher_path or dataroot / "sd_fisher.pt", params, u.fisher_floor,
                          settings.execution.device)
     return params, fisher, u.fisher_dataset_size

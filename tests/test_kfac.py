@@ -1,0 +1,124 @@
+"""The Kronecker-factored Fisher (utils/kfac.py): its estimate, its solve, the unlearning step that uses it and
+compute_fisher.py --kind ekfac's file, checkpoint and refusals."""
+import numpy as np
+import pytest
+import torch
+
+import compute_fisher
+import utils.fisher
+from utils.data import LaionCandidates
+from utils.errors import InputError
+from utils.fisher import estimate_fisher, per_sample_losses, sample_batch
+from utils.kfac import KroneckerEigenFisher, estimate_ekfac, load_kronecker_fisher
+from utils.unlearning import fisher_preconditioned_step
+from utils.weights import select_parameter_names
+
+
+@pytest.fixture
+def laion(tiny_abc):
+    return LaionCandidates(tiny_abc["dataroot"], subset_size=12)
+
+
+def random_orthogonal(n, generator):
+    return torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))[0]
+
+
+def test_ekfac_eigenvalues_are_the_second_moment_of_rotated_gradients(base_model, laion):
+    names = select_parameter_names(base_model.unet, "cross-attn-kv")[:2]
+    ekfac = estimate_ekfac(base_model, laion, names, num_samples=4, batch_size=2, seed=0, device="cpu")
+    diagonal = estimate_fisher(base_model, laion, names, num_samples=4, batch_size=2, seed=0, device="cpu")
+    params = dict(base_model.unet.named_parameters())
+    order = np.random.default_rng(0).permutation(len(laion))
+    for n in names:
+        q_in, q_out = ekfac[f"{n}.eigvecs_in"], ekfac[f"{n}.eigvecs_out"]
+        torch.testing.assert_close(q_in.T @ q_in, torch.eye(len(q_in), dtype=torch.float64))
+        assert (ekfac[f"{n}.eigvals_in"] >= -1e-12).all() and (ekfac[f"{n}.eigvals_out"] >= -1e-12).all()
+        # Lambda, one sample's autograd gradient at a time, rotated into the factors' eigenbasis
+        total = torch.zeros_like(params[n], dtype=torch.float64)
+        for i in range(4):
+            params[n].requires_grad_(True)
+            (g,) = torch.autograd.grad(per_sample_losses(base_model, *sample_batch(laion, order, i, i + 1, 0, 1000),
+                                                         "cpu").sum(), params[n])
+            params[n].requires_grad_(False)
+            total += (q_out.T @ g.double() @ q_in) ** 2
+        torch.testing.assert_close(ekfac[f"{n}.eigvals"], total / 4, rtol=1e-4, atol=1e-6 * float(total.max() / 4))
+        # a rotation keeps the squared norm: the same total as the diagonal Fisher of the same samples
+        assert float(ekfac[f"{n}.eigvals"].sum()) == pytest.approx(float(diagonal[n].double().sum()), rel=1e-5)
+
+
+def test_solve_inverts_the_kronecker_fisher():
+    gen = torch.Generator().manual_seed(0)
+    out_dim, in_dim = 3, 4
+    q_out, q_in = random_orthogonal(out_dim, gen), random_orthogonal(in_dim, gen)
+    eigvals = torch.rand(out_dim, in_dim, generator=gen, dtype=torch.float64) + 0.1
+    grad = torch.randn(out_dim, in_dim, generator=gen, dtype=torch.float64)
+    # row-major vec: vec(Q_G^T W Q_A) = kron(Q_G^T, Q_A^T) vec(W), so F = K^T diag(vec Lambda) K
+    k = torch.kron(q_out.T, q_in.T)
+    fisher = k.T @ torch.diag(eigvals.flatten()) @ k
+    expected = torch.linalg.solve(fisher, grad.flatten()).reshape(out_dim, in_dim)
+    torch.testing.assert_close(KroneckerEigenFisher(q_in, q_out, eigvals).solve(grad), expected)
+    # K-FAC's eigenvalues c_i a_j: F is kron(G, A) itself
+    a, c = torch.rand(in_dim, generator=gen, dtype=torch.float64) + 0.1, torch.rand(out_dim, generator=gen,
+                                                                                     dtype=torch.float64) + 0.1
+    kron = torch.kron(q_out @ torch.diag(c) @ q_out.T, q_in @ torch.diag(a) @ q_in.T)
+    torch.testing.assert_close(KroneckerEigenFisher(q_in, q_out, torch.outer(c, a)).solve(grad),
+                               torch.linalg.solve(kron, grad.flatten()).reshape(out_dim, in_dim))
+
+
+def test_the_identity_basis_gives_the_diagonal_step():
+    gen = torch.Generator().manual_seed(1)
+    diagonal = torch.rand(3, 4, generator=gen, dtype=torch.float64) + 0.5
+    steps = []
+    for fisher in (diagonal, KroneckerEigenFisher(torch.eye(4, dtype=torch.float64), torch.eye(3, dtype=torch.float64),
+                                                  diagonal)):
+        p = torch.nn.Parameter(torch.zeros(3, 4))
+        p.grad = torch.arange(12.0).reshape(3, 4)
+        fisher_preconditioned_step({"w": p}, {"w": fisher}, lr=0.1, dataset_size=10, grad_accum_steps=2)
+        steps.append(p.detach().clone())
+    torch.testing.assert_close(steps[0], steps[1])
+    assert float(steps[0][1, 1]) == pytest.approx(0.1 * 5 / (float(diagonal[1, 1]) * 10) / 2, rel=1e-6)
+
+
+def test_compute_fisher_ekfac_resumes_and_its_file_loads(tiny_copy, tmp_path, base_model):
+    common = ["--dataroot", tiny_copy["dataroot"], "--sd_version", tiny_copy["sd_version"], "--kind", "ekfac",
+              "--laion_subset_size", "12", "--num_samples", "8", "--batch_size", "2", "--device", "cpu"]
+    whole = tmp_path / "whole.safetensors"
+    compute_fisher.main(common + ["--output", str(whole)])
+    assert (tmp_path / "whole.json").is_file()
+    # killed at its checkpoints, in the factors' pass and in the eigenvalues' pass, then resumed
+    part, real_save, passes = tmp_path / "part.safetensors", utils.fisher.save_torch, []
+
+    def save_then_die(path, obj):
+        real_save(path, obj)
+        if str(path).endswith(".partial") and obj["pass"] not in passes:
+            passes.append(obj["pass"])
+            raise KeyboardInterrupt
+
+    utils.fisher.save_torch = save_then_die
+    try:
+        for _ in range(2):
+            with pytest.raises(KeyboardInterrupt):
+                compute_fisher.main(common + ["--output", str(part), "--save_every", "4"])
+        compute_fisher.main(common + ["--output", str(part), "--save_every", "4"])
+    finally:
+        utils.fisher.save_torch = real_save
+    assert passes == [1, 2] and not (tmp_path / "part.safetensors.partial").exists()
+    from safetensors.torch import load_file
+    a, b = load_file(whole), load_file(part)
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-15) for k in a)
+
+    names = select_parameter_names(base_model.unet, "cross-attn-kv")
+    params = {n: p for n, p in base_model.unet.named_parameters() if n in names}
+    ekfac = load_kronecker_fisher(whole, params, "ekfac", floor=1e-30)
+    kfac = load_kronecker_fisher(whole, params, "kfac", floor=1e-30)
+    n = names[0]
+    products = torch.outer(a[f"{n}.eigvals_out"], a[f"{n}.eigvals_in"]).clamp(min=1e-30)
+    torch.testing.assert_close(kfac[n].eigvals, products)
+    torch.testing.assert_close(ekfac[n].eigvals, a[f"{n}.eigvals"].clamp(min=1e-30))
+    with pytest.raises(InputError, match="factors nn.Linear weights only"):
+        load_kronecker_fisher(whole, dict(base_model.unet.named_parameters()), "ekfac")
+    with pytest.raises(InputError, match="EK-FAC file not found"):
+        load_kronecker_fisher(tmp_path / "none.safetensors", params)
+    with pytest.raises(InputError, match="not nn.Linear weights"):  # to_out's bias is in 'cross-attn'
+        compute_fisher.main(common + ["--output", str(tmp_path / "bias.safetensors"),
+                                      "--weight_selection", "cross-attn"])
