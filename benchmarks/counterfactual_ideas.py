@@ -22,15 +22,17 @@ docs/counterfactual.md) before any of them is worth a flag of compute_influence.
   (its own caption, both flips, 64 grid timesteps) and each query's gradient of the loss the truth measures (its
   latent samples, T, noise and batch plan exactly), w.r.t. the cross-attention K/V weights; scored as g_q . g_j
   (no preconditioner), g_q . F^-1 g_j (the one-step natural-gradient score, unnormalised), the same on the lower
-  half of the timesteps, at other noise draws, with D-TRAK's squared-output gradients, and TRAK's kernel
-  phi_q^T (Phi^T Phi + lambda I)^-1 phi_j on Fisher-whitened gradients sketched to 2,048 dimensions;
+  half of the timesteps, at other noise draws, with D-TRAK's squared-output gradients, TRAK's kernel
+  phi_q^T (Phi^T Phi + lambda I)^-1 phi_j on Fisher-whitened gradients sketched to 2,048 dimensions, and
+  g_q . F^-1 g_j with EK-FAC's F (utils.kfac: the K-FAC influence functions of diffusion models);
 * **AbU's knobs** (--knobs): the stopping rule checked at every step instead of every 5, its target at x2 instead
-  of x1.5, and every weight unlearned instead of the cross-attention K/V (its own Fisher, sd_fisher_all.pt of the
-  builder's derive stage), each a run of compute_influence.py on the table's queries
-  (results/mini_abc/image_<split>/).
+  of x1.5, every weight unlearned instead of the cross-attention K/V (its own Fisher, sd_fisher_all.pt of the
+  builder's derive stage), and the preconditioner (none, EK-FAC, K-FAC: sd_ekfac.safetensors of the derive stage),
+  each a run of compute_influence.py on the table's queries (results/mini_abc/image_<split>/).
 
 The exemplar-unlearning losses and the gradient scores are cached per model (and schedule) under
-<runs>/exemplar_unlearning/ (atomic, reused; --overwrite measures again).
+<runs>/exemplar_unlearning/ (atomic, reused; --overwrite measures again; gradient scores cached without one of
+GradientIdeas.IDEAS are measured again).
 """
 import argparse
 import sys
@@ -65,7 +67,16 @@ KNOBS = {"AbU, stop rule checked every step": ("abu_stop_every_1", STOP[:-1] + [
          # comparison's ablation (docs/mini_abc.md)
          "AbU, all weights, stop rule": ("abu_all_weights_stop_rule", STOP + [
              "--weight_selection", "all", "--fisher_path", str(BENCH / "abc" / "sd_fisher_all.pt"),
-             "--fisher_dataset_size", str(int(TUNED["all_weights_n"]))])}
+             "--fisher_dataset_size", str(int(TUNED["all_weights_n"]))]),
+         # the preconditioner, at the tuned lr and N: none (the plain ascent at the comparison's tuned lr), EK-FAC
+         # (the Fisher in K-FAC's eigenbasis, refitted: its steps move the query's loss as the diagonal's do) and
+         # K-FAC (its eigenvalues c_i a_j are smaller and its steps larger: x1.7 to x3 after one step on three
+         # validation queries, so its stopping rule checks every step)
+         "AbU, no preconditioner, stop rule": ("abu_no_preconditioner_stop_rule", STOP + [
+             "--preconditioner", "none", "--unlearn_lr", str(TUNED["sgd_lr"])]),
+         "AbU, EK-FAC, stop rule": ("abu_ekfac_stop_rule", STOP + ["--preconditioner", "ekfac"]),
+         "AbU, K-FAC, stop rule checked every step": ("abu_kfac_stop_every_1", STOP[:-1] + ["1", "--preconditioner",
+                                                                                          "kfac"])}
 
 
 class ExemplarUnlearning:
@@ -138,11 +149,14 @@ class GradientIdeas:
     EXEMPLAR_T = 64  # grid timesteps of an exemplar row's gradient (both flips, its own training caption)
     PROJECTION = 2048  # TRAK's random projection: rows of a seeded Gaussian sketch of the P K/V weights
     DAMPING = 0.1  # the kernel's damping, times the mean of its diagonal
+    IDEAS = ("gradient dot", "gradient, Fisher", "gradient, Fisher, lower half of t", "gradient, Fisher, other draws",
+             "gradient, Fisher, square output", "TRAK kernel (Fisher-whitened)", "gradient, EK-FAC")
 
     def __init__(self):
         import torch
 
         from utils.fisher import load_fisher
+        from utils.kfac import EKFAC_FILE, load_kronecker_fisher
         from utils.models import load_base_model
         from utils.weights import PristineWeights, select_parameter_names
 
@@ -152,6 +166,7 @@ class GradientIdeas:
         params = dict(self.model.unet.named_parameters())
         fisher = load_fisher(BENCH / "abc" / "sd_fisher.pt", {n: params[n] for n in self.names})
         self.inv_fisher = torch.cat([fisher[n].reciprocal().flatten() for n in self.names]).float()
+        self.ekfac = load_kronecker_fisher(BENCH / "abc" / EKFAC_FILE, {n: params[n] for n in self.names})
         self.truth = CounterfactualConfig()
 
     def gradients(self, candidates, time_samples: int, seed: int, output: str, bands: int = 1):
@@ -173,6 +188,19 @@ class GradientIdeas:
             block = torch.randn(min(8192, g.shape[1] - s), self.PROJECTION, generator=gen) / self.PROJECTION ** 0.5
             out = out + g[:, s:s + 8192].double() @ block.double()
         return out
+
+    def ekfac_solve(self, g):
+        """[n, P] -> [n, P]: F^-1 g with EK-FAC's F, weight by weight (the flat layout: `names` order, row-major)."""
+        import torch
+
+        out, start = [], 0
+        for n in self.names:
+            f = self.ekfac[n]
+            shape = f.eigvals.shape
+            block = g[:, start:start + shape.numel()].reshape(len(g), *shape)
+            out.append(f.solve(block).flatten(1))
+            start += shape.numel()
+        return torch.cat(out, dim=1)
 
     def kernel_scores(self, q, ex):
         """[n queries, n exemplars]: TRAK's phi_q^T (Phi^T Phi + lambda I)^-1 phi_j with Phi the exemplars' sketched,
@@ -224,6 +252,7 @@ class GradientIdeas:
                 "gradient, Fisher, other draws": (q["other draws"][:, 0] @ (ex["loss"] * f).T).numpy(),
                 "gradient, Fisher, square output": (q["square"][:, 0] @ (ex["square"] * f).T).numpy(),
                 "TRAK kernel (Fisher-whitened)": self.kernel_scores(whole, ex["loss"]),
+                "gradient, EK-FAC": (whole.double() @ self.ekfac_solve(ex["loss"]).T).numpy(),
                 "forwards": np.array(forwards)}
 
 
@@ -247,7 +276,11 @@ def cached_gradient_scores(folder: Path, spec: dict, probe, overwrite: bool) -> 
         got = probe().scores(spec)
         return {**{k.replace(" ", "_"): v for k, v in got.items()}, "names": np.array(list(got))}
 
-    z = cached_measurement(folder / f"{spec['name']}__gradients.npz", spec, measure, "gradients", overwrite)
+    path = folder / f"{spec['name']}__gradients.npz"
+    if path.is_file() and not overwrite:  # a cache from before an idea was added is measured again
+        with np.load(path) as cached:
+            overwrite = set(cached["names"]) - {"forwards"} != set(GradientIdeas.IDEAS)
+    z = cached_measurement(path, spec, measure, "gradients", overwrite)
     return {k: z[k.replace(" ", "_")] for k in z["names"]}
 
 
@@ -315,10 +348,12 @@ def ideas(base: Base, root: Path, reps: dict, effects: dict, gradients: dict) ->
             out[name] = (scores, float(gradients["forwards"]) / len(base.tasks))
     for name, (s, cost) in list(out.items()):
         out[f"{name} - peers"] = (peer_contrast(base, s), cost)
-    for name in ("AbU (the paper)", "AbU, stop rule"):
+    first_round = ("AbU (the paper)", "AbU, stop rule")
+    for name in (*first_round, *(k for k in KNOBS if k in out)):
         s, cost = out[name]
         whole, image = z_exemplars(s), z_exemplars(peer_contrast(base, s))
-        for lam in LAMBDAS:  # 1e-6 more of the whole: a tie (two exemplars, lambda 1) goes to the whole ordering
+        for lam in LAMBDAS if name in first_round else (1.0,):  # a knob's blend at the first round's lambda
+            # 1e-6 more of the whole: a tie (two exemplars, lambda 1) goes to the whole ordering
             out[f"z({name}) + {lam:g} z(its - peers)"] = ((1 + 1e-6) * whole + lam * image, cost)
     return out
 

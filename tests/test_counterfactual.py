@@ -245,3 +245,25 @@ def test_the_probes_trak_kernel_is_the_damped_inverse_of_the_exemplars_gram_in_t
     direct = phi_q @ torch.linalg.inv(gram + damping * torch.eye(16, dtype=gram.dtype)) @ phi.T
     assert got.shape == (3, 5) and np.allclose(got, direct.numpy(), rtol=1e-8, atol=1e-10)
     assert np.allclose(ideas.sketch(q).numpy(), phi_q.numpy() / 2)  # linear, seeded: whitening is outside it
+
+
+def test_the_probes_ekfac_score_solves_each_weight_of_the_flat_gradient():
+    import torch
+
+    from benchmarks.counterfactual_ideas import GradientIdeas
+    from utils.kfac import KroneckerEigenFisher
+
+    ideas = object.__new__(GradientIdeas)  # the layout only: no model loaded
+    gen = torch.Generator().manual_seed(0)
+    orthogonal = lambda n: torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]  # noqa: E731
+    ideas.names = ["a", "b"]
+    ideas.ekfac = {"a": KroneckerEigenFisher(orthogonal(3), orthogonal(2), torch.rand(2, 3, generator=gen,
+                                                                                       dtype=torch.float64) + 0.5),
+                   "b": KroneckerEigenFisher(torch.eye(2, dtype=torch.float64), torch.eye(1, dtype=torch.float64),
+                                             torch.tensor([[2.0, 4.0]], dtype=torch.float64))}
+    g = torch.randn(3, 8, generator=gen, dtype=torch.float64)  # [n, 2*3 + 1*2]: weight a row-major, then b
+    got = ideas.ekfac_solve(g)
+    assert got.shape == (3, 8)
+    for i in range(3):
+        assert torch.allclose(got[i, :6].reshape(2, 3), ideas.ekfac["a"].solve(g[i, :6].reshape(2, 3)))
+    assert torch.allclose(got[:, 6:], g[:, 6:] / torch.tensor([2.0, 4.0], dtype=torch.float64))  # identity basis
