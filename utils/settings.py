@@ -110,7 +110,8 @@ class MeasurementSettings:
 
 @dataclass(frozen=True)
 class AblationSettings:
-    """The paper's ablations of the update and of the query's prompt."""
+    """The update's preconditioner (the paper's, its plain-ascent ablation, the Kronecker-factored ones) and the
+    paper's ablation of the query's prompt."""
 
     preconditioner: str = setting("fisher", "the update's F: the diagonal Fisher (the paper); 'ekfac' / 'kfac' the "
                                             "Kronecker-factored Fisher of compute_fisher.py --kind ekfac, with "
