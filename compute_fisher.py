@@ -3,11 +3,12 @@ K-FAC's factors with EK-FAC's eigenvalues (`--kind ekfac`, for unlearn.py / comp
 --preconditioner ekfac and kfac).
 
     python compute_fisher.py --dataroot data/abc     # writes data/abc/sd_fisher.pt and sd_fisher.json
-    python compute_fisher.py --dataroot data/abc --kind ekfac --num_samples 100000  # sd_ekfac.safetensors, .json
+    python compute_fisher.py --dataroot data/abc --kind ekfac  # sd_ekfac.safetensors and sd_ekfac.json
 
-The mean squared per-sample gradient of the diffusion loss (one random timestep and fresh noise per
-sample) for the parameters unlearning updates; the paper used 1,000,000 samples over the 100K subset
-(docs/method.md, section 5). EK-FAC (utils.kfac) passes over its samples twice (the factors, then the eigenvalues).
+The diagonal is the mean squared per-sample gradient of the diffusion loss (one random timestep and fresh noise
+per sample) for the parameters unlearning updates; the paper used 1,000,000 samples over the 100K subset
+(docs/method.md, section 5). EK-FAC (utils.kfac) reads the same samples for the same --laion_subset_size,
+--num_samples and --seed, twice (the factors, then the eigenvalues): about twice the diagonal's time.
 Progress is checkpointed to <output>.partial: a killed run resumes there. The estimator is utils.fisher.write_fisher.
 """
 import argparse

@@ -119,6 +119,18 @@ def test_compute_fisher_ekfac_resumes_and_its_file_loads(tiny_copy, tmp_path, ba
         load_kronecker_fisher(whole, dict(base_model.unet.named_parameters()), "ekfac")
     with pytest.raises(InputError, match="EK-FAC file not found"):
         load_kronecker_fisher(tmp_path / "none.safetensors", params)
+    torch.save({n: torch.ones(p.shape) for n, p in params.items()}, tmp_path / "diagonal.pt")
+    with pytest.raises(InputError, match="holds a diagonal Fisher"):
+        load_kronecker_fisher(tmp_path / "diagonal.pt", params)
+    from utils.io import save_safetensors
+    flipped = dict(a)  # two negative factor eigenvalues: their product is positive, the factors are not
+    flipped[f"{n}.eigvals_in"] = a[f"{n}.eigvals_in"].abs() * torch.where(torch.arange(len(a[f"{n}.eigvals_in"])) == 0,
+                                                                           -1.0, 1.0).double()
+    flipped[f"{n}.eigvals_out"] = a[f"{n}.eigvals_out"].abs() * torch.where(
+        torch.arange(len(a[f"{n}.eigvals_out"])) == 0, -1.0, 1.0).double()
+    save_safetensors(tmp_path / "flipped.safetensors", flipped)
+    with pytest.raises(InputError, match="K-FAC factor eigvals_out of .* 1 zero or negative"):
+        load_kronecker_fisher(tmp_path / "flipped.safetensors", params, "kfac")
     with pytest.raises(InputError, match="not nn.Linear weights"):  # to_out's bias is in 'cross-attn'
         compute_fisher.main(common + ["--output", str(tmp_path / "bias.safetensors"),
                                       "--weight_selection", "cross-attn"])

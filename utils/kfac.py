@@ -136,9 +136,9 @@ def load_kronecker_fisher(path, params: Dict[str, torch.Tensor], preconditioner:
     """The EK-FAC file's entry of each parameter in `params` (weights [out, in]) on `device`: with `preconditioner`
     "ekfac" its refitted eigenvalues, with "kfac" K-FAC's products c_i a_j of the same factors.
 
-    Names may carry a 'unet.' prefix. A parameter that is not a matrix, a missing part, another shape, or a zero /
-    negative / non-finite eigenvalue is an InputError (the update divides by it), unless `floor` raises every
-    eigenvalue to at least that value.
+    Names may carry a 'unet.' prefix. A parameter that is not a matrix, a file without the parts (a diagonal Fisher,
+    say), another shape or a non-finite eigenvalue is an InputError; so is a zero or negative eigenvalue (the update
+    divides by it; with "kfac", of either factor) unless `floor` raises every eigenvalue to at least that value.
     """
     remedy = "build it with compute_fisher.py --kind ekfac (--fisher_path)"
     raw = load_tensors(path, "EK-FAC file", remedy)
@@ -153,6 +153,9 @@ def load_kronecker_fisher(path, params: Dict[str, torch.Tensor], preconditioner:
     out = {}
     for name, p in params.items():
         missing = [part for part in PARTS if f"{name}.{part}" not in table]
+        if missing and name in table:
+            raise InputError(f"{path} holds a diagonal Fisher, not K-FAC's factors; pass --preconditioner fisher, or "
+                             f"{remedy}")
         if missing:
             raise InputError(f"{path} has no {missing[0]} for {name!r}; {remedy} using the same --weight_selection")
         part = {k: table[f"{name}.{k}"].to(device=device, dtype=torch.float64) for k in PARTS}
@@ -163,8 +166,13 @@ def load_kronecker_fisher(path, params: Dict[str, torch.Tensor], preconditioner:
             if tuple(part[k].shape) != shape:
                 raise InputError(f"{path}: {k} of {name} has shape {tuple(part[k].shape)}, expected {shape}; "
                                  f"{remedy}")
-        eigvals = part["eigvals"] if preconditioner == "ekfac" else torch.outer(part["eigvals_out"],
-                                                                                part["eigvals_in"])
+        if preconditioner == "ekfac":
+            eigvals = part["eigvals"]
+        else:  # each factor must be positive, not only their products (two negatives multiply to a positive)
+            if floor is None:
+                for k in ("eigvals_out", "eigvals_in"):
+                    check_fisher_entries(part[k], path, f"K-FAC factor {k} of {name}")
+            eigvals = torch.outer(part["eigvals_out"], part["eigvals_in"])
         eigvals = check_fisher_entries(eigvals, path, f"{preconditioner} eigenvalues of {name}", floor)
         out[name] = KroneckerEigenFisher(part["eigvecs_in"], part["eigvecs_out"], eigvals)
     return out

@@ -86,7 +86,8 @@ class UnlearningSettings:
     fisher_path: Optional[str] = setting(None, "Fisher file (default: <dataroot>/sd_fisher.pt; with --preconditioner "
                                                "ekfac or kfac <dataroot>/sd_ekfac.safetensors)", compared=False)
     fisher_floor: Optional[float] = setting(None, "clamp Fisher entries (eigenvalues with ekfac / kfac) to at least "
-                                                  "this value (default: zero entries are an error)")
+                                                  "this value (default: zero or negative entries are an error; "
+                                                  "non-finite ones always are)")
     fisher_dataset_size: int = setting(LAION_400M, "N in the update lr * grad / (F * N): the pretraining-set size "
                                                    "(LAION-400M)")
     weight_selection: str = setting("cross-attn-kv", "which UNet parameters unlearning updates",
