@@ -177,11 +177,8 @@ def load_fisher(path, params: Dict[str, torch.Tensor], floor: Optional[float] = 
     with a zero / negative / non-finite entry is an error, since the update divides by it (docs/method.md, pitfall 5);
     `floor` instead raises every entry to at least that value.
     """
-    raw = load_tensors(path, "Fisher file", "download it with data/download_abc.sh or build it with "
-                                           "compute_fisher.py (--fisher_path)")
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a dict of parameter name -> tensor, got {type(raw).__name__}")
-    table = {(k[len("unet."):] if k.startswith("unet.") else k): v for k, v in raw.items()}
+    table = load_fisher_table(path, "Fisher file", "download it with data/download_abc.sh or build it with "
+                                                   "compute_fisher.py (--fisher_path)")
     missing = [n for n in params if n not in table]
     if missing:
         raise InputError(f"{path} has no Fisher entry for {len(missing)} of the {len(params)} selected "
@@ -194,6 +191,15 @@ def load_fisher(path, params: Dict[str, torch.Tensor], floor: Optional[float] = 
             raise InputError(f"{path}: Fisher of {name} has shape {tuple(f.shape)}, the parameter {tuple(p.shape)}")
         out[name] = check_fisher_entries(f.to(device=device, dtype=torch.float64), path, f"Fisher of {name}", floor)
     return out
+
+
+def load_fisher_table(path, what: str, remedy: str) -> Dict[str, torch.Tensor]:
+    """A Fisher file (the diagonal's or utils.kfac's) as {name: tensor}, a 'unet.' prefix taken off the names; a
+    missing or damaged file, or one that holds no dict, is an InputError naming `what` and `remedy`."""
+    raw = load_tensors(path, what, remedy)
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a dict of parameter name -> tensor, got {type(raw).__name__}; {remedy}")
+    return {(k[len("unet."):] if k.startswith("unet.") else k): v for k, v in raw.items()}
 
 
 def check_fisher_entries(f: torch.Tensor, path, what: str, floor: Optional[float] = None) -> torch.Tensor:

@@ -25,8 +25,7 @@ import torch
 
 from .data import LaionCandidates
 from .errors import InputError
-from .fisher import accumulate_over_samples, check_fisher_entries
-from .io import load_tensors
+from .fisher import accumulate_over_samples, check_fisher_entries, load_fisher_table
 from .models import BaseModel
 from .per_sample_grads import PerSampleLinearGrads
 
@@ -141,10 +140,7 @@ def load_kronecker_fisher(path, params: Dict[str, torch.Tensor], preconditioner:
     divides by it; with "kfac", of either factor) unless `floor` raises every eigenvalue to at least that value.
     """
     remedy = "build it with compute_fisher.py --kind ekfac (--fisher_path)"
-    raw = load_tensors(path, "EK-FAC file", remedy)
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a dict of name -> tensor, got {type(raw).__name__}; {remedy}")
-    table = {(k[len("unet."):] if k.startswith("unet.") else k): v for k, v in raw.items()}
+    table = load_fisher_table(path, "EK-FAC file", remedy)
     not_linear = [n for n, p in params.items() if p.dim() != 2]
     if not_linear:
         raise InputError(f"--preconditioner {preconditioner} factors nn.Linear weights only, and --weight_selection "
