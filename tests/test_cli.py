@@ -193,6 +193,46 @@ def test_ablation_flags_and_shared_cache(finished, tiny_abc, tmp_path):
         assert not np.allclose(other["influence"], plain["influence"])
 
 
+def test_influence_timesteps_below_reads_the_rise_at_the_low_grid_timesteps(finished, tiny_abc, tmp_path):
+    """--influence_timesteps_below 500 at T = 5 (t = 0, 200, 400 of the grid): the same unlearning, and the rise of
+    those timesteps' mean, each under the noise the full pass gives it; checked against the per-timestep losses of the
+    model unlearn.py saves, measured apart."""
+    import unlearn
+    from utils.customization import apply_customization
+    from utils.data import LaionCandidates
+    from utils.losses import LossMeasurement, mean_over_timesteps
+    from utils.metrics import fold_flips
+    from utils.models import load_base_model
+    from utils.weights import PristineWeights
+
+    shared = STAGE2 + ["--loss_cache_dir", str(finished / "orig_loss")]
+    compute_influence.main(paths(tiny_abc, tmp_path / "low") + shared + ["--influence_timesteps_below", "500"])
+    low = pickle.loads((tmp_path / "low" / "influence" / QUERIES[0] / "influence.pkl").read_bytes())
+    plain = pickle.loads((finished / "influence" / QUERIES[0] / "influence.pkl").read_bytes())
+    assert low["query_loss"] == plain["query_loss"] and low["settings"]["influence_timesteps_below"] == 500
+    assert low["forward_equivalents"]["loss tracking"] == (6 + 24) * 3  # rows x 3 of the 5 timesteps
+
+    unlearn.main(paths(tiny_abc, tmp_path / "low") + shared + ["--query", "synth/" + QUERIES[0], "--out",
+                                                               str(tmp_path / "unlearned")])
+    model = load_base_model(tiny_abc["sd_version"], "cpu")
+    apply_customization(model, PristineWeights(model.unet), tmp_path / "unlearned")
+    laion = LaionCandidates(Path(tiny_abc["dataroot"]), 12)
+    after_by_t = LossMeasurement(20, 5, 0, "fp32", False, "cpu").collect(model.unet, model.scheduler, laion, "after",
+                                                                        per_timestep=True)
+    np.testing.assert_array_equal(mean_over_timesteps(after_by_t).numpy(),
+                                  np.load(finished / "influence" / QUERIES[0] / "laion_loss.npy"))
+    after_low = np.load(tmp_path / "low" / "influence" / QUERIES[0] / "laion_loss.npy")
+    np.testing.assert_allclose(after_low, mean_over_timesteps(after_by_t[:, :3]).numpy(), rtol=1e-6)
+    before_by_t = np.load(finished / "orig_loss" / MODELS[0] / "laion_loss_by_t.npy")
+    rise = after_low.astype(np.float64) - mean_over_timesteps(before_by_t[:, :3]).numpy()
+    np.testing.assert_allclose(low["influence"][3:], fold_flips(rise))
+    assert not np.allclose(low["influence"], plain["influence"])
+    # every grid timestep below the limit: the paper's influence, to the bit
+    compute_influence.main(paths(tiny_abc, tmp_path / "all") + shared + ["--influence_timesteps_below", "1000"])
+    every = pickle.loads((tmp_path / "all" / "influence" / QUERIES[0] / "influence.pkl").read_bytes())
+    assert np.array_equal(every["influence"], plain["influence"])
+
+
 def test_baselines_write_rankings_evaluate_reads(finished, tiny_abc, tmp_path):
     import compute_baselines
 

@@ -108,6 +108,8 @@ def test_both_stages_build_the_same_loss_measurement():
     (["--mode", "two-stage", "--screen_time_samples", "11"], "--screen_time_samples must be between 1"),
     (["--mode", "two-stage", "--screen", "first-order", "--weight_selection", "all"], "needs nn.Linear weights"),
     (["--stop_rule", "rise", "--stop_every", "0"], "--stop_every and --stop_reference must be at least 1"),
+    (["--influence_timesteps_below", "0"], "leaves no timestep"),
+    (["--influence_timesteps_below", "500", "--mode", "two-stage"], "exact-mode only"),
 ])
 def test_bad_flags_are_refused_when_parsed(argv, message):
     with pytest.raises(InputError, match=message):

@@ -31,7 +31,8 @@ from .fingerprints import changed_inputs
 from .io import load_pickle, save_npy, save_pickle
 from .layout import EXEMPLAR_LOSS, LAION_LOSS, VISUALIZATION, ResultsLayout
 from .loss_cache import RUN_STAGE_1, cache_fingerprint, cache_is_complete, check_loss_cache, loss_settings, \
-    read_loss_cache
+    read_loss_cache, read_losses_at_timesteps
+from .losses import grid_timesteps_below
 from .metrics import influence_and_rank, rank_candidates
 from .precision import loss_unet
 from .ranking import RANKINGS, compose, query_parts
@@ -145,7 +146,10 @@ class Attributor:
     def __init__(self, settings: InfluenceSettings, base, laion, dataroot: Path, layout: ResultsLayout, models: dict):
         self.settings, self.base, self.laion, self.dataroot, self.layout = settings, base, laion, dataroot, layout
         self.models = models  # from preflight: {model_path: ModelInputs}
-        self.measurement = settings.measurement()
+        self.measurement = m = settings.measurement()
+        # the grid timesteps the loss rise reads (--influence_timesteps_below; all T by default)
+        self.influence_timesteps = grid_timesteps_below(base.scheduler, m.batch_size, m.time_samples,
+                                                        settings.ranking.influence_timesteps_below)
         self.loss_unet = loss_unet(base.unet, settings.common.compile)
         self.pristine = PristineWeights(base.unet)
         self.unlearner = QueryUnlearner(settings, base, dataroot, self.collect, self.pristine, reference=laion)
@@ -183,10 +187,16 @@ class Attributor:
         return self.layout.loss_cache(task)
 
     def cached(self, task) -> ModelCandidates:
-        """The stage-1 cache of the task's model (checked by preflight) and its exemplars as candidates."""
-        ex_before, laion_before, ex_latents = read_loss_cache(self.cache_dir(task), self.models[task.model_path].cache)
+        """The stage-1 cache of the task's model (checked by preflight) and its exemplars as candidates; with
+        --influence_timesteps_below, the befores are the means over the grid timesteps the rise reads."""
+        cached = self.models[task.model_path].cache
+        ex_before, laion_before, ex_latents = read_loss_cache(self.cache_dir(task), cached)
         text = encode_prompt(self.base.tokenizer, self.base.text_encoder, task.train_prompt).cpu()
-        return ModelCandidates(ex_before, laion_before, ExemplarCandidates(ex_latents, text))
+        exemplars = ExemplarCandidates(ex_latents, text)
+        if len(self.influence_timesteps) == self.measurement.time_samples:
+            return ModelCandidates(ex_before, laion_before, exemplars)
+        return ModelCandidates(*read_losses_at_timesteps(self.cache_dir(task), cached, self.influence_timesteps),
+                               exemplars, laion_before_all_t=laion_before)
 
     # ---- exact scoring ----
 
@@ -194,13 +204,15 @@ class Attributor:
         """Exact AbU's measurement of one query (or of its noise-image control), unlearned in place on the customized
         weights: {"influence" [candidates], "ex_after", "laion_after" [rows], "unlearned", "cost"}."""
         what = "noise control's " if noise_image else ""
-        unlearned = self.unlearner.unlearn(task, c.laion_before, noise_image)
-        ex_after = self.collect(c.exemplars, f"{what}exemplar losses")
-        laion_after = self.collect(self.laion, f"{what}LAION losses")
+        unlearned = self.unlearner.unlearn(task, c.laion_before if c.laion_before_all_t is None
+                                           else c.laion_before_all_t, noise_image)
+        at = {"timestep_index": self.influence_timesteps}  # the timesteps the befores were averaged over
+        ex_after = self.collect(c.exemplars, f"{what}exemplar losses", **at)
+        laion_after = self.collect(self.laion, f"{what}LAION losses", **at)
         check_finite(task, self.measurement.precision, **{f"{what}exemplar": ex_after, f"{what}LAION": laion_after})
         influence, _ = influence_and_rank(c.ex_before, ex_after, c.laion_before, laion_after)
         rows = len(ex_after) + len(laion_after)
-        cost = {**self.unlearner.cost(unlearned), "loss tracking": rows * self.measurement.time_samples}
+        cost = {**self.unlearner.cost(unlearned), "loss tracking": rows * len(self.influence_timesteps)}
         return {"influence": influence, "ex_after": ex_after, "laion_after": laion_after, "unlearned": unlearned,
                 "cost": cost}
 

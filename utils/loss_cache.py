@@ -113,6 +113,18 @@ def read_loss_cache(cache_dir, cached: dict):
                                                                 remedy=RECOMPUTE))
 
 
+def read_losses_at_timesteps(cache_dir, cached: dict, timestep_index):
+    """(exemplar, LAION) losses [rows] of a cache that `check_loss_cache` passed, each row's mean over the chosen grid
+    timesteps only (indices into its T), reduced as stage 2 reduces its own (`mean_over_timesteps`), after checking
+    the per-timestep arrays' shapes against the settings."""
+    ex_by_t, laion_by_t = load_losses_by_timestep(cache_dir)
+    expected = ((cached["n_exemplar_rows"], cached["time_samples"]), (cached["n_laion_rows"], cached["time_samples"]))
+    if (ex_by_t.shape, laion_by_t.shape) != expected:
+        raise InputError(f"{cache_dir}: the per-timestep loss arrays have shapes {ex_by_t.shape} and "
+                         f"{laion_by_t.shape}, not {expected[0]} and {expected[1]} as {SETTINGS} says; {RECOMPUTE}")
+    return tuple(mean_over_timesteps(by_t[:, timestep_index]).numpy() for by_t in (ex_by_t, laion_by_t))
+
+
 def cache_fingerprint(cache_dir) -> str:
     """Hash of a finished cache's settings and loss arrays: identifies the very losses a result subtracted from
     (a cache recomputed from the same inputs has the same one)."""

@@ -39,6 +39,13 @@ def batch_plan(scheduler, batch_size: int, time_samples: int):
     return batch_size // time_samples, torch.arange(0, num_train_timesteps, stride)[:time_samples]
 
 
+def grid_timesteps_below(scheduler, batch_size: int, time_samples: int, below) -> np.ndarray:
+    """Indices into the batch plan's T-step grid of its timesteps t < `below` (every index for None), [<= T]: what
+    --influence_timesteps_below reads. At least index 0 (t = 0) for below >= 1."""
+    _, step_grid = batch_plan(scheduler, batch_size, time_samples)
+    return np.arange(time_samples) if below is None else np.flatnonzero(step_grid.numpy() < below)
+
+
 def expanded_batch(candidates, b: int, per_batch: int, step_grid: torch.Tensor, seed: int):
     """Batch b of the batch plan, on the CPU: n candidates, each repeated T times (candidate-major) at the grid's
     timesteps, and the noise of the whole expanded batch from one generator seeded with seed + b.

@@ -202,6 +202,10 @@ class RankingSettings:
     contrast_with: str = setting("prompt", "model-contrast / combined / blended: the peers subtracted, the model's other "
                                            "queries (model) or the other samples of the query's prompt (prompt; the "
                                            "model's other queries when it has none)", choices=["prompt", "model"])
+    influence_timesteps_below: Optional[int] = setting(None, "the loss rise reads only the grid timesteps t < this "
+                                                             "one (before and after unlearning; the stage-1 cache "
+                                                             "keeps every timestep's loss), and measures only those "
+                                                             "after unlearning; default: all T (the paper)")
 
     def idle(self) -> Tuple[str, ...]:
         return () if RANKINGS[self.ranking].needs_peers else ("contrast_with",)
@@ -443,6 +447,13 @@ def check_settings(settings) -> None:
     if screening.mode == "exact" and screening.before_losses == "on-demand":
         raise InputError("--before_losses on-demand is a two-stage option: exact AbU reads every candidate's loss "
                          "before unlearning; run compute_training_loss.py first, or add --mode two-stage")
+    below = settings.ranking.influence_timesteps_below
+    if below is not None and below < 1:
+        raise InputError(f"--influence_timesteps_below {below} leaves no timestep (the grid starts at t = 0): give a "
+                         "timestep above 0, or leave the flag out to read all T")
+    if below is not None and screening.mode == "two-stage":
+        raise InputError("--influence_timesteps_below is exact-mode only for now (the two-stage screen has its own "
+                         "--screen_time_samples): drop --mode two-stage, or the flag")
     if screening.mode == "two-stage" and settings.ranking.ranking != "influence":
         raise InputError(f"--ranking {settings.ranking.ranking} is exact-mode only for now: drop --mode two-stage "
                          "(docs/method.md section 11 says how the two-stage screen could share the control's pass)")

@@ -28,6 +28,9 @@ class ModelCandidates:
     ex_before: np.ndarray
     laion_before: np.ndarray
     exemplars: object  # utils.data.ExemplarCandidates
+    # the LAION rows' mean over all T when the befores above read fewer timesteps (--influence_timesteps_below):
+    # what the collateral stopping rule compares its full-T checks with
+    laion_before_all_t: Optional[np.ndarray] = None
 
 
 def check_finite(task, precision: str, **measured) -> None:
