@@ -4,6 +4,7 @@ K-FAC's factors with EK-FAC's eigenvalues (`--kind ekfac`, for unlearn.py / comp
 
     python compute_fisher.py --dataroot data/abc     # writes data/abc/sd_fisher.pt and sd_fisher.json
     python compute_fisher.py --dataroot data/abc --kind ekfac  # sd_ekfac.safetensors and sd_ekfac.json
+    python compute_fisher.py --dataroot data/abc --kind ekfac --kfac_approx reduce  # sd_ekfac_reduce.safetensors
 
 The diagonal is the mean squared per-sample gradient of the diffusion loss (one random timestep and fresh noise
 per sample) for the parameters unlearning updates; the paper used 1,000,000 samples over the 100K subset
@@ -19,7 +20,8 @@ import torch
 from utils.cli import check_dataroot, run
 from utils.data import LaionCandidates
 from utils.fisher import FisherConfig, write_fisher
-from utils.kfac import EKFAC_FILE
+from utils.errors import InputError
+from utils.kfac import EKFAC_FILE, EKFAC_REDUCE_FILE, KFAC_APPROXIMATIONS
 from utils.models import load_base_model
 from utils.precision import check_device
 from utils.weights import WEIGHT_SELECTIONS
@@ -32,8 +34,12 @@ def parse_args(argv=None):
     p.add_argument("--sd_version", default="CompVis/stable-diffusion-v1-4", help="base model (Hub id or folder)")
     p.add_argument("--kind", default=d.kind, choices=["diagonal", "ekfac"],
                    help="the diagonal Fisher, or K-FAC's factors and EK-FAC's eigenvalues (Linear weights only)")
+    p.add_argument("--kfac_approx", default=d.kfac_approx, choices=list(KFAC_APPROXIMATIONS),
+                   help="--kind ekfac: K-FAC's factors over every token (expand), or over each sample's token mean "
+                        "input and summed output gradient (reduce; Eschenhagen et al. 2023)")
     p.add_argument("--output", default=None, help="Fisher file to write (default: <dataroot>/sd_fisher.pt, with "
-                                                  f"--kind ekfac <dataroot>/{EKFAC_FILE})")
+                                                  f"--kind ekfac <dataroot>/{EKFAC_FILE}, with --kfac_approx reduce "
+                                                  f"<dataroot>/{EKFAC_REDUCE_FILE})")
     p.add_argument("--laion_subset_size", type=int, default=d.laion_subset_size,
                    help="LAION images sampled from (with flips)")
     p.add_argument("--num_samples", type=int, default=d.num_samples, help="per-sample gradients to average")
@@ -50,8 +56,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     check_device(args.device)
+    if args.kind == "diagonal" and args.kfac_approx != "expand":
+        raise InputError(f"--kfac_approx {args.kfac_approx} chooses K-FAC's factors, which --kind diagonal has none "
+                         "of: add --kind ekfac, or drop --kfac_approx")
     dataroot = check_dataroot(args.dataroot)
-    output = Path(args.output or dataroot / ("sd_fisher.pt" if args.kind == "diagonal" else EKFAC_FILE))
+    default = {"diagonal": "sd_fisher.pt", "expand": EKFAC_FILE, "reduce": EKFAC_REDUCE_FILE}
+    output = Path(args.output or dataroot / default["diagonal" if args.kind == "diagonal" else args.kfac_approx])
     if output.exists() and not args.overwrite:
         print(f"{output} exists; pass --overwrite to recompute")
         return
@@ -59,7 +69,7 @@ def main(argv=None):
     base = load_base_model(args.sd_version, args.device)
     config = FisherConfig(laion_subset_size=args.laion_subset_size, num_samples=args.num_samples,
                           batch_size=args.batch_size, weight_selection=args.weight_selection, seed=args.seed,
-                          kind=args.kind)
+                          kind=args.kind, kfac_approx=args.kfac_approx)
     write_fisher(base, laion, output, config, args.device, save_every=args.save_every, overwrite=args.overwrite)
 
 

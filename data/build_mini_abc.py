@@ -468,15 +468,16 @@ class Builder:
 
 
 def derive(out: Path, config: BuildConfig, all_weights_fisher: bool = True, overwrite: bool = False) -> None:
-    """laion_latents.npy, laion_text_embeddings.npy, sd_fisher.pt, sd_ekfac.safetensors (the Kronecker-factored
-    Fisher of the same samples, for --preconditioner ekfac / kfac) and, for the all-weights ablation,
+    """laion_latents.npy, laion_text_embeddings.npy, sd_fisher.pt, sd_ekfac.safetensors and
+    sd_ekfac_reduce.safetensors (the Kronecker-factored Fisher of the same samples, K-FAC-expand's and K-FAC-reduce's
+    factors, for --preconditioner ekfac / kfac) and, for the all-weights ablation,
     sd_fisher_all.pt: made here, not committed, by the public paths a user's own benchmark takes
     (utils.candidate_arrays as data/encode_candidates.py, utils.fisher as compute_fisher.py).
     Files already there are kept unless `overwrite`."""
     from utils.candidate_arrays import encode_candidates
     from utils.data import LaionCandidates
     from utils.fisher import FisherConfig, write_fisher
-    from utils.kfac import EKFAC_FILE
+    from utils.kfac import EKFAC_FILE, EKFAC_REDUCE_FILE
     from utils.models import load_base_model
 
     root = out / "abc"
@@ -484,10 +485,11 @@ def derive(out: Path, config: BuildConfig, all_weights_fisher: bool = True, over
     encode_candidates(base, root / "laion_subset" / "images", root / "laion_subset" / "captions.txt", root,
                       seed=config.seed, batch_size=256, overwrite=overwrite)
     laion = LaionCandidates(root, LaionCandidates(root, 1).total)
-    for kind, name in (("diagonal", "sd_fisher.pt"), ("ekfac", EKFAC_FILE)):
+    for kind, approx, name in (("diagonal", "expand", "sd_fisher.pt"), ("ekfac", "expand", EKFAC_FILE),
+                               ("ekfac", "reduce", EKFAC_REDUCE_FILE)):
         write_fisher(base, laion, root / name, FisherConfig(
             laion_subset_size=len(laion) // 2, num_samples=config.fisher_samples, batch_size=64, seed=config.seed,
-            kind=kind), config.device, overwrite=overwrite)
+            kind=kind, kfac_approx=approx), config.device, overwrite=overwrite)
     if all_weights_fisher:  # every weight, for the "all weights" ablation (one sample per backward: fewer samples)
         write_fisher(base, laion, root / "sd_fisher_all.pt", FisherConfig(
             laion_subset_size=len(laion) // 2, num_samples=config.fisher_samples_all, weight_selection="all",

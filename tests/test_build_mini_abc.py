@@ -108,6 +108,8 @@ def test_built_benchmark_has_the_abc_layout_and_its_design(built):
     assert np.load(root / "laion_latents.npy").shape == (2 * len(captions), 4, 8, 8)
     assert (root / "sd_fisher.pt").is_file() and (root / "sd_fisher_all.pt").is_file()
     assert (root / "sd_ekfac.safetensors").is_file() and (root / "sd_ekfac.json").is_file()
+    assert json.loads((root / "sd_ekfac_reduce.json").read_text())["kfac_approx"] == "reduce"
+    assert "kfac_approx" not in json.loads((root / "sd_fisher.json").read_text())
     assert "CC BY-SA 4.0" in (out / "NOTICE").read_text()
     for spec in plan["models"]:  # exemplars: held-out styles for artchive / observed objects, held-out concepts else
         styles = {style for _, style, _ in spec["exemplars"]}

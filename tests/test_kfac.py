@@ -1,5 +1,8 @@
 """The Kronecker-factored Fisher (utils/kfac.py): its estimate, its solve, the unlearning step that uses it and
 compute_fisher.py --kind ekfac's file, checkpoint and refusals."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,7 @@ import utils.fisher
 from utils.data import LaionCandidates
 from utils.errors import InputError
 from utils.fisher import estimate_fisher, per_sample_losses, sample_batch
-from utils.kfac import KroneckerEigenFisher, estimate_ekfac, load_kronecker_fisher
+from utils.kfac import KroneckerEigenFisher, KroneckerFactorHooks, estimate_ekfac, load_kronecker_fisher
 from utils.unlearning import fisher_preconditioned_step
 from utils.weights import select_parameter_names
 
@@ -44,6 +47,37 @@ def test_ekfac_eigenvalues_are_the_second_moment_of_rotated_gradients(base_model
         torch.testing.assert_close(ekfac[f"{n}.eigvals"], total / 4, rtol=1e-4, atol=1e-6 * float(total.max() / 4))
         # a rotation keeps the squared norm: the same total as the diagonal Fisher of the same samples
         assert float(ekfac[f"{n}.eigvals"].sum()) == pytest.approx(float(diagonal[n].double().sum()), rel=1e-5)
+
+
+def factors_of(x, grad_out, approx):
+    """(A, G) that KroneckerFactorHooks reads from a Linear(4, 3) on input x [n, tokens, 4] whose output gradient is
+    grad_out [n, tokens, 3]."""
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    hooks = KroneckerFactorHooks(layer, ["0.weight"], approx)
+    (layer(x) * grad_out).sum().backward()
+    hooks.remove()
+    return hooks.factors["0.weight"]
+
+
+def test_expand_and_reduce_factors_by_hand():
+    gen = torch.Generator().manual_seed(2)
+    x, g = torch.randn(2, 5, 4, generator=gen), torch.randn(2, 5, 3, generator=gen)
+    a, c = factors_of(x, g, "expand")  # every token one more sample: A / T, G summed
+    torch.testing.assert_close(a, torch.einsum("nti,ntj->ij", x.double(), x.double()) / 5)
+    torch.testing.assert_close(c, torch.einsum("nto,ntp->op", g.double(), g.double()))
+    a, c = factors_of(x, g, "reduce")  # one vector per sample: the token mean input, the summed output gradient
+    mean, total = x.double().mean(1), g.double().sum(1)
+    torch.testing.assert_close(a, mean.T @ mean)
+    torch.testing.assert_close(c, total.T @ total)
+    # one sample whose tokens share one input: DW = gsum x^T, so reduce's G (x) A is its exact Fisher and expand's
+    # is not (it drops the tokens' cross terms)
+    x_one = torch.randn(1, 1, 4, generator=gen).expand(1, 5, 4)
+    dw = g[:1].double().sum(1).T @ x_one[:, 0].double()
+    exact = torch.outer(dw.flatten(), dw.flatten())
+    a, c = factors_of(x_one, g[:1], "reduce")
+    torch.testing.assert_close(torch.kron(c, a), exact)
+    a, c = factors_of(x_one, g[:1], "expand")
+    assert not torch.allclose(torch.kron(c, a), exact)
 
 
 def test_solve_inverts_the_kronecker_fisher():
@@ -134,3 +168,21 @@ def test_compute_fisher_ekfac_resumes_and_its_file_loads(tiny_copy, tmp_path, ba
     with pytest.raises(InputError, match="not nn.Linear weights"):  # to_out's bias is in 'cross-attn'
         compute_fisher.main(common + ["--output", str(tmp_path / "bias.safetensors"),
                                       "--weight_selection", "cross-attn"])
+    # K-FAC-reduce: its own default file and record, other bases, the same total (a rotation of the same gradients)
+    compute_fisher.main(common + ["--kfac_approx", "reduce"])
+    reduce = load_file(Path(tiny_copy["dataroot"]) / "sd_ekfac_reduce.safetensors")
+    record = json.loads((Path(tiny_copy["dataroot"]) / "sd_ekfac_reduce.json").read_text())
+    assert record["kfac_approx"] == "reduce" and json.loads((tmp_path / "whole.json").read_text())["kfac_approx"] \
+        == "expand"
+    assert not torch.allclose(reduce[f"{n}.eigvecs_in"].abs(), a[f"{n}.eigvecs_in"].abs(), atol=1e-3)
+    assert float(reduce[f"{n}.eigvals"].sum()) == pytest.approx(float(a[f"{n}.eigvals"].sum()), rel=1e-6)
+    # the keys' token-summed gradient vanishes (softmax ignores a shift of all logits): reduce's G of every to_k is
+    # zero up to rounding, so its K-FAC eigenvalues are refused, and EK-FAC's refit in its bases loads
+    path = Path(tiny_copy["dataroot"]) / "sd_ekfac_reduce.safetensors"
+    keys = [k for k in names if k.endswith("to_k.weight")]
+    assert all(float(reduce[f"{k}.eigvals_out"].sum()) < 1e-9 * float(a[f"{k}.eigvals_out"].sum()) for k in keys)
+    with pytest.raises(InputError, match=r"to_k\.weight sum to .* zero up to rounding"):
+        load_kronecker_fisher(path, params, "kfac", floor=1e-30)
+    load_kronecker_fisher(path, params, "ekfac", floor=1e-30)
+    with pytest.raises(InputError, match="--kind diagonal has none"):
+        compute_fisher.main(common[:4] + ["--kind", "diagonal", "--kfac_approx", "reduce"])

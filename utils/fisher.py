@@ -34,6 +34,7 @@ class FisherConfig:
     weight_selection: str = "cross-attn-kv"  # the parameters unlearning will update
     seed: int = 0  # seeds the sample order, the timesteps and the noise
     kind: str = "diagonal"  # "diagonal" (sd_fisher.pt), or "ekfac": K-FAC's factors, EK-FAC's eigenvalues (utils.kfac)
+    kfac_approx: str = "expand"  # ekfac: K-FAC-expand's factors, or "reduce" (utils.kfac)
 
 
 def sample_batch(laion: LaionCandidates, order: np.ndarray, start: int, stop: int, seed: int,
@@ -127,6 +128,8 @@ def write_fisher(base: BaseModel, laion: LaionCandidates, output, config: Fisher
     output = Path(output)
     # what decides the numbers: the settings, the base model and the candidate rows (not where they lie)
     settings = {**asdict(config), "base_model": base.fingerprint, "laion_arrays": laion.fingerprint()}
+    if config.kind != "ekfac":  # the factors' approximation means nothing to the diagonal
+        settings.pop("kfac_approx")
     if output.exists() and not overwrite:
         record = output.with_suffix(".json")
         made = load_json(record, "Fisher record") if record.is_file() else {}
@@ -156,8 +159,9 @@ def write_fisher(base: BaseModel, laion: LaionCandidates, output, config: Fisher
         estimate, save = estimate_ekfac, save_safetensors
     else:
         estimate, save = estimate_fisher, save_torch
+    extra = {"approx": config.kfac_approx} if config.kind == "ekfac" else {}
     fisher = estimate(base, laion, names, config.num_samples, config.batch_size, config.seed, device,
-                      state=state, save_every=save_every,
+                      state=state, save_every=save_every, **extra,
                       on_checkpoint=lambda st: save_torch(checkpoint, {**st, "settings": settings}))
     save(output, fisher)
     save_json(output.with_suffix(".json"), settings)

@@ -8,6 +8,11 @@ K-FAC-expand) approximates the Fisher E_n[vec DW_n vec DW_n^T] by A (x) G, with
 
     A = E_n[sum_t x_t x_t^T] / T  [in, in],   G = E_n[sum_t g_t g_t^T]  [out, out].
 
+K-FAC-reduce (`approx="reduce"`, their variant for layers whose token outputs the loss mixes, as attention mixes the
+K/V's) factors each sample's token mean input and token-summed output gradient instead:
+
+    A = E_n[xbar xbar^T],  xbar = sum_t x_t / T;     G = E_n[gsum gsum^T],  gsum = sum_t g_t.
+
 With A = Q_A diag(a) Q_A^T and G = Q_G diag(c) Q_G^T, its eigenvectors are the matrices Q_G[:, i] Q_A[:, j]^T and
 its eigenvalues c_i a_j. EK-FAC (George et al. 2018, the preconditioner of Grosse et al. 2023's influence functions)
 keeps that basis and refits each eigenvalue to the gradients' second moment in it:
@@ -30,23 +35,31 @@ from .models import BaseModel
 from .per_sample_grads import PerSampleLinearGrads
 
 EKFAC_FILE = "sd_ekfac.safetensors"
+EKFAC_REDUCE_FILE = "sd_ekfac_reduce.safetensors"  # the same with K-FAC-reduce's factors (--kfac_approx reduce)
+KFAC_APPROXIMATIONS = ("expand", "reduce")
 KRONECKER_PRECONDITIONERS = ("ekfac", "kfac")
 PARTS = ("eigvecs_in", "eigvecs_out", "eigvals_in", "eigvals_out", "eigvals")  # <param>.<part> in the file
 
 
 class KroneckerFactorHooks(PerSampleLinearGrads):
     """Hooks on the nn.Linear modules owning the weights `names`; after backward, `factors[name]` is the batch's
-    (sum_n sum_t x x^T / T [in, in], sum_n sum_t g g^T [out, out]), float64."""
+    (A, G) sums, float64: K-FAC-expand's (sum_n sum_t x x^T / T [in, in], sum_n sum_t g g^T [out, out]), or with
+    `approx="reduce"` K-FAC-reduce's (sum_n xbar xbar^T, sum_n gsum gsum^T) of the module doc."""
 
-    def __init__(self, model: torch.nn.Module, names: List[str]):
+    def __init__(self, model: torch.nn.Module, names: List[str], approx: str = "expand"):
         super().__init__(model, names)
         self.factors: Dict[str, tuple] = {}
+        self.approx = approx
 
     def _store(self, module_name, x, g):
         name = f"{module_name}.weight"
         b = x.shape[0]
         x, g = x.reshape(b, -1, x.shape[-1]).double(), g.reshape(b, -1, g.shape[-1]).double()
-        a, c = torch.einsum("bti,btj->ij", x, x) / x.shape[1], torch.einsum("bto,btp->op", g, g)
+        if self.approx == "reduce":  # one vector per sample: the tokens' mean input, their summed output gradient
+            x_mean, g_sum = x.mean(1), g.sum(1)
+            a, c = x_mean.T @ x_mean, g_sum.T @ g_sum
+        else:
+            a, c = torch.einsum("bti,btj->ij", x, x) / x.shape[1], torch.einsum("bto,btp->op", g, g)
         if name in self.factors:  # a module called twice in one forward adds up
             a, c = a + self.factors[name][0], c + self.factors[name][1]
         self.factors[name] = (a, c)
@@ -64,10 +77,11 @@ def check_linear_weights(model: torch.nn.Module, names: List[str]) -> None:
 
 def estimate_ekfac(base: BaseModel, laion: LaionCandidates, names: List[str], num_samples: int, batch_size: int,
                    seed: int, device, state=None, on_checkpoint: Optional[Callable] = None,
-                   save_every: int = 10_000) -> Dict[str, torch.Tensor]:
+                   save_every: int = 10_000, approx: str = "expand") -> Dict[str, torch.Tensor]:
     """K-FAC's factors, then EK-FAC's eigenvalues, over the same samples as utils.fisher.estimate_fisher.
 
-    Two passes over the samples: the factors A, G (their eigenbases), then Lambda in those bases. Returns
+    Two passes over the samples: the factors A, G (K-FAC-expand's, or with `approx="reduce"` K-FAC-reduce's; their
+    eigenbases), then Lambda in those bases. Returns
     {"<name>.<part>": float64 CPU tensor} for the PARTS: eigvecs_in Q_A [in, in], eigvecs_out Q_G [out, out], their
     eigenvalues a [in] and c [out], and eigvals Lambda [out, in]. `state` ({"pass", "done", "sums"}, plus the bases
     in pass 2) resumes a checkpoint that `on_checkpoint` wrote; InputError for a name that is not a Linear weight.
@@ -89,7 +103,7 @@ def estimate_ekfac(base: BaseModel, laion: LaionCandidates, names: List[str], nu
             zeros[f"{n}:A"] = torch.zeros(in_dim, in_dim, dtype=torch.float64, device=device)
             zeros[f"{n}:G"] = torch.zeros(out_dim, out_dim, dtype=torch.float64, device=device)
         sums = accumulate_over_samples(
-            base, laion, add=add_factors, sums=zeros, hooks=lambda unet: KroneckerFactorHooks(unet, names),
+            base, laion, add=add_factors, sums=zeros, hooks=lambda unet: KroneckerFactorHooks(unet, names, approx),
             state=state, desc="K-FAC factors",
             on_checkpoint=None if on_checkpoint is None else lambda st: on_checkpoint({**st, "pass": 1}), **loop)
         bases = {}
@@ -130,6 +144,22 @@ class KroneckerEigenFisher:
         return q_out @ ((q_out.T @ grad.double() @ q_in) / self.eigvals) @ q_in.T
 
 
+KFAC_MIN_SCALE = 1e-6  # K-FAC's eigenvalues may sum to this fraction of EK-FAC's, at least (check_kfac_scale)
+
+
+def check_kfac_scale(kfac_eigvals: torch.Tensor, ekfac_eigvals: torch.Tensor, path, name: str) -> None:
+    """Refuse K-FAC eigenvalues c_i a_j that sum to under KFAC_MIN_SCALE of EK-FAC's Lambda (the gradients' own second
+    moment, the same total as the diagonal Fisher's): a factor that is zero up to rounding, whose inverse would blow
+    the step up by as much. K-FAC-reduce's G of an attention key is one: softmax ignores a shift of all of a query's
+    logits, so the key gradients of a sample sum to zero over its tokens."""
+    ratio = float(kfac_eigvals.sum() / ekfac_eigvals.sum())
+    if not ratio >= KFAC_MIN_SCALE:
+        raise InputError(f"{path}: K-FAC's eigenvalues of {name} sum to {ratio:.1e} of the gradients' second moment "
+                         "(EK-FAC's): a factor is zero up to rounding (K-FAC-reduce's G of an attention key is: its "
+                         "token-summed gradient vanishes), and its inverse would blow the step up; use "
+                         "--preconditioner ekfac with this file, or K-FAC-expand's factors (--kfac_approx expand)")
+
+
 def load_kronecker_fisher(path, params: Dict[str, torch.Tensor], preconditioner: str = "ekfac",
                           floor: Optional[float] = None, device="cpu") -> Dict[str, KroneckerEigenFisher]:
     """The EK-FAC file's entry of each parameter in `params` (weights [out, in]) on `device`: with `preconditioner`
@@ -137,7 +167,8 @@ def load_kronecker_fisher(path, params: Dict[str, torch.Tensor], preconditioner:
 
     Names may carry a 'unet.' prefix. A parameter that is not a matrix, a file without the parts (a diagonal Fisher,
     say), another shape or a non-finite eigenvalue is an InputError; so is a zero or negative eigenvalue (the update
-    divides by it; with "kfac", of either factor) unless `floor` raises every eigenvalue to at least that value.
+    divides by it; with "kfac", of either factor) unless `floor` raises every eigenvalue to at least that value; and
+    with "kfac", factors whose products sum to under KFAC_MIN_SCALE of Lambda's (`check_kfac_scale`), floor or not.
     """
     remedy = "build it with compute_fisher.py --kind ekfac (--fisher_path)"
     table = load_fisher_table(path, "EK-FAC file", remedy)
@@ -165,10 +196,11 @@ def load_kronecker_fisher(path, params: Dict[str, torch.Tensor], preconditioner:
         if preconditioner == "ekfac":
             eigvals = part["eigvals"]
         else:  # each factor must be positive, not only their products (two negatives multiply to a positive)
+            eigvals = torch.outer(part["eigvals_out"], part["eigvals_in"])
+            check_kfac_scale(eigvals, part["eigvals"], path, name)
             if floor is None:
                 for k in ("eigvals_out", "eigvals_in"):
                     check_fisher_entries(part[k], path, f"K-FAC factor {k} of {name}")
-            eigvals = torch.outer(part["eigvals_out"], part["eigvals_in"])
         eigvals = check_fisher_entries(eigvals, path, f"{preconditioner} eigenvalues of {name}", floor)
         out[name] = KroneckerEigenFisher(part["eigvecs_in"], part["eigvecs_out"], eigvals)
     return out
