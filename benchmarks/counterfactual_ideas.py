@@ -27,8 +27,10 @@ docs/counterfactual.md) before any of them is worth a flag of compute_influence.
   g_q . F^-1 g_j with EK-FAC's F (utils.kfac: the K-FAC influence functions of diffusion models);
 * **AbU's knobs** (--knobs): the stopping rule checked at every step instead of every 5, its target at x2 instead
   of x1.5, every weight unlearned instead of the cross-attention K/V (its own Fisher, sd_fisher_all.pt of the
-  builder's derive stage), and the preconditioner (none, EK-FAC, K-FAC: sd_ekfac.safetensors of the derive stage),
-  each a run of compute_influence.py on the table's queries (results/mini_abc/image_<split>/).
+  builder's derive stage), the preconditioner (none, EK-FAC, K-FAC: sd_ekfac.safetensors of the derive stage; the
+  same with K-FAC-reduce's factors, sd_ekfac_reduce.safetensors) and
+  the timesteps the loss rise reads (below t = 500), each a run of compute_influence.py on the table's queries
+  (results/mini_abc/image_<split>/).
 
 The exemplar-unlearning losses and the gradient scores are cached per model (and schedule) under
 <runs>/exemplar_unlearning/ (atomic, reused; --overwrite measures again; gradient scores cached without one of
@@ -76,7 +78,17 @@ KNOBS = {"AbU, stop rule checked every step": ("abu_stop_every_1", STOP[:-1] + [
              "--preconditioner", "none", "--unlearn_lr", str(TUNED["sgd_lr"])]),
          "AbU, EK-FAC, stop rule": ("abu_ekfac_stop_rule", STOP + ["--preconditioner", "ekfac"]),
          "AbU, K-FAC, stop rule checked every step": ("abu_kfac_stop_every_1", STOP[:-1] + ["1", "--preconditioner",
-                                                                                          "kfac"])}
+                                                                                          "kfac"]),
+         # EK-FAC in K-FAC-reduce's bases (sd_ekfac_reduce.safetensors of the derive stage), the variant for layers
+         # whose token outputs the loss mixes, as attention mixes the K/V's; its Lambda sums to the diagonal's, so
+         # its rule is checked as EK-FAC's. K-FAC-reduce's own eigenvalues are refused for the keys (utils.kfac's
+         # check_kfac_scale: their G is zero up to rounding)
+         "AbU, EK-FAC-reduce, stop rule": ("abu_ekfac_reduce_stop_rule", STOP + [
+             "--preconditioner", "ekfac", "--fisher_path", str(BENCH / "abc" / "sd_ekfac_reduce.safetensors")]),
+         # the timesteps the rise reads: below t = 500, where the truth's signal check found the image's part (the
+         # table's T = 3 grid: t = 0 and 333 of 0, 333, 666); the same unlearning as the stop rule's
+         "AbU, stop rule, rise below t = 500": ("abu_stop_rule_below_t500", STOP + ["--influence_timesteps_below",
+                                                                                    "500"])}
 
 
 class ExemplarUnlearning:
