@@ -19,7 +19,7 @@ import torch
 
 from utils.cli import check_dataroot, run
 from utils.data import LaionCandidates
-from utils.fisher import FisherConfig, write_fisher
+from utils.fisher import FisherConfig, check_same_kind, write_fisher
 from utils.errors import InputError
 from utils.kfac import EKFAC_FILE, EKFAC_REDUCE_FILE, KFAC_APPROXIMATIONS
 from utils.models import load_base_model
@@ -62,14 +62,15 @@ def main(argv=None):
     dataroot = check_dataroot(args.dataroot)
     default = {"diagonal": "sd_fisher.pt", "expand": EKFAC_FILE, "reduce": EKFAC_REDUCE_FILE}
     output = Path(args.output or dataroot / default["diagonal" if args.kind == "diagonal" else args.kfac_approx])
+    config = FisherConfig(laion_subset_size=args.laion_subset_size, num_samples=args.num_samples,
+                          batch_size=args.batch_size, weight_selection=args.weight_selection, seed=args.seed,
+                          kind=args.kind, kfac_approx=args.kfac_approx)
     if output.exists() and not args.overwrite:
+        check_same_kind(output, config)  # a file of another kind is named, not kept as if it were this one
         print(f"{output} exists; pass --overwrite to recompute")
         return
     laion = LaionCandidates(dataroot, args.laion_subset_size)
     base = load_base_model(args.sd_version, args.device)
-    config = FisherConfig(laion_subset_size=args.laion_subset_size, num_samples=args.num_samples,
-                          batch_size=args.batch_size, weight_selection=args.weight_selection, seed=args.seed,
-                          kind=args.kind, kfac_approx=args.kfac_approx)
     write_fisher(base, laion, output, config, args.device, save_every=args.save_every, overwrite=args.overwrite)
 
 

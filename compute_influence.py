@@ -30,6 +30,7 @@ from utils.processes import process_share
 from utils.ranking import RANKINGS, peers_of
 from utils.settings import InfluenceSettings, parse_settings, with_device
 from utils.tasks import load_tasks
+from utils.unlearning import fisher_fingerprint
 
 
 def main(argv=None):
@@ -53,12 +54,13 @@ def main(argv=None):
     units, device, rank, world = process_share(units, settings.execution.device)
     settings = with_device(settings, device)
 
-    # the finished queries' inputs (base and customized model, candidates, stage-1 cache), before they are skipped
+    # the finished queries' inputs (base and customized model, candidates, Fisher, stage-1 cache), before they are
+    # skipped
     laion = LaionCandidates(dataroot, common.laion_subset_size)
     base = load_base_model(common.sd_version, device)
-    on_demand = settings.screening.before_losses == "on-demand"
+    on_demand, fisher = settings.screening.before_losses == "on-demand", fisher_fingerprint(settings, dataroot)
     provenance = cache(lambda model_path: input_provenance(next(t for t in tasks if t.model_path == model_path), base,
-                                                            laion, dataroot, layout, on_demand))
+                                                            laion, dataroot, layout, on_demand, fisher))
     check_finished_inputs(layout, finished, lambda t: provenance(t.model_path))
     for t in finished:  # a checkpoint left by a run killed after the result it fed was written
         layout.checkpoint_file(t).unlink(missing_ok=True)

@@ -45,7 +45,8 @@ import numpy as np
 
 from benchmarks.counterfactual_scoring import (BASELINES, CONTROL, N_LAION, STOP, Base, ceiling_rows,
                                                exemplar_scores, fmt, look_rows, representatives, score_rows, slug)
-from benchmarks.runner import BENCH, REPO, TUNED, abu_flags, common_flags, run, timed, tuned_sizing
+from benchmarks.runner import (BENCH, REPO, TUNED, abu_flags, check_all_timestep_losses, common_flags, run, timed,
+                               tuned_sizing)
 from data.mini_abc_build.counterfactual import OUT_DIR, CounterfactualConfig
 from utils.io import atomic_write, load_json, load_npy
 from utils.layout import EXEMPLAR_LOSS, ResultsLayout
@@ -320,6 +321,7 @@ def relative_rise(base: Base, folder: Path, cache: Path) -> np.ndarray:
     before = load_npy(layout.loss_cache(base.tasks[0]) / EXEMPLAR_LOSS, "stage-1 exemplar losses").astype(np.float64)
     out = []
     for task in base.tasks:  # one model: one stage-1 cache
+        check_all_timestep_losses(layout, task)
         after = load_npy(layout.query_dir(task) / EXEMPLAR_LOSS, "exemplar losses after unlearning")
         out.append(fold_flips((after - before) / before)[:base.n_exemplar])
     return np.array(out)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.runner import (BENCH, COLOURS, REPO, SIZING, TUNED, abu_flags, canvas, common_flags,
-                               derive_arrays, labelled_task_file, run, stage1, timed, write_table)
+from benchmarks.runner import (BENCH, COLOURS, REPO, SIZING, TUNED, abu_flags, canvas, check_all_timestep_losses,
+                               common_flags, derive_arrays, labelled_task_file, run, stage1, timed, write_table)
 from data.mini_abc_build.image_level import IMAGE_TEST_CASES, ImageLevelConfig
 from utils.evaluation import load_result, mean_metric, overlap, score_queries
 from utils.metrics import mean_and_stderr, rank_candidates
@@ -147,6 +147,7 @@ def mean_object_match(rows):
 def loss_rises(layout: ResultsLayout, task):
     """(exemplars', pretraining candidates') loss rise after unlearning a query, one value per row, averaged over
     its T timesteps: what collateral forgetting and the exemplar rise z are computed from (loaded once)."""
+    check_all_timestep_losses(layout, task)
     return tuple((after - before).reshape(len(before), -1).mean(1) for after, before in
                  ((np.load(layout.query_dir(task) / name), np.load(layout.loss_cache(task) / name))
                   for name in (EXEMPLAR_LOSS, LAION_LOSS)))

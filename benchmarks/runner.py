@@ -166,3 +166,15 @@ def canvas(w: int, h: int):
 
     img = Image.new("RGB", (w, h), "white")
     return img, ImageDraw.Draw(img), ImageFont.load_default(size=13)
+
+
+def check_all_timestep_losses(layout, task) -> None:
+    """Exit naming the result when its after-losses are means over fewer than T timesteps (compute_influence.py
+    --influence_timesteps_below): the benchmarks' collateral, exemplar rise and relative rise subtract the stage-1
+    cache's all-T means from them."""
+    from utils.io import load_pickle
+
+    below = load_pickle(layout.influence_file(task), "result").get("settings", {}).get("influence_timesteps_below")
+    if below is not None:
+        sys.exit(f"error: {layout.influence_file(task)} measured its losses below t = {below} only, and this table "
+                 "subtracts all-T losses from them: run it without --influence_timesteps_below")

@@ -60,7 +60,7 @@ def test_a_finished_baseline_of_another_model_is_refused(tiny_copy, tmp_path):
     assert subprocess.run(flags, capture_output=True, cwd=repo).returncode == 0
     result = next((results / "influence").rglob("influence.pkl"))
     assert set(pickle.loads(result.read_bytes())["provenance"]) == {"base_model", "customized_model", "laion_arrays",
-                                                                    "loss_cache"}
+                                                                    "loss_cache", "fisher"}
     assert subprocess.run(flags, capture_output=True, cwd=repo).returncode == 0  # unchanged: skipped
     f = Path(tiny_copy["dataroot"]) / "models" / "imagenet" / "n01440764_0000" / "pytorch_custom_diffusion_weights.pt"
     state = torch.load(f)

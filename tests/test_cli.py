@@ -226,11 +226,40 @@ def test_influence_timesteps_below_reads_the_rise_at_the_low_grid_timesteps(fini
     before_by_t = np.load(finished / "orig_loss" / MODELS[0] / "laion_loss_by_t.npy")
     rise = after_low.astype(np.float64) - mean_over_timesteps(before_by_t[:, :3]).numpy()
     np.testing.assert_allclose(low["influence"][3:], fold_flips(rise))
+    ex_before = mean_over_timesteps(np.load(finished / "orig_loss" / MODELS[0] / "exemplar_loss_by_t.npy")[:, :3])
+    ex_after = np.load(tmp_path / "low" / "influence" / QUERIES[0] / "exemplar_loss.npy").astype(np.float64)
+    np.testing.assert_allclose(low["influence"][:3], fold_flips(ex_after - ex_before.numpy()))
     assert not np.allclose(low["influence"], plain["influence"])
     # every grid timestep below the limit: the paper's influence, to the bit
     compute_influence.main(paths(tiny_abc, tmp_path / "all") + shared + ["--influence_timesteps_below", "1000"])
     every = pickle.loads((tmp_path / "all" / "influence" / QUERIES[0] / "influence.pkl").read_bytes())
     assert np.array_equal(every["influence"], plain["influence"])
+    # the collateral stopping rule compares its all-T checks with the all-T losses before, flag or not
+    stops = []
+    for name, extra in (("c", []), ("c_low", ["--influence_timesteps_below", "500"])):
+        rule = ["--stop_rule", "collateral", "--stop_every", "1", "--stop_reference", "4", "--stop_target", "1e9"]
+        compute_influence.main(paths(tiny_abc, tmp_path / name) + shared + rule + extra)
+        stops.append(pickle.loads((tmp_path / name / "influence" / QUERIES[0] / "influence.pkl").read_bytes()))
+    assert stops[0]["query_loss"] == stops[1]["query_loss"]
+    assert [c["collateral"] for c in stops[0]["stop"]["checks"]] == [c["collateral"] for c in stops[1]["stop"]["checks"]]
+
+
+def test_a_finished_result_made_with_another_fisher_file_is_refused(finished, tiny_abc, tmp_path, capsys):
+    """The Fisher file is an input of the result (its bytes' fingerprint): the same bytes elsewhere are reused, another
+    file under the same flags (a K-FAC-reduce file for an expand one, a rebuilt Fisher) is refused, naming it."""
+    import shutil
+
+    fisher = Path(tiny_abc["dataroot"]) / "sd_fisher.pt"
+    (tmp_path / "same").mkdir()
+    shutil.copy(fisher, tmp_path / "same" / "sd_fisher.pt")
+    compute_influence.main(paths(tiny_abc, finished) + STAGE2 + ["--fisher_path", str(tmp_path / "same" / "sd_fisher.pt")])
+    assert "4 done, 0 to do" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()
+    torch.save({k: 2 * v for k, v in torch.load(fisher).items()}, tmp_path / "other" / "sd_fisher.pt")
+    with pytest.raises(InputError, match="made from other inputs") as e:
+        compute_influence.main(paths(tiny_abc, finished) + STAGE2 + ["--fisher_path",
+                                                                     str(tmp_path / "other" / "sd_fisher.pt")])
+    assert "fisher: the result has" in str(e.value)
 
 
 def test_baselines_write_rankings_evaluate_reads(finished, tiny_abc, tmp_path):

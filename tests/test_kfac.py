@@ -12,7 +12,8 @@ import utils.fisher
 from utils.data import LaionCandidates
 from utils.errors import InputError
 from utils.fisher import estimate_fisher, per_sample_losses, sample_batch
-from utils.kfac import KroneckerEigenFisher, KroneckerFactorHooks, estimate_ekfac, load_kronecker_fisher
+from utils.kfac import (KFAC_MIN_SCALE, KroneckerEigenFisher, KroneckerFactorHooks, check_kfac_scale, estimate_ekfac,
+                        load_kronecker_fisher)
 from utils.unlearning import fisher_preconditioned_step
 from utils.weights import select_parameter_names
 
@@ -184,5 +185,21 @@ def test_compute_fisher_ekfac_resumes_and_its_file_loads(tiny_copy, tmp_path, ba
     with pytest.raises(InputError, match=r"to_k\.weight sum to .* zero up to rounding"):
         load_kronecker_fisher(path, params, "kfac", floor=1e-30)
     load_kronecker_fisher(path, params, "ekfac", floor=1e-30)
+    with pytest.raises(InputError, match="holds a Fisher of kind 'ekfac' and kfac_approx 'expand' .* name another"):
+        compute_fisher.main(common[:4] + ["--kind", "diagonal", "--output", str(whole)])  # not replaced unasked
+    with pytest.raises(InputError, match="kfac_approx 'expand'"):
+        compute_fisher.main(common + ["--kfac_approx", "reduce", "--output", str(whole)])
+    assert load_file(whole).keys() == a.keys()
     with pytest.raises(InputError, match="--kind diagonal has none"):
         compute_fisher.main(common[:4] + ["--kind", "diagonal", "--kfac_approx", "reduce"])
+
+
+def test_kfac_eigenvalues_far_below_the_gradients_second_moment_are_refused():
+    moment = torch.full((2, 3), 1.0, dtype=torch.float64)  # sums to 6
+    check_kfac_scale(torch.full((2, 3), 2 * KFAC_MIN_SCALE, dtype=torch.float64), moment, "f", "w")  # 2e-6: kept
+    with pytest.raises(InputError, match="sum to 5.0e-07 of the gradients' second moment"):
+        check_kfac_scale(torch.full((2, 3), KFAC_MIN_SCALE / 2, dtype=torch.float64), moment, "f", "w")
+    with pytest.raises(InputError, match="sum to nan"):
+        check_kfac_scale(torch.full((2, 3), float("nan"), dtype=torch.float64), moment, "f", "w")
+    with pytest.raises(InputError, match="sums to 0.0: no sample moved it"):
+        check_kfac_scale(moment, torch.zeros(2, 3, dtype=torch.float64), "f", "w")

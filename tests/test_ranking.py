@@ -210,7 +210,7 @@ def test_checkpoints_and_results_of_another_model_are_not_reused(tiny_copy, tmp_
         a, b = (pickle.loads((d / "influence" / q / "influence.pkl").read_bytes()) for d in (results, fresh))
         assert np.array_equal(a["influence"], b["influence"])
         assert a["provenance"] == b["provenance"] and set(a["provenance"]) == {
-            "base_model", "customized_model", "laion_arrays", "loss_cache"}
+            "base_model", "customized_model", "laion_arrays", "fisher", "loss_cache"}
 
     # the finished results now belong to the retrained model: train it again, and they are refused
     leftover = results / "influence" / QUERIES[0] / "measured.pkl"

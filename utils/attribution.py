@@ -40,7 +40,7 @@ from .settings import InfluenceSettings, changed_settings, record
 from .tasks import exemplar_paths, tasks_by_model
 from .transforms import load_rgb
 from .two_stage import ModelCandidates, TwoStageScorer, check_finite
-from .unlearning import QueryUnlearner
+from .unlearning import QueryUnlearner, fisher_fingerprint
 from .visualize import save_top_k_figure
 from .weights import PristineWeights, restored
 
@@ -82,14 +82,16 @@ def finished_result(layout: ResultsLayout, task) -> dict:
     return result if isinstance(result, dict) else {}
 
 
-def input_provenance(task, base, laion, dataroot: Path, layout: ResultsLayout, on_demand: bool) -> dict:
+def input_provenance(task, base, laion, dataroot: Path, layout: ResultsLayout, on_demand: bool,
+                     fisher: Optional[str]) -> dict:
     """What a query's numbers were computed from, by fingerprint: the base model, the customized model, the candidate
-    arrays, and the stage-1 cache subtracted from (None with --before_losses on-demand, which reads none).
+    arrays, the Fisher file unlearning reads (`fisher`: utils.unlearning.fisher_fingerprint) and the stage-1 cache
+    subtracted from (None with --before_losses on-demand, which reads none).
     Recorded in influence.pkl and in measured.pkl, compared before either is reused."""
     cache = layout.loss_cache(task)
     return {"base_model": base.fingerprint,
             "customized_model": customization_fingerprint(Path(dataroot) / task.model_path),
-            "laion_arrays": laion.fingerprint(),
+            "laion_arrays": laion.fingerprint(), "fisher": fisher,
             "loss_cache": None if on_demand or not cache_is_complete(cache) else cache_fingerprint(cache)}
 
 
@@ -97,6 +99,7 @@ def preflight(settings: InfluenceSettings, dataroot: Path, todo, laion, base, la
     """Check every query's image and every model's loss cache before hours of unlearning, not at query 37.
     Returns {model_path: ModelInputs}."""
     checked, on_demand = {}, settings.screening.before_losses == "on-demand"
+    fisher = fisher_fingerprint(settings, dataroot)
     remedy = RUN_STAGE_1 + (
         ", or skip stage 1 with --before_losses on-demand" if settings.screening.mode == "two-stage" else "")
     for task in todo:
@@ -109,12 +112,12 @@ def preflight(settings: InfluenceSettings, dataroot: Path, todo, laion, base, la
                 for path in ex_paths:
                     load_rgb(path)
                 checked[task.model_path] = ModelInputs(ex_paths, None, input_provenance(
-                    task, base, laion, dataroot, layout, on_demand=True))
+                    task, base, laion, dataroot, layout, on_demand=True, fisher=fisher))
                 continue
             expected = loss_settings(task, base, laion, dataroot, 2 * len(ex_paths), settings.measurement())
             cached = check_loss_cache(layout.loss_cache(task), expected, remedy)
             checked[task.model_path] = ModelInputs(ex_paths, cached, input_provenance(task, base, laion, dataroot,
-                                                                                      layout, on_demand=False))
+                                                                                      layout, False, fisher))
     return checked
 
 

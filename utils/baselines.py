@@ -180,7 +180,7 @@ def gradient_influence(inputs: BaselineInputs, tasks: List[Task]) -> Dict[str, n
     pristine = PristineWeights(base.unet)
     names = select_parameter_names(base.unet, "cross-attn-kv")  # the weights AbU unlearns
     params = {n: p for n, p in base.unet.named_parameters() if n in names}
-    fisher = load_fisher(inputs.settings.fisher_path or dataroot / "sd_fisher.pt", params)
+    fisher = load_fisher(baseline_fisher_file(inputs.settings, dataroot), params)
     inv_sqrt_fisher = torch.cat([fisher[n].rsqrt().flatten() for n in names]).float()
     influences = {}
     for model_path, model_tasks in tasks_by_model(tasks).items():
@@ -219,7 +219,12 @@ BASELINES: Dict[str, Callable[[BaselineInputs, List[Task]], Dict[str, np.ndarray
 # the inputs each baseline's numbers come from, by the fingerprints of utils.attribution.input_provenance (random
 # reads none; pixel reads the images themselves, which no fingerprint covers)
 READS = {"random": (), "pixel": (), "vae": ("base_model", "laion_arrays", "loss_cache"),
-         "gradient": ("base_model", "customized_model", "laion_arrays", "loss_cache")}
+         "gradient": ("base_model", "customized_model", "laion_arrays", "loss_cache", "fisher")}
+
+
+def baseline_fisher_file(settings: BaselineSettings, dataroot: Path) -> Path:
+    """The diagonal Fisher the gradient baseline whitens with: --fisher_path, or <dataroot>/sd_fisher.pt."""
+    return Path(settings.fisher_path) if settings.fisher_path else Path(dataroot) / "sd_fisher.pt"
 
 
 def baseline_provenance(inputs: BaselineInputs, task: Task) -> dict:
@@ -227,10 +232,13 @@ def baseline_provenance(inputs: BaselineInputs, task: Task) -> dict:
     and compared before a finished one is reused."""
     from .customization import customization_fingerprint
     from .loss_cache import cache_fingerprint, cache_is_complete
+    from .fingerprints import file_fingerprint
 
     reads, cache = READS[inputs.settings.method], inputs.layout.loss_cache(task)
+    fisher = baseline_fisher_file(inputs.settings, inputs.dataroot)
     current = {"base_model": lambda: inputs.base.fingerprint,
                "customized_model": lambda: customization_fingerprint(inputs.dataroot / task.model_path),
                "laion_arrays": inputs.laion.fingerprint,
-               "loss_cache": lambda: cache_fingerprint(cache) if cache_is_complete(cache) else None}
+               "loss_cache": lambda: cache_fingerprint(cache) if cache_is_complete(cache) else None,
+               "fisher": lambda: file_fingerprint(str(fisher)) if fisher.is_file() else None}
     return {k: current[k]() for k in reads}

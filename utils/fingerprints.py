@@ -1,6 +1,7 @@
 """Short hashes that identify a model by what it is, not where it lies (the loss cache records them)."""
 import hashlib
 import json
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -40,9 +41,15 @@ def files_fingerprint(paths) -> str:
     return h.hexdigest()[:16]
 
 
+@cache
+def file_fingerprint(path: str) -> str:
+    """files_fingerprint of one file, read once per path and process (a Fisher file: up to 0.5 GB)."""
+    return files_fingerprint([path])
+
+
 def changed_inputs(recorded: dict, current: dict) -> list:
     """'name: the result has <old>, now <new>' for each input fingerprint that differs (recorded beside a result by
     utils.attribution.input_provenance); an input not there now (a stage-1 cache deleted after use) is not held
-    against the result."""
+    against the result, nor one its record predates (the Fisher file, recorded since December 2026)."""
     return [f"{k}: the result has {recorded.get(k)!r}, now {v!r}" for k, v in current.items()
-            if v is not None and recorded.get(k) != v]
+            if v is not None and k in recorded and recorded[k] != v]

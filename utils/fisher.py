@@ -120,6 +120,19 @@ def estimate_fisher(base: BaseModel, laion: LaionCandidates, names: List[str], n
     return {n: (sums[n] / num_samples).float().cpu() for n in names}
 
 
+def check_same_kind(output: Path, config: FisherConfig) -> dict:
+    """The record (<output>.json, {} when there is none) of a Fisher file that exists, after refusing one of another
+    kind or K-FAC approximation than `config`'s: another estimate altogether, which is not replaced unasked."""
+    record = Path(output).with_suffix(".json")
+    made = load_json(record, "Fisher record") if record.is_file() else {}
+    wanted = {"kind": config.kind, "kfac_approx": config.kfac_approx if config.kind == "ekfac" else None}
+    other = [f"{k} {made[k]!r}" for k in wanted if k in made and made[k] != wanted[k]]
+    if other:
+        raise InputError(f"{output} holds a Fisher of {' and '.join(other)} ({record}), not this run's: name another "
+                         "--output, or pass --overwrite to replace it")
+    return made
+
+
 def write_fisher(base: BaseModel, laion: LaionCandidates, output, config: FisherConfig, device,
                  save_every: int = 10_000, overwrite: bool = False) -> Path:
     """Estimate the Fisher (`config.kind`: the diagonal as a torch file, or EK-FAC as safetensors) and write it to
@@ -132,7 +145,7 @@ def write_fisher(base: BaseModel, laion: LaionCandidates, output, config: Fisher
         settings.pop("kfac_approx")
     if output.exists() and not overwrite:
         record = output.with_suffix(".json")
-        made = load_json(record, "Fisher record") if record.is_file() else {}
+        made = check_same_kind(output, config)
         stale = [k for k in ("base_model", "laion_arrays") if k in made and made[k] != settings[k]]
         if not stale:
             print(f"{output} exists; pass --overwrite to recompute")

@@ -152,12 +152,17 @@ def check_kfac_scale(kfac_eigvals: torch.Tensor, ekfac_eigvals: torch.Tensor, pa
     moment, the same total as the diagonal Fisher's): a factor that is zero up to rounding, whose inverse would blow
     the step up by as much. K-FAC-reduce's G of an attention key is one: softmax ignores a shift of all of a query's
     logits, so the key gradients of a sample sum to zero over its tokens."""
-    ratio = float(kfac_eigvals.sum() / ekfac_eigvals.sum())
+    moment = float(ekfac_eigvals.sum())
+    if not moment > 0:
+        raise InputError(f"{path}: the gradients' second moment of {name} (EK-FAC's eigenvalues) sums to {moment}: "
+                         "no sample moved it; rebuild the file with compute_fisher.py --kind ekfac (more --num_samples)")
+    ratio = float(kfac_eigvals.sum()) / moment
     if not ratio >= KFAC_MIN_SCALE:
         raise InputError(f"{path}: K-FAC's eigenvalues of {name} sum to {ratio:.1e} of the gradients' second moment "
-                         "(EK-FAC's): a factor is zero up to rounding (K-FAC-reduce's G of an attention key is: its "
-                         "token-summed gradient vanishes), and its inverse would blow the step up; use "
-                         "--preconditioner ekfac with this file, or K-FAC-expand's factors (--kfac_approx expand)")
+                         "(EK-FAC's), so one of its factors is zero up to rounding (with K-FAC-reduce's factors, "
+                         "every attention key's G is) and the step would divide by it; use --preconditioner ekfac "
+                         "with this file, or K-FAC-expand's (compute_fisher.py --kind ekfac, the default "
+                         f"--kfac_approx expand: --fisher_path <dataroot>/{EKFAC_FILE})")
 
 
 def load_kronecker_fisher(path, params: Dict[str, torch.Tensor], preconditioner: str = "ekfac",

@@ -5,7 +5,8 @@
         exemplar_loss_by_t.npy, laion_loss_by_t.npy     the same per timestep, [rows, T] (two-stage screening)
         exemplar_latents.npy, settings.json (written last)
     <result_dir>/influence/<synth_image_path without synth/>/         stage 2 (and the baselines), one per query
-        exemplar_loss.npy, laion_loss.npy, visualization.jpg, influence.pkl (written last)
+        exemplar_loss.npy, laion_loss.npy, visualization.jpg, influence.pkl (written last); the losses after
+                          unlearning, over the T timesteps (with --influence_timesteps_below, those below it)
         measured.pkl      --ranking other than influence: a query's measurement until its peers are measured
     <result_dir>/eval/<task file name>/                               evaluate.py
         per_query.csv, summary.csv, summary.md, index.html (the browsable page, utils/report.py)

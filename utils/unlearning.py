@@ -22,6 +22,7 @@ from .customization import CONCEPT_TOKEN
 from .data import ExemplarCandidates
 from .encoders import encode_images, encode_prompt
 from .faults import checkpoint
+from .fingerprints import file_fingerprint
 from .fisher import load_fisher
 from .kfac import EKFAC_FILE, KRONECKER_PRECONDITIONERS, KroneckerEigenFisher, load_kronecker_fisher
 from .losses import check_finite_losses, training_target
@@ -108,12 +109,29 @@ def unlearning_setup(settings, base, dataroot: Path):
     if preconditioner == "none":  # F = 1, N = 1: the step is lr * grad / accum
         return params, {n: torch.ones_like(p, dtype=torch.float64) for n, p in params.items()}, 1
     if preconditioner in KRONECKER_PRECONDITIONERS:
-        fisher = load_kronecker_fisher(u.fisher_path or dataroot / EKFAC_FILE, params, preconditioner,
+        fisher = load_kronecker_fisher(fisher_file(settings, dataroot), params, preconditioner,
                                        u.fisher_floor, settings.execution.device)
         return params, fisher, u.fisher_dataset_size
-    fisher = load_fisher(u.fisher_path or dataroot / "sd_fisher.pt", params, u.fisher_floor,
-                         settings.execution.device)
+    fisher = load_fisher(fisher_file(settings, dataroot), params, u.fisher_floor, settings.execution.device)
     return params, fisher, u.fisher_dataset_size
+
+
+def fisher_file(settings, dataroot: Path) -> Optional[Path]:
+    """The Fisher file unlearning reads: --fisher_path, or the dataroot's default for the --preconditioner
+    (sd_fisher.pt, or EKFAC_FILE for ekfac / kfac); None with --preconditioner none."""
+    preconditioner, path = settings.ablation.preconditioner, settings.unlearning.fisher_path
+    if preconditioner == "none":
+        return None
+    return Path(path) if path else Path(dataroot) / (EKFAC_FILE if preconditioner in KRONECKER_PRECONDITIONERS
+                                                     else "sd_fisher.pt")
+
+
+def fisher_fingerprint(settings, dataroot: Path) -> Optional[str]:
+    """files_fingerprint of `fisher_file` (once per file and process), recorded in a result's provenance: another
+    Fisher under the same flags (--fisher_path names a K-FAC-reduce file instead of K-FAC-expand's, a rebuilt file)
+    makes another result. None without a file, or when it is missing (its loader names it)."""
+    path = fisher_file(settings, dataroot)
+    return file_fingerprint(str(path)) if path is not None and path.is_file() else None
 
 
 @dataclass(frozen=True)
