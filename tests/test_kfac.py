@@ -189,6 +189,10 @@ def test_compute_fisher_ekfac_resumes_and_its_file_loads(tiny_copy, tmp_path, ba
         compute_fisher.main(common[:4] + ["--kind", "diagonal", "--output", str(whole)])  # not replaced unasked
     with pytest.raises(InputError, match="kfac_approx 'expand'"):
         compute_fisher.main(common + ["--kfac_approx", "reduce", "--output", str(whole)])
+    legacy = {k: v for k, v in json.loads((tmp_path / "whole.json").read_text()).items() if k != "kfac_approx"}
+    (tmp_path / "whole.json").write_text(json.dumps(legacy))  # written before --kfac_approx: expand's
+    with pytest.raises(InputError, match="kfac_approx 'expand'"):
+        compute_fisher.main(common + ["--kfac_approx", "reduce", "--output", str(whole)])
     assert load_file(whole).keys() == a.keys()
     with pytest.raises(InputError, match="--kind diagonal has none"):
         compute_fisher.main(common[:4] + ["--kind", "diagonal", "--kfac_approx", "reduce"])

@@ -126,7 +126,9 @@ def check_same_kind(output: Path, config: FisherConfig) -> dict:
     record = Path(output).with_suffix(".json")
     made = load_json(record, "Fisher record") if record.is_file() else {}
     wanted = {"kind": config.kind, "kfac_approx": config.kfac_approx if config.kind == "ekfac" else None}
-    other = [f"{k} {made[k]!r}" for k in wanted if k in made and made[k] != wanted[k]]
+    kind = made.get("kind")  # an EK-FAC record from before --kfac_approx is K-FAC-expand's
+    held = {"kind": kind, "kfac_approx": made.get("kfac_approx", "expand" if kind == "ekfac" else None)}
+    other = [f"{k} {held[k]!r}" for k in wanted if kind is not None and held[k] != wanted[k]]
     if other:
         raise InputError(f"{output} holds a Fisher of {' and '.join(other)} ({record}), not this run's: name another "
                          "--output, or pass --overwrite to replace it")
