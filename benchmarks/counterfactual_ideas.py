@@ -1,6 +1,7 @@
 """Issue 31's first probe: ideas for an attribution that predicts the counterfactual, scored on its truth.
 
     python -m benchmarks.counterfactual_ideas --split val    # benchmarks/results/mini_abc/counterfactual_ideas_val.md
+                                                             # and .png: every idea against the issue's target
 
 A probe, not a flag: it scores ideas on the counterfactual table's truth and queries (benchmarks/counterfactual_scoring.py,
 docs/counterfactual.md) before any of them is worth a flag of compute_influence.py. It reads that table's runs
@@ -45,8 +46,8 @@ import numpy as np
 
 from benchmarks.counterfactual_scoring import (BASELINES, CONTROL, N_LAION, STOP, Base, ceiling_rows,
                                                exemplar_scores, fmt, look_rows, representatives, score_rows, slug)
-from benchmarks.runner import (BENCH, REPO, TUNED, abu_flags, check_all_timestep_losses, common_flags, run, timed,
-                               tuned_sizing)
+from benchmarks.runner import (BENCH, COLOURS, REPO, TUNED, abu_flags, canvas, check_all_timestep_losses, common_flags,
+                               run, timed, tuned_sizing)
 from data.mini_abc_build.counterfactual import OUT_DIR, CounterfactualConfig
 from utils.io import atomic_write, load_json, load_npy
 from utils.layout import EXEMPLAR_LOSS, ResultsLayout
@@ -429,6 +430,91 @@ def markdown(split: str, rows: dict, costs: dict) -> str:
     return "\n".join(lines)
 
 
+TARGET_AXES = ("LOO, image-specific", "LDS, image-specific")  # the issue's target: half the ceiling of each
+
+
+def family(name: str) -> tuple:
+    """(colour index, shape) of an idea in the target picture: the colour its family (AbU and its knobs, exemplar
+    unlearning, the gradient family, a feature baseline), the shape how it is read (alone, minus the peers, blended)."""
+    bare = name.split(") + ")[0].removeprefix("z(").removesuffix(" - peers")
+    colour = 4 if bare in BASELINES else 2 if bare.startswith("exemplar") else 3 if bare.startswith(
+        ("gradient", "TRAK")) else 1
+    return colour, "blend" if name.startswith("z(") else "peers" if name.endswith(" - peers") else "alone"
+
+
+def plot_target(rows: dict, path: Path) -> None:
+    """Every idea's image-specific LOO (x) against its image-specific LDS (y) on the model kind that has both truths
+    (mean over queries), the ceilings dashed and the issue's target region shaded: at least half of each ceiling
+    and above every feature baseline on both. An idea whose whole-query LOO falls more than 0.05 below the paper's
+    AbU (the target's third condition) is drawn pale. The ideas nearest the region are named."""
+    kinds = [k for k in dict.fromkeys(k for k, _, _ in rows)
+             if all(rows.get((k, "*ceiling*", a)) for a in TARGET_AXES)]
+    if not kinds:
+        return
+    kind = kinds[0]
+    mean = {m: tuple(float(np.mean(rows[(kind, m, a)])) for a in TARGET_AXES)
+            for (k, m, metric) in rows if k == kind and metric == TARGET_AXES[0]
+            and rows.get((kind, m, TARGET_AXES[1]))}
+    ceiling = mean.pop("*ceiling*")
+    whole = {m: float(np.mean(rows[(kind, m, "LOO")])) for m in mean if rows.get((kind, m, "LOO"))}
+    keeps = lambda m: whole.get(m, -1) >= whole["AbU (the paper)"] - 0.05  # noqa: E731
+    pale = lambda c: tuple(int(v + 0.6 * (255 - v)) for v in c)  # noqa: E731
+    best_feature = [max(v[i] for m, v in mean.items() if m in BASELINES and m != "random") for i in range(2)]
+    corner = [max(c / 2, b) for c, b in zip(ceiling, best_feature)]
+    lo, hi = -0.15, max(0.35, max(ceiling) + 0.05)
+    size, margin = 560, 60
+    shortfall = {m: max(corner[0] - x, 0) + max(corner[1] - y, 0) for m, (x, y) in mean.items()}
+    named = [m for m in mean if m in BASELINES and m != "random"] + ["AbU (the paper)"] + \
+        [m for m in sorted(shortfall, key=shortfall.get) if m not in BASELINES][:6]
+    named = list(dict.fromkeys(n for n in named if n in mean))
+    label = lambda m: f"{m} ({mean[m][0]:+.2f}, {mean[m][1]:+.2f}; whole LOO {whole.get(m, float('nan')):+.2f})"  # noqa
+    _, probe, font = canvas(1, 1)
+    img, d, font = canvas(size + margin + 20 + max(int(probe.textlength(label(m), font=font)) for m in named),
+                          size + margin + 38)
+    X = lambda v: margin + (v - lo) / (hi - lo) * size  # noqa: E731
+    Y = lambda v: 10 + (hi - v) / (hi - lo) * size  # noqa: E731
+    d.rectangle([X(corner[0]), Y(hi), X(hi), Y(corner[1])], fill=(222, 240, 222))
+    d.rectangle([X(lo), Y(hi), X(hi), Y(lo)], outline="black")
+    for v in np.arange(-0.1, hi + 1e-9, 0.1):
+        d.text((X(v) - 10, Y(lo) + 4), f"{v:+.1f}", fill="black", font=font)
+        d.text((X(lo) - 34, Y(v) - 7), f"{v:+.1f}", fill="black", font=font)
+    for z in range(int(Y(hi)), int(Y(lo)), 6):  # zero and the ceilings
+        d.point([(X(0), z)], fill=(150, 150, 150))
+        d.line([X(ceiling[0]), z, X(ceiling[0]), z + 3], fill=COLOURS[5])
+    for z in range(int(X(lo)), int(X(hi)), 6):
+        d.point([(z, Y(0))], fill=(150, 150, 150))
+        d.line([z, Y(ceiling[1]), z + 3, Y(ceiling[1])], fill=COLOURS[5])
+    for m, (x, y) in sorted(mean.items(), key=lambda item: keeps(item[0])):  # the pale ones underneath
+        colour, shape = family(m)
+        colour = COLOURS[colour] if keeps(m) else pale(COLOURS[colour])
+        box = [X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4]
+        if shape == "alone":
+            d.ellipse(box, fill=colour)
+        elif shape == "peers":
+            d.ellipse(box, outline=colour, width=2)
+        else:
+            d.rectangle(box, outline=colour, width=2)
+    # the names of the feature baselines, the paper's AbU and the six ideas nearest the region's corner
+    for i, m in enumerate(named):
+        x, y = mean[m]
+        d.line([X(x) + 4, Y(y), size + margin + 6, 20 + 18 * i], fill=(190, 190, 190))
+        d.text((size + margin + 10, 13 + 18 * i), label(m), fill="black" if keeps(m) else (120, 120, 120), font=font)
+    d.text((X(lo), Y(lo) + 22), f"x: {TARGET_AXES[0]} Spearman;  y: {TARGET_AXES[1]} Spearman;  {kind}; dashed: "
+                                "the truth's seed ceiling; green: the target", fill="black", font=font)
+    d.text((X(lo), Y(lo) + 38), f"pale: whole-query LOO more than 0.05 below the paper's AbU "
+                                f"({whole['AbU (the paper)']:+.2f}), the target's third condition", fill="black",
+           font=font)
+    legend = [(1, "alone", "AbU and its knobs"), (2, "alone", "exemplar unlearning"), (3, "alone", "gradient family"),
+              (4, "alone", "feature baseline"), (0, "peers", "ring: minus the peers"), (0, "blend", "square: blended")]
+    for i, (colour, shape, text) in enumerate(legend):
+        y = size - 100 + 18 * i
+        box = [size + margin + 10, y, size + margin + 20, y + 10]
+        (d.ellipse(box, fill=COLOURS[colour]) if shape == "alone" else d.ellipse(box, outline=COLOURS[colour], width=2)
+         if shape == "peers" else d.rectangle(box, outline=COLOURS[colour], width=2))
+        d.text((size + margin + 26, y - 2), text, fill="black", font=font)
+    atomic_write(path, lambda fh: img.save(fh, format="PNG"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default="val", choices=["val", "test"])
@@ -447,6 +533,7 @@ def main():
     md = markdown(args.split, rows, costs)
     path = Path(args.table_dir) / f"counterfactual_ideas_{args.split}.md"
     atomic_write(path, lambda f: f.write(md.encode()))
+    plot_target(rows, path.with_suffix(".png"))
     print(md)
 
 
