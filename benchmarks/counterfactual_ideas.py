@@ -442,6 +442,16 @@ def family(name: str) -> tuple:
     return colour, "blend" if name.startswith("z(") else "peers" if name.endswith(" - peers") else "alone"
 
 
+def marker(d, box, colour, shape: str) -> None:
+    """An idea's mark in `box`: a dot alone, a ring minus the peers, a square blended (`family`'s shapes)."""
+    if shape == "alone":
+        d.ellipse(box, fill=colour)
+    elif shape == "peers":
+        d.ellipse(box, outline=colour, width=2)
+    else:
+        d.rectangle(box, outline=colour, width=2)
+
+
 def plot_target(rows: dict, path: Path) -> None:
     """Every idea's image-specific LOO (x) against its image-specific LDS (y) on the model kind that has both truths
     (mean over queries), the ceilings dashed and the issue's target region shaded: at least half of each ceiling
@@ -487,13 +497,7 @@ def plot_target(rows: dict, path: Path) -> None:
     for m, (x, y) in sorted(mean.items(), key=lambda item: keeps(item[0])):  # the pale ones underneath
         colour, shape = family(m)
         colour = COLOURS[colour] if keeps(m) else pale(COLOURS[colour])
-        box = [X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4]
-        if shape == "alone":
-            d.ellipse(box, fill=colour)
-        elif shape == "peers":
-            d.ellipse(box, outline=colour, width=2)
-        else:
-            d.rectangle(box, outline=colour, width=2)
+        marker(d, [X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], colour, shape)
     # the names of the feature baselines, the paper's AbU and the six ideas nearest the region's corner
     for i, m in enumerate(named):
         x, y = mean[m]
@@ -508,9 +512,7 @@ def plot_target(rows: dict, path: Path) -> None:
               (4, "alone", "feature baseline"), (0, "peers", "ring: minus the peers"), (0, "blend", "square: blended")]
     for i, (colour, shape, text) in enumerate(legend):
         y = size - 100 + 18 * i
-        box = [size + margin + 10, y, size + margin + 20, y + 10]
-        (d.ellipse(box, fill=COLOURS[colour]) if shape == "alone" else d.ellipse(box, outline=COLOURS[colour], width=2)
-         if shape == "peers" else d.rectangle(box, outline=COLOURS[colour], width=2))
+        marker(d, [size + margin + 10, y, size + margin + 20, y + 10], COLOURS[colour], shape)
         d.text((size + margin + 26, y - 2), text, fill="black", font=font)
     atomic_write(path, lambda fh: img.save(fh, format="PNG"))
 

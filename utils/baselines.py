@@ -240,5 +240,5 @@ def baseline_provenance(inputs: BaselineInputs, task: Task) -> dict:
                "customized_model": lambda: customization_fingerprint(inputs.dataroot / task.model_path),
                "laion_arrays": inputs.laion.fingerprint,
                "loss_cache": lambda: cache_fingerprint(cache) if cache_is_complete(cache) else None,
-               "fisher": lambda: file_fingerprint(str(fisher)) if fisher.is_file() else None}
+               "fisher": lambda: file_fingerprint(fisher)}
     return {k: current[k]() for k in reads}

@@ -3,6 +3,7 @@ import hashlib
 import json
 from functools import cache
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -41,9 +42,14 @@ def files_fingerprint(paths) -> str:
     return h.hexdigest()[:16]
 
 
+def file_fingerprint(path) -> Optional[str]:
+    """files_fingerprint of one file, read once per path and process (a Fisher file: up to 0.5 GB); None when there
+    is no such file (its loader names it), which changed_inputs holds against no result."""
+    return _cached_fingerprint(str(path)) if Path(path).is_file() else None
+
+
 @cache
-def file_fingerprint(path: str) -> str:
-    """files_fingerprint of one file, read once per path and process (a Fisher file: up to 0.5 GB)."""
+def _cached_fingerprint(path: str) -> str:
     return files_fingerprint([path])
 
 

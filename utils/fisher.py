@@ -36,6 +36,14 @@ class FisherConfig:
     kind: str = "diagonal"  # "diagonal" (sd_fisher.pt), or "ekfac": K-FAC's factors, EK-FAC's eigenvalues (utils.kfac)
     kfac_approx: str = "expand"  # ekfac: K-FAC-expand's factors, or "reduce" (utils.kfac)
 
+    def record(self) -> dict:
+        """The settings written beside the file: every field, but the factors' approximation only for EK-FAC (it
+        means nothing to the diagonal)."""
+        out = asdict(self)
+        if self.kind != "ekfac":
+            out.pop("kfac_approx")
+        return out
+
 
 def sample_batch(laion: LaionCandidates, order: np.ndarray, start: int, stop: int, seed: int,
                  num_train_timesteps: int):
@@ -125,7 +133,7 @@ def check_same_kind(output: Path, config: FisherConfig) -> dict:
     kind or K-FAC approximation than `config`'s: another estimate altogether, which is not replaced unasked."""
     record = Path(output).with_suffix(".json")
     made = load_json(record, "Fisher record") if record.is_file() else {}
-    wanted = {"kind": config.kind, "kfac_approx": config.kfac_approx if config.kind == "ekfac" else None}
+    wanted = {k: config.record().get(k) for k in ("kind", "kfac_approx")}
     kind = made.get("kind")  # an EK-FAC record from before --kfac_approx is K-FAC-expand's
     held = {"kind": kind, "kfac_approx": made.get("kfac_approx", "expand" if kind == "ekfac" else None)}
     other = [f"{k} {held[k]!r}" for k in wanted if kind is not None and held[k] != wanted[k]]
@@ -142,9 +150,7 @@ def write_fisher(base: BaseModel, laion: LaionCandidates, output, config: Fisher
     same settings. Skips a finished output unless `overwrite`."""
     output = Path(output)
     # what decides the numbers: the settings, the base model and the candidate rows (not where they lie)
-    settings = {**asdict(config), "base_model": base.fingerprint, "laion_arrays": laion.fingerprint()}
-    if config.kind != "ekfac":  # the factors' approximation means nothing to the diagonal
-        settings.pop("kfac_approx")
+    settings = {**config.record(), "base_model": base.fingerprint, "laion_arrays": laion.fingerprint()}
     if output.exists() and not overwrite:
         record = output.with_suffix(".json")
         made = check_same_kind(output, config)

@@ -131,7 +131,7 @@ def fisher_fingerprint(settings, dataroot: Path) -> Optional[str]:
     Fisher under the same flags (--fisher_path names a K-FAC-reduce file instead of K-FAC-expand's, a rebuilt file)
     makes another result. None without a file, or when it is missing (its loader names it)."""
     path = fisher_file(settings, dataroot)
-    return file_fingerprint(str(path)) if path is not None and path.is_file() else None
+    return None if path is None else file_fingerprint(path)
 
 
 @dataclass(frozen=True)
